@@ -1,0 +1,181 @@
+"""The typed run spec: one frozen dataclass per section.
+
+These classes are registered as Hydra structured configs (see `compose.py`), so a wrong
+type or an unknown key fails at compose time. After composition the config is turned into
+these objects with `OmegaConf.to_object`, and every later stage receives plain, immutable
+dataclasses: no stage reads Hydra or OmegaConf again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+# Allowed values of the enumerated string fields. Kept as data so validation, error messages
+# and the generated README table all read the same source.
+CHOICES: Dict[str, tuple] = {
+    "model.family": ("qwen3", "qwen3_moe", "intern_s1"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.pack": ("soft", "bfd", "hard", "none"),
+    "data.on_error": ("raise", "skip"),
+    "data.template": ("auto", "qwen3", "intern_s1"),
+    "optim.name": ("adamw",),
+    "optim.impl": ("auto", "fused", "foreach", "for"),
+    "sched.type": ("cosine", "linear", "constant"),
+    "loss.mode": ("auto", "chunk", "liger", "eager"),
+    "loss.reduction": ("token", "sample", "square"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.param_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "parallel.reduce_dtype": ("float32", "bfloat16"),
+    "parallel.attn": ("auto", "flash", "sdpa", "eager"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build and how to initialise and freeze it."""
+
+    name: str = "qwen3_tiny"
+    family: str = "qwen3"
+    # A Hugging Face folder (config.json + safetensors) or null for random init from `arch`.
+    load_from: Optional[str] = None
+    # A folder with tokenizer files; null means `load_from`. `builtin:NAME` picks one shipped with xtune.
+    tokenizer: Optional[str] = None
+    # dtype of the master weights (the optimizer's copy); compute dtype is parallel.param_dtype.
+    dtype: str = "float32"
+    # transformers config values for random init, or overrides applied on top of `load_from`'s config.
+    arch: Dict[str, Any] = field(default_factory=dict)
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_language: bool = False
+    # MoE router auxiliary loss coefficient; null keeps the model config's value.
+    router_aux_loss_coef: Optional[float] = None
+    # Vision-language image geometry (InternVL tiling).
+    image_size: int = 448
+    tokens_per_tile: int = 256
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One JSONL dataset (a file or a folder of *.jsonl) and its share of the mix."""
+
+    name: str = MISSING
+    path: str = MISSING
+    # Integer part repeats the dataset, the fraction takes a seeded random subset.
+    sample_ratio: float = 1.0
+    # Folder that image paths are relative to; null means the dataset file's folder.
+    media_root: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    datasets: List[DatasetSpec] = field(default_factory=list)
+    eval_datasets: List[DatasetSpec] = field(default_factory=list)
+    sample_max_length: int = 2048
+    pack_max_length: int = 4096
+    pack: str = "soft"
+    # How many samples the soft packer looks ahead to fill a row's remaining gap.
+    pack_lookahead: int = 256
+    # null means ~/.cache/xtune/data (or $XTUNE_CACHE).
+    cache_dir: Optional[str] = None
+    # Processes used for tokenisation.
+    num_workers: int = 2
+    on_error: str = "raise"
+    # Chat template used when the tokenizer has none of its own.
+    template: str = "auto"
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: str = "adamw"
+    lr: float = 2e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class SchedSpec:
+    type: str = "cosine"
+    warmup_ratio: float = 0.03
+    # LR floor as a fraction of optim.lr.
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    # auto: liger on CUDA when installed, chunk otherwise.
+    mode: str = "auto"
+    chunk_size: int = 1024
+    reduction: str = "token"
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    # >1 makes `xtune sft` start that many workers itself via torch.distributed.run.
+    nproc_per_node: int = 1
+    backend: str = "auto"
+    # auto: bfloat16 on CUDA, float32 on CPU.
+    param_dtype: str = "auto"
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    # Fraction of transformer blocks that are checkpointed when activation_checkpointing is on.
+    ac_ratio: float = 1.0
+    # HSDP: replicate groups x shard groups; 1 means plain FSDP over all ranks.
+    replicate_degree: int = 1
+    attn: str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    # Packed rows per optimizer step, across all ranks and micro-steps.
+    global_batch_size: int = 8
+    # Packed rows per rank per micro-step.
+    micro_batch_size: int = 1
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    seed: int = 42
+    work_dir: str = "work_dirs/${recipe}/${now:%Y%m%d-%H%M%S}"
+    # 0 saves only at the end.
+    save_every: int = 0
+    keep_last: int = 2
+    # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
+    resume: Optional[str] = None
+    eval_every: int = 0
+    log_every: int = 1
+    hf_every: int = 0
+    max_bad_steps: int = 5
+    # Prompts generated from the exported model at the end of a run (printed and logged).
+    sample_prompts: List[str] = field(default_factory=list)
+    sample_max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class LoggingSpec:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "xtune"
+    # auto: a rich progress bar on an interactive terminal, plain log lines otherwise.
+    progress: str = "auto"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    recipe: str = "demo"
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    sched: SchedSpec = field(default_factory=SchedSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
