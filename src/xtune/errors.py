@@ -1,0 +1,34 @@
+"""Errors a user can fix. The CLI prints their message (no traceback) and exits with `exit_code`."""
+
+from __future__ import annotations
+
+from typing import Iterable, List
+
+
+class XtuneError(Exception):
+    """Base class: a problem with the user's input, reported as a clear message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: Iterable[str] = ()):
+        self.problems: List[str] = list(problems) or [message]
+        super().__init__(message)
+
+
+class ConfigError(XtuneError):
+    """Configuration problems, all of them reported together before any model is built."""
+
+    def __init__(self, problems: Iterable[str]):
+        problems = list(problems)
+        head = f"{len(problems)} configuration problem{'s' if len(problems) != 1 else ''}:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]), problems)
+
+
+class DataError(XtuneError):
+    """A bad record or file: the message names the file and line."""
+
+
+class CheckpointError(XtuneError):
+    """A missing, partial or corrupted checkpoint, or a save that could not complete."""
+
+    exit_code = 1
