@@ -143,7 +143,8 @@ class TrainSpec:
     epochs: Optional[float] = None
     max_steps: Optional[int] = None
     seed: int = 42
-    work_dir: str = "work_dirs/${recipe}/${now:%Y%m%d-%H%M%S}"
+    # The run directory; conf/sft.yaml sets work_dirs/<recipe>/<timestamp>.
+    work_dir: str = ""
     # 0 saves only at the end.
     save_every: int = 0
     keep_last: int = 2
