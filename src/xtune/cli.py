@@ -1,0 +1,113 @@
+"""The `xtune` command line: a thin Typer layer over config -> launch.
+
+Only typer is imported at module level so that `xtune --help` answers at once; Hydra, torch and
+the engine are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="xtune",
+    help="Fine-tune language and vision-language models from declarative YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the composed configuration.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets: counts, lengths, packing and the label mask.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides: recipe=NAME|path.yaml, group=option, key=value ...")
+CONFIG_DIR = typer.Option(
+    None, "--config-dir", "-cd", help="Extra folder with config groups (model/, data/, ...) and recipes/."
+)
+
+
+def _fail(error: BaseException) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(getattr(error, "exit_code", 2))
+
+
+def _guarded(fn):
+    """Run a command body; a user's mistake becomes one message and a non-zero exit, never a traceback."""
+    from xtune.errors import XtuneError
+
+    try:
+        return fn()
+    except XtuneError as e:
+        _fail(e)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def sft(
+    overrides: Optional[List[str]] = OVERRIDES,
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Run one job per point of the sweep."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Supervised fine-tuning: compose the recipe and overrides, validate, and train."""
+    from xtune.commands import sft as run_sft
+
+    code = _guarded(
+        lambda: run_sft(list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
+                        config_dirs=list(config_dir or []))
+    )
+    raise typer.Exit(code or 0)
+
+
+@app.command()
+def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
+    """List the recipes: model, data and a one-line description."""
+    from xtune.commands import recipes_table
+
+    _guarded(lambda: recipes_table(list(config_dir or [])))
+
+
+@config_app.command("show")
+def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
+    """Print the resolved configuration."""
+    from xtune.commands import show_config
+
+    _guarded(lambda: show_config(list(overrides or []), list(config_dir or [])))
+
+
+@data_app.command("inspect")
+def data_inspect(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
+    """Per dataset: samples, tokens, truncated/dropped, length histogram; packing; one labelled sample."""
+    from xtune.commands import inspect_data
+
+    _guarded(lambda: inspect_data(list(overrides or []), list(config_dir or [])))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, e.g. work_dirs/demo/<run>/checkpoints/step-100"),
+    out: Path = typer.Argument(..., help="Output folder for the Hugging Face model"),
+):
+    """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer)."""
+    from xtune.engine.export import export_checkpoint
+
+    _guarded(lambda: export_checkpoint(checkpoint, out))
+    typer.echo(f"exported {checkpoint} -> {out}")
+
+
+def main() -> None:
+    # torchrun passes `-m xtune sft ...`; keep argv as the user typed it for cmd.txt.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    app(prog_name="xtune")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,207 @@
+"""Cross-field and filesystem checks on a RunSpec, run before anything heavy is built.
+
+Every check appends a message naming the key, the value given and what is allowed; the
+caller reports them all together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from xtune.config.resources import assets_dir
+from xtune.config.schema import CHOICES, RunSpec
+
+VISION_FAMILIES = ("intern_s1",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
+    for key, allowed in CHOICES.items():
+        section, field = key.split(".")
+        value = getattr(getattr(spec, section), field)
+        if value not in allowed:
+            problems.append(f"{key}={value}: not allowed; choose one of {', '.join(allowed)}")
+
+
+def world_size_of(spec: RunSpec, world_size: Optional[int] = None) -> int:
+    if world_size:
+        return world_size
+    env = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    return int(env) if env else spec.parallel.nproc_per_node
+
+
+def tokenizer_dir(spec: RunSpec) -> Optional[Path]:
+    tok = spec.model.tokenizer or spec.model.load_from
+    if tok is None:
+        return None
+    if tok.startswith("builtin:"):
+        return assets_dir() / "tokenizers" / tok.split(":", 1)[1]
+    return Path(tok).expanduser()
+
+
+def _check_positive(problems: List[str], key: str, value, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        problems.append(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[int] = None) -> List[str]:
+    problems: List[str] = []
+    _walk_choices(spec, problems)
+    m, d, o, s, t, p = spec.model, spec.data, spec.optim, spec.sched, spec.train, spec.parallel
+
+    for key, value in [
+        ("data.sample_max_length", d.sample_max_length),
+        ("data.pack_max_length", d.pack_max_length),
+        ("data.pack_lookahead", d.pack_lookahead),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.keep_last", t.keep_last),
+        ("train.log_every", t.log_every),
+        ("train.max_bad_steps", t.max_bad_steps),
+        ("parallel.nproc_per_node", p.nproc_per_node),
+        ("parallel.replicate_degree", p.replicate_degree),
+        ("loss.chunk_size", spec.loss.chunk_size),
+        ("optim.lr", o.lr),
+        ("model.image_size", m.image_size),
+        ("model.tokens_per_tile", m.tokens_per_tile),
+        ("model.max_tiles", m.max_tiles),
+    ]:
+        _check_positive(problems, key, value)
+    for key, value in [
+        ("train.save_every", t.save_every),
+        ("train.eval_every", t.eval_every),
+        ("train.hf_every", t.hf_every),
+        ("data.num_workers", d.num_workers),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.max_grad_norm", o.max_grad_norm),
+        ("train.sample_max_new_tokens", t.sample_max_new_tokens),
+    ]:
+        _check_positive(problems, key, value, allow_zero=True)
+
+    if d.sample_max_length > d.pack_max_length:
+        problems.append(
+            f"data.sample_max_length={d.sample_max_length} is larger than data.pack_max_length="
+            f"{d.pack_max_length}: a sample must fit in one packed row"
+        )
+    if (t.epochs is None) == (t.max_steps is None):
+        problems.append(
+            f"give exactly one of train.epochs and train.max_steps (got epochs={t.epochs}, "
+            f"max_steps={t.max_steps}); set the other to null"
+        )
+    _check_positive(problems, "train.epochs", t.epochs)
+    _check_positive(problems, "train.max_steps", t.max_steps)
+
+    world = world_size_of(spec, world_size)
+    if p.replicate_degree > 0 and world % p.replicate_degree:
+        problems.append(
+            f"parallel.replicate_degree={p.replicate_degree} does not divide the world size {world}"
+        )
+    dp = world  # every rank is data-parallel (FSDP / HSDP shard the model, not the batch)
+    per_step = dp * max(t.micro_batch_size, 1)
+    if t.global_batch_size > 0 and t.global_batch_size % per_step:
+        lower = max(per_step, t.global_batch_size // per_step * per_step)
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size {dp} x "
+            f"train.micro_batch_size={t.micro_batch_size} = {per_step}; use e.g. {lower} or {lower + per_step}"
+        )
+
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        problems.append(f"optim.betas={list(o.betas)}: give two values in [0, 1)")
+    if not 0.0 <= s.warmup_ratio < 1.0:
+        problems.append(f"sched.warmup_ratio={s.warmup_ratio}: must be in [0, 1)")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        problems.append(f"sched.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    if not 0.0 < p.ac_ratio <= 1.0:
+        problems.append(f"parallel.ac_ratio={p.ac_ratio}: must be in (0, 1]")
+
+    if m.family not in VISION_FAMILIES:
+        for flag in ("freeze_vision", "freeze_projector"):
+            if getattr(m, flag):
+                problems.append(f"model.{flag}=true: model.family={m.family} has no vision part")
+    if m.family in VISION_FAMILIES and m.freeze_vision and m.freeze_projector and m.freeze_language:
+        problems.append("model.freeze_vision, freeze_projector and freeze_language are all true: nothing to train")
+    if m.load_from is None and not m.arch:
+        problems.append(
+            f"model.load_from is required for model {m.name}: give its Hugging Face folder, e.g. "
+            f"model.load_from=/models/{m.name} (or pick a tiny model such as model=qwen3_tiny for a random-init trial)"
+        )
+
+    if not d.datasets:
+        problems.append("data.datasets is empty: give at least one dataset (name, path)")
+    for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
+        names = [ds.name for ds in items]
+        for i, ds in enumerate(items):
+            if ds.sample_ratio < 0:
+                problems.append(f"{group}[{i}].sample_ratio={ds.sample_ratio}: must be >= 0")
+            if names.count(ds.name) > 1:
+                problems.append(f"{group}[{i}].name={ds.name}: names must be unique")
+    if t.eval_every and not d.eval_datasets:
+        problems.append(f"train.eval_every={t.eval_every} but data.eval_datasets is empty")
+
+    if check_files:
+        problems.extend(_file_problems(spec))
+    return list(dict.fromkeys(problems))
+
+
+def _file_problems(spec: RunSpec) -> List[str]:
+    problems: List[str] = []
+    m, d, t = spec.model, spec.data, spec.train
+    if m.load_from is not None:
+        folder = Path(m.load_from).expanduser()
+        if not folder.is_dir():
+            problems.append(f"model.load_from={m.load_from}: no such folder")
+        elif not (folder / "config.json").is_file():
+            problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
+    tok = tokenizer_dir(spec)
+    key = "model.tokenizer" if m.tokenizer else "model.load_from"
+    if tok is None and m.arch:
+        problems.append("model.tokenizer is null and model.load_from is null: give a tokenizer folder or builtin:NAME")
+    elif tok is None:
+        pass  # already reported: model.load_from is required
+    elif not tok.is_dir():
+        if m.tokenizer and m.tokenizer.startswith("builtin:"):
+            shipped = sorted(p.name for p in (assets_dir() / "tokenizers").glob("*") if p.is_dir())
+            problems.append(f"model.tokenizer={m.tokenizer}: no such built-in tokenizer; choose one of "
+                            f"{', '.join('builtin:' + s for s in shipped)}")
+        elif not (key == "model.load_from" and any(m.load_from in p for p in problems)):
+            problems.append(f"{key}={tok}: no such folder")
+    elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f"{key}={tok}: no tokenizer files there (expected one of {', '.join(TOKENIZER_FILES)})")
+
+    for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
+        for i, ds in enumerate(items):
+            if not Path(ds.path).expanduser().exists():
+                problems.append(f"{group}[{i}] ({ds.name}).path={ds.path}: no such file or folder")
+            if ds.media_root is not None and not Path(ds.media_root).expanduser().is_dir():
+                problems.append(f"{group}[{i}] ({ds.name}).media_root={ds.media_root}: no such folder")
+    if t.resume not in (None, "auto") and not Path(t.resume).expanduser().exists():
+        problems.append(f"train.resume={t.resume}: no such checkpoint folder (use auto, null or a checkpoint path)")
+    return problems
+
+
+def plan(spec: RunSpec, world_size: Optional[int] = None) -> dict:
+    """What a run will do, for --dry-run: computed from the spec alone, no model, no data read."""
+    world = world_size_of(spec, world_size)
+    accum = spec.train.global_batch_size // (world * spec.train.micro_batch_size)
+    return {
+        "recipe": spec.recipe,
+        "model": f"{spec.model.name} ({spec.model.family}, "
+        f"{'weights from ' + spec.model.load_from if spec.model.load_from else 'random init'})",
+        "world_size": world,
+        "replicate x shard": f"{spec.parallel.replicate_degree} x {world // spec.parallel.replicate_degree}",
+        "global_batch_size": spec.train.global_batch_size,
+        "micro_batch_size": spec.train.micro_batch_size,
+        "gradient_accumulation": accum,
+        "tokens_per_step (max)": spec.train.global_batch_size * spec.data.pack_max_length,
+        "steps": spec.train.max_steps
+        if spec.train.max_steps is not None
+        else f"{spec.train.epochs} epochs (row count known after tokenisation)",
+        "datasets": [dataclasses.asdict(ds) for ds in spec.data.datasets],
+        "eval_datasets": [ds.name for ds in spec.data.eval_datasets],
+        "work_dir": spec.train.work_dir,
+    }
