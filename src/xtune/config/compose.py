@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from xtune.config.io import writable_structured
+from xtune.config.io import to_frozen, writable_structured
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
 from xtune.config.schema import CHOICES, RunSpec
 from xtune.errors import ConfigError
@@ -137,6 +137,9 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
         if isinstance(node, DictConfig) and part in node:
             node, walked = node[part], walked + [part]
             continue
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node, walked = node[int(part)], walked + [part]
+            continue
         where = ".".join(walked) or "the top level"
         options = list(node.keys()) if isinstance(node, DictConfig) else []
         hint = suggest(part, options)
@@ -162,34 +165,48 @@ def check_value(key: str, value) -> Optional[str]:
 
 
 def check_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> List[str]:
-    """Every problem in the command-line overrides, each naming the key, the value and what is allowed."""
+    """Every problem in the command-line overrides, each naming the key, the value and what is allowed.
+
+    Group and recipe choices are checked first; key=value overrides are then checked against the
+    config those choices compose to (so list elements such as data.datasets.0.path can be checked),
+    or against the bare schema when a choice is itself wrong.
+    """
     parsed, problems = _parse(overrides)
-    base = writable_structured(RunSpec)
     recipes = recipe_files(config_dirs)
+    choices, values = [], []
     for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra") or o.is_delete():
             continue
-        if key == "recipe" or key in GROUPS:
-            options = list(recipes) if key == "recipe" else group_options(key, config_dirs)
-            for v in _values(o):
-                if key == "recipe" and _recipe_path_override(str(v)):
-                    if not Path(v).is_file():
-                        problems.append(f"recipe={v}: no such file")
-                elif str(v) not in options:
-                    problems.append(
-                        f"{key}={v}: no such {key}; choose one of {', '.join(options)}.{suggest(v, options)}"
-                    )
-            continue
+        (choices if key == "recipe" or key in GROUPS else values).append(o)
+
+    for o in choices:
+        key = o.key_or_group
+        options = list(recipes) if key == "recipe" else group_options(key, config_dirs)
+        for v in _values(o):
+            if key == "recipe" and _recipe_path_override(str(v)):
+                if not Path(v).is_file():
+                    problems.append(f"recipe={v}: no such file")
+            elif str(v) not in options:
+                problems.append(f"{key}={v}: no such {key}; choose one of {', '.join(options)}.{suggest(v, options)}")
+
+    base = writable_structured(RunSpec)
+    if not problems and values:
+        first_choices = [f"{o.get_key_element()}={_values(o)[0]}" for o in choices]
+        try:
+            base = _compose_raw(first_choices, config_dirs)
+            OmegaConf.set_struct(base, True)
+        except Exception:
+            pass  # a broken recipe file is reported when composing for real
+
+    for o in values:
+        key = o.key_or_group
         for v in _values(o):
             try:
-                OmegaConf.update(base.copy(), key, v, merge=True, force_add=False)
+                OmegaConf.update(base.copy(), key, v, merge=True, force_add=o.is_force_add())
             except (ConfigKeyError, ConfigAttributeError) as e:
                 problems.append(_unknown_key_problem(base, key, v, e))
                 break
-            except ValidationError as e:
-                problems.append(f"{key}={v}: {str(e).splitlines()[0]}")
-                continue
             except OmegaConfBaseException as e:
                 problems.append(f"{key}={v}: {str(e).splitlines()[0]}")
                 continue
@@ -242,24 +259,30 @@ def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -
 
 def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str] = ()) -> DictConfig:
     """Compose the config (without the hydra node). Raises ConfigError listing every problem."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     setup(config_dirs)
     problems = check_overrides(overrides, config_dirs)
     if problems:
         raise ConfigError(problems)
+    try:
+        return _compose_raw(overrides, config_dirs)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's own errors: one line each, never a traceback
+        raise ConfigError([hydra_error_message(e)]) from None
+
+
+def _compose_raw(overrides: Sequence[str], config_dirs: Sequence[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     args = hydra_overrides(overrides, config_dirs)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="xtune"):
-            cfg = hydra_compose(config_name=PRIMARY, overrides=args)
-    except Exception as e:  # Hydra's own errors: one line each, never a traceback
-        raise ConfigError([hydra_error_message(e)]) from None
+            return hydra_compose(config_name=PRIMARY, overrides=args)
     finally:
         GlobalHydra.instance().clear()
-    return cfg
 
 
 def hydra_error_message(e: BaseException) -> str:
@@ -283,7 +306,7 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
     if missing:
         raise ConfigError([missing_message(k) for k in missing])
     try:
-        spec = OmegaConf.to_object(cfg)
+        spec = to_frozen(RunSpec, cfg)
     except OmegaConfBaseException as e:
         raise ConfigError([hydra_error_message(e)]) from None
     problems = validate(spec, check_files=check_files, world_size=world_size)

@@ -3,31 +3,77 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from pathlib import Path
 from typing import Union
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from xtune.config.schema import RunSpec
 
 
 def writable_structured(cls) -> DictConfig:
-    """A structured config of a frozen dataclass that can still be merged into.
+    """A structured config for a frozen dataclass that Hydra can still merge overrides into.
 
-    OmegaConf marks every node of a frozen dataclass read-only, which would refuse overrides;
-    the type checks and the unknown-key checks stay, and `to_object` still builds frozen objects.
+    OmegaConf marks every node built from a frozen dataclass read-only (list elements included),
+    which would refuse overrides such as data.datasets.0.path=...; so OmegaConf sees a non-frozen
+    twin with the same fields, types and defaults, and `to_frozen` converts back afterwards.
     """
-    cfg = OmegaConf.structured(cls)
-    _clear_readonly(cfg)
-    return cfg
+    return OmegaConf.structured(_unfrozen(cls))
 
 
-def _clear_readonly(node) -> None:
-    node._set_flag("readonly", None)
-    if isinstance(node, (DictConfig, ListConfig)):
-        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
-        for key in keys:
-            _clear_readonly(node._get_node(key))
+@functools.lru_cache(maxsize=None)
+def _unfrozen(cls):
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        tp = _map_type(hints[f.name])
+        default = {}
+        if f.default is not dataclasses.MISSING:
+            default["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            factory = f.default_factory
+            default["default_factory"] = _unfrozen(factory) if dataclasses.is_dataclass(factory) else factory
+        fields.append((f.name, tp, dataclasses.field(**default)))
+    return dataclasses.make_dataclass(cls.__name__, fields)
+
+
+def _map_type(tp):
+    if dataclasses.is_dataclass(tp):
+        return _unfrozen(tp)
+    args = typing.get_args(tp)
+    if args:
+        mapped = tuple(_map_type(a) for a in args)
+        origin = typing.get_origin(tp)
+        if origin is typing.Union:
+            return typing.Union[mapped]
+        return {list: typing.List, dict: typing.Dict}.get(origin, origin)[mapped if len(mapped) > 1 else mapped[0]]
+    return tp
+
+
+def to_frozen(cls, value):
+    """A composed config (or its to_object twin) -> the frozen dataclass `cls`, recursively."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
+    elif dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return _build(cls, value)
+
+
+def _build(tp, value):
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _build(hints[k], v) for k, v in value.items()})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _build(inner[0], value)
+    if origin is list and value is not None:
+        return [_build(args[0], v) for v in value]
+    return value
 
 
 def spec_to_dict(spec: RunSpec) -> dict:
@@ -39,8 +85,7 @@ def spec_to_yaml(spec: RunSpec) -> str:
 
 
 def spec_from_dict(values: dict) -> RunSpec:
-    merged = OmegaConf.merge(writable_structured(RunSpec), values)
-    return OmegaConf.to_object(merged)
+    return to_frozen(RunSpec, OmegaConf.merge(writable_structured(RunSpec), values))
 
 
 def spec_from_yaml(path: Union[str, Path]) -> RunSpec:

@@ -1,0 +1,42 @@
+# One venv for everything; `make demo` and `make test` each install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Without CUDA, install this CPU build of torch before xtune so that xtune's plain `torch`
+# requirement is already satisfied and pip never pulls a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-all bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch from the package index"; $(BIN)/pip install -q torch; \
+	else \
+		echo "no CUDA: installing $(TORCH_CPU) (CPU)"; $(BIN)/pip install -q "$(TORCH_CPU)"; \
+	fi
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+demo: install
+	$(BIN)/xtune sft recipe=demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python bench/run.py
+
+lint: install
+	$(BIN)/python -m ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) work_dirs dist build

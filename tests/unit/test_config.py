@@ -1,0 +1,128 @@
+"""Composition and validation of the run spec: every recipe, overrides, and user mistakes."""
+
+import dataclasses
+
+import pytest
+
+from xtune.config.compose import compose, load_spec, recipe_files, to_spec
+from xtune.config.schema import RunSpec
+from xtune.errors import ConfigError
+
+BIG = {"intern_s1_mini", "qwen3_8b", "qwen3_30b_a3b"}
+
+
+@pytest.mark.parametrize("recipe", sorted(recipe_files()))
+def test_every_recipe_composes_and_validates(recipe, tmp_path):
+    overrides = [f"recipe={recipe}"]
+    if recipe in BIG:
+        # Weights need not exist to compose and validate the rest of the spec.
+        overrides.append(f"model.load_from={tmp_path}/weights")
+    cfg = compose(overrides)
+    spec = to_spec(cfg, check_files=recipe not in BIG)
+    assert isinstance(spec, RunSpec)
+    assert spec.recipe == recipe
+    assert dataclasses.is_dataclass(spec.model) and spec.description
+
+
+def test_intern_s1_mini_matches_reference_configuration(tmp_path):
+    _, spec = load_spec(["recipe=intern_s1_mini", f"model.load_from={tmp_path}"], check_files=False)
+    assert spec.model.family == "intern_s1"
+    assert [d.sample_ratio for d in spec.data.datasets] == [5.0, 20.0]
+    assert (spec.data.sample_max_length, spec.data.pack_max_length, spec.data.pack) == (8192, 16384, "soft")
+    assert spec.optim.lr == 1e-6 and spec.sched.type == "cosine" and spec.sched.warmup_ratio == 0.0
+    assert (spec.loss.mode, spec.loss.chunk_size) == ("chunk", 1024)
+    assert spec.train.global_batch_size == 8 and spec.train.epochs == 2 and spec.train.max_steps is None
+    assert spec.model.freeze_vision and spec.model.freeze_projector and not spec.model.freeze_language
+
+
+def test_intern_s1_mini_without_weights_fails_early_naming_load_from():
+    cfg = compose(["recipe=intern_s1_mini"])  # composing needs no weights
+    with pytest.raises(ConfigError) as e:
+        to_spec(cfg, check_files=False)
+    assert "model.load_from is required" in str(e.value)
+
+
+def test_tiny_models_need_no_weights_or_tokenizer_path():
+    _, spec = load_spec(["recipe=intern_s1_mini", "model=intern_s1_tiny", "parallel=single"])
+    assert spec.model.load_from is None and spec.model.tokenizer == "builtin:intern_s1_tiny"
+    _, spec = load_spec(["recipe=demo", "model=qwen3_tiny"])
+    assert spec.model.tokenizer == "builtin:qwen3_tiny"
+
+
+def test_overrides_of_scalars_lists_and_groups():
+    _, spec = load_spec([
+        "recipe=demo",
+        "optim.lr=1e-4",
+        "optim.betas=[0.8,0.9]",
+        "train.sample_prompts=[hello,world]",
+        "model=qwen3_moe_tiny",
+        "sched=linear",
+        "data.datasets.0.sample_ratio=2.5",
+    ])
+    assert spec.optim.lr == 1e-4
+    assert list(spec.optim.betas) == [0.8, 0.9]
+    assert list(spec.train.sample_prompts) == ["hello", "world"]
+    assert spec.model.family == "qwen3_moe" and spec.sched.type == "linear"
+    assert spec.data.datasets[0].sample_ratio == 2.5
+    # The recipe's own values stay where not overridden.
+    assert spec.train.max_steps == 150
+
+
+def test_spec_is_frozen():
+    _, spec = load_spec(["recipe=demo"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.optim.lr = 1.0
+
+
+def test_all_override_problems_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        compose(["recipe=demo", "optim.lrr=1", "train.global_batch_size=many", "model=qwen3_8bb", "loss.mode=fast"])
+    msgs = e.value.problems
+    assert len(msgs) == 4
+    assert any("optim.lrr" in m and "Did you mean 'lr'" in m for m in msgs)
+    assert any("train.global_batch_size=many" in m for m in msgs)
+    assert any("model=qwen3_8bb" in m and "Did you mean 'qwen3_8b'" in m for m in msgs)
+    assert any("loss.mode=fast" in m and "chunk" in m for m in msgs)
+
+
+def test_cross_field_rules():
+    cfg = compose([
+        "recipe=demo",
+        "data.sample_max_length=4096",
+        "train.epochs=1",
+        "parallel.nproc_per_node=2",
+        "train.global_batch_size=3",
+    ])
+    with pytest.raises(ConfigError) as e:
+        to_spec(cfg)
+    text = str(e.value)
+    assert "data.sample_max_length=4096" in text and "data.pack_max_length" in text
+    assert "exactly one of train.epochs and train.max_steps" in text
+    assert "train.global_batch_size=3 is not divisible" in text
+
+
+def test_missing_files_are_named(tmp_path):
+    cfg = compose(["recipe=demo", f"data.datasets.0.path={tmp_path}/nope.jsonl", "model.tokenizer=builtin:nope"])
+    with pytest.raises(ConfigError) as e:
+        to_spec(cfg)
+    text = str(e.value)
+    assert f"{tmp_path}/nope.jsonl: no such file" in text
+    assert "builtin:nope" in text and "builtin:qwen3_tiny" in text
+
+
+def test_user_recipe_file_and_config_dir(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_tiny.yaml").write_text(
+        "name: my_tiny\nfamily: qwen3\ntokenizer: builtin:qwen3_tiny\narch: {hidden_size: 32, num_hidden_layers: 1}\n"
+    )
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text(
+        "description: mine\ndefaults:\n  - override /model: my_tiny\noptim:\n  lr: 0.5\n"
+    )
+    _, spec = load_spec(["recipe=mine"], config_dirs=[str(tmp_path)])
+    assert spec.model.name == "my_tiny" and spec.optim.lr == 0.5 and spec.recipe == "mine"
+
+    path_recipe = tmp_path / "elsewhere.yaml"
+    path_recipe.write_text("description: by path\ntrain:\n  epochs: null\n  max_steps: 7\n")
+    _, spec = load_spec([f"recipe={path_recipe}"])
+    assert spec.train.max_steps == 7 and spec.recipe == "elsewhere"
