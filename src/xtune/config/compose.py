@@ -202,13 +202,15 @@ def check_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -
     for o in values:
         key = o.key_or_group
         for v in _values(o):
+            # Echo the value as typed (1e-4, not 0.0001), except for one point of a sweep.
+            shown = v if o.is_sweep_override() else o.input_line.partition("=")[2]
             try:
                 OmegaConf.update(base.copy(), key, v, merge=True, force_add=o.is_force_add())
             except (ConfigKeyError, ConfigAttributeError) as e:
-                problems.append(_unknown_key_problem(base, key, v, e))
+                problems.append(_unknown_key_problem(base, key, shown, e))
                 break
             except OmegaConfBaseException as e:
-                problems.append(f"{key}={v}: {str(e).splitlines()[0]}")
+                problems.append(f"{key}={shown}: {str(e).splitlines()[0]}")
                 continue
             msg = check_value(key, v)
             if msg:

@@ -1,0 +1,121 @@
+"""The `xtune` command as a user runs it: real processes, exit codes and messages."""
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+XTUNE = [sys.executable, "-m", "xtune"]
+
+
+def xtune(*args, cwd=None, env=None, timeout=120):
+    return subprocess.run(
+        XTUNE + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = (
+        "import sys, time; t = time.perf_counter()\n"
+        "sys.argv = ['xtune', '--help']\n"
+        "from xtune.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('IMPORTED', 'torch' in sys.modules, 'hydra' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "sft" in out.stdout and "recipes" in out.stdout
+    assert "IMPORTED False False False" in out.stdout
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "xtune", "--help"], capture_output=True, check=True)
+    assert time.perf_counter() - t < 3.0  # generous: the bench measures the real figure
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["optim.lrr=1e-4"], "optim.lrr=1e-4: unknown key 'lrr' in optim. Did you mean 'lr'?"),
+        (["train.global_batch_size=eight"], "train.global_batch_size=eight"),
+        (["model=qwen3_tny"], "model=qwen3_tny: no such model"),
+        (["data.sample_max_length=9999"], "data.sample_max_length=9999 is larger than data.pack_max_length=2048"),
+        (["parallel.nproc_per_node=2", "train.global_batch_size=3"], "train.global_batch_size=3 is not divisible"),
+        (["loss.reduction=mean"], "loss.reduction=mean: not allowed; choose one of token, sample, square"),
+        (["optim.lr=1e-4,2e-4"], "add -m/--multirun"),
+    ],
+)
+def test_config_mistakes_exit_2_naming_the_key(args, expected):
+    out = xtune("sft", "recipe=demo", *args, "--dry-run")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert expected in out.stderr.replace("\n", " ") or expected in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_problems_reported_together_in_one_run():
+    out = xtune("sft", "recipe=demo", "optim.lrr=1", "train.seed=abc", "sched=cosin", "--dry-run")
+    assert out.returncode == 2
+    assert "3 configuration problems" in out.stderr
+    assert "Did you mean 'cosine'" in out.stderr
+
+
+def test_intern_s1_mini_needs_load_from_but_tiny_variant_validates():
+    out = xtune("sft", "recipe=intern_s1_mini", "--dry-run")
+    assert out.returncode == 2 and "model.load_from is required" in out.stderr
+    out = xtune("sft", "recipe=intern_s1_mini", "model=intern_s1_tiny", "parallel=single", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "gradient_accumulation: 8" in out.stdout
+
+
+def test_dry_run_prints_the_plan_of_each_sweep_point():
+    out = xtune("sft", "-m", "recipe=demo", "optim.lr=1e-4,3e-4", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("gradient_accumulation") == 2
+    assert "optim.lr=0.0001" in out.stdout and "optim.lr=0.0003" in out.stdout
+
+
+def test_cfg_job_and_config_show_print_the_resolved_spec():
+    out = xtune("sft", "recipe=demo", "optim.lr=0.125", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.125" in out.stdout and "hydra:" not in out.stdout
+    out = xtune("config", "show", "recipe=demo", "train.seed=7")
+    assert out.returncode == 0 and "seed: 7" in out.stdout
+    assert str(ROOT / "src/xtune/assets/demo/train.jsonl") in out.stdout  # ${asset:...} resolved
+
+
+def test_recipes_table_lists_every_recipe():
+    out = xtune("recipes", env={"COLUMNS": "200"})
+    assert out.returncode == 0
+    for name in ("demo", "intern_s1_mini", "qwen3_8b", "qwen3_30b_a3b"):
+        assert name in out.stdout
+
+
+def test_wheel_carries_conf_and_recipes_and_composes_outside_the_tree(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "dist").glob("xtune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "xtune/conf/sft.yaml" in names and "xtune/recipes/intern_s1_mini.yaml" in names
+    assert "xtune/conf/model/qwen3_tiny.yaml" in names
+    assert any(n.startswith("xtune/assets/tokenizers/qwen3_tiny/") for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import xtune, sys\n"
+        f"assert xtune.__file__.startswith({str(site)!r}), xtune.__file__\n"
+        "from xtune.config.compose import load_spec\n"
+        "_, spec = load_spec(['recipe=demo'])\n"
+        "print('OK', spec.recipe, spec.data.datasets[0].path)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    assert f"OK demo {site}/xtune/assets/demo/train.jsonl" in out.stdout
