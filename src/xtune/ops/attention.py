@@ -1,0 +1,76 @@
+"""Attention backend choice and the forward kwargs that keep packed documents apart.
+
+A micro-batch is one [1, T] row holding several documents (see `PackedBatch`). Each backend needs
+a different signal to stop attention crossing document boundaries:
+
+  flash_attention_2  varlen kernel: `cu_seq_lens_q/k` (int32) and `max_length_q/k` (int), read by
+                     transformers' `_flash_attention_forward`; position_ids restart per document.
+  sdpa               per-document `position_ids`, no attention_mask, no cache: transformers'
+                     masking_utils (`find_packed_sequence_indices`) then builds a block-diagonal
+                     causal mask. With a cache or a 2D mask it does not, so both are excluded here.
+  eager              an explicit float 4D mask (0 allowed / finfo.min blocked); a bool mask is
+                     wrong for eager (it is added to the scores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict
+
+import torch
+
+from ..errors import XtuneError
+
+ATTN_CHOICES = ("auto", "flash", "sdpa", "eager")
+
+
+def _flash_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn(attn: str, device) -> str:
+    """Map `parallel.attn` to a transformers `attn_implementation` for this device."""
+    device = torch.device(device)
+    if attn not in ATTN_CHOICES:
+        raise XtuneError(f"parallel.attn must be one of {ATTN_CHOICES}, got {attn!r}")
+    if attn == "eager":
+        return "eager"
+    if attn == "sdpa":
+        return "sdpa"
+    flash_ok = device.type == "cuda" and _flash_available()
+    if attn == "flash" and not flash_ok:
+        why = "a CUDA device" if device.type != "cuda" else "the flash-attn package (pip install 'xtune[gpu]')"
+        raise XtuneError(f"parallel.attn=flash needs {why}; use parallel.attn=sdpa or auto")
+    return "flash_attention_2" if flash_ok else "sdpa"
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Float [1, 1, T, T] mask: 0 where query i may attend key j (same document, j <= i), else finfo.min."""
+    device = device if device is not None else cu_seqlens.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    if doc.numel() != total:
+        raise ValueError(f"cu_seqlens covers {doc.numel()} tokens but the batch has {total}")
+    pos = torch.arange(total, device=device)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    mask = torch.full((total, total), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask.masked_fill_(allowed, 0.0)
+    return mask[None, None]
+
+
+def packed_kwargs(batch, impl: str, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+    """Kwargs for a transformers forward over `batch` ([1, T]) that isolate its documents.
+
+    `dtype` is the compute dtype (only the eager mask uses it).
+    """
+    kwargs: Dict[str, Any] = {"position_ids": batch.position_ids, "use_cache": False}
+    if impl == "flash_attention_2":
+        cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch.max_seqlen),
+                      max_length_k=int(batch.max_seqlen))
+    elif impl == "eager":
+        kwargs["attention_mask"] = block_causal_mask(batch.cu_seqlens, batch.num_tokens, dtype,
+                                                     device=batch.input_ids.device)
+    elif impl != "sdpa":
+        raise XtuneError(f"unsupported attention implementation {impl!r}")
+    return kwargs
