@@ -1,0 +1,74 @@
+"""Hugging Face export: from the live sharded model (during a run) or from any checkpoint folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from xtune.errors import CheckpointError
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict:
+    """Collective: the full (unsharded) weights, on CPU, on rank 0 only (other ranks get {})."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: Union[str, Path]) -> Path:
+    """Write via a sibling temp folder and swap it in, so `out_dir` is never half-written."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    adapter.save_hf(full_state_dict, config, tokenizer, tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    return out
+
+
+def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spec=None) -> Path:
+    """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
+
+    The run's config.yaml (two levels up) says which model to build; the DCP shards are resharded
+    into one unsharded model on CPU, whatever the number of ranks that wrote them.
+    """
+    from xtune.config.io import spec_from_yaml
+    from xtune.engine.checkpoint import load_model_only, read_marker
+    from xtune.models import get_adapter
+
+    ckpt = Path(ckpt_dir)
+    read_marker(ckpt)
+    if spec is None:
+        cfg = ckpt.resolve().parent.parent / "config.yaml"
+        if not cfg.is_file():
+            raise CheckpointError(f"{cfg} not found: export needs the run's config.yaml two levels above {ckpt}")
+        spec = spec_from_yaml(cfg)
+    adapter = get_adapter(spec.model)
+    model, config = build_plain_model(adapter, spec)
+    load_model_only(ckpt, model)
+    return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)
+
+
+def build_plain_model(adapter, spec, attn_impl: Optional[str] = "sdpa"):
+    """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
+    from xtune.engine.parallelize import _DTYPES
+
+    config = adapter.build_config()
+    with torch.device("meta"):
+        model = adapter.build_model(config, attn_impl)
+    model.to(dtype=_DTYPES[spec.model.dtype])
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        init_buffers = getattr(adapter, "init_buffers", None)
+        (init_buffers or adapter.init_weights)(model)
+    return model, config

@@ -1,0 +1,57 @@
+"""Start a run: in this process, under an external torchrun/Slurm, or by spawning N workers.
+
+    nproc_per_node > 1 and not launched yet  ->  python -m torch.distributed.run --standalone
+                                                 --nproc-per-node N -m xtune.engine.worker --work-dir W
+    RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
+    otherwise                                 ->  train in this process (a 1-rank group, no ports)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(spec, work_dir) -> int:
+    """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts."""
+    from xtune.engine.distributed import launched_env
+    from xtune.engine.trainer import preflight, train, write_config
+
+    run_dir = Path(work_dir).expanduser().resolve()
+    nproc = spec.parallel.nproc_per_node
+    if nproc > 1 and launched_env() is None:
+        from xtune.models import get_adapter
+
+        preflight(spec, get_adapter(spec.model), run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(spec, run_dir)
+        return spawn_workers(nproc, run_dir)
+    train(spec, run_dir)
+    return 0
+
+
+def spawn_workers(nproc: int, run_dir: Path) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
+    env = dict(os.environ)
+    # torchrun would set 1 anyway, with a warning; say it explicitly.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, env=env)
+
+    # Forward SIGTERM/SIGINT to torchrun, which passes them on to the workers; they finish the
+    # step, save a checkpoint and exit. We keep waiting instead of dying (and orphaning them).
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

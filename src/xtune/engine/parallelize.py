@@ -1,0 +1,125 @@
+"""Build the model on the meta device, shard it with FSDP2, materialise it and load its weights.
+
+Nothing is ever allocated in full on any rank: parameters are created on `meta`, sharded per block,
+and only the local shard is materialised (`to_empty`). Pretrained weights are read by rank 0 alone and
+broadcast shard by shard (`broadcast_from_rank0`), so a model larger than one process's memory loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from xtune.errors import XtuneError
+
+log = logging.getLogger("xtune.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def param_dtype(parallel, device: torch.device) -> torch.dtype:
+    if parallel.param_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[parallel.param_dtype]
+
+
+def checkpointed_indices(n_blocks: int, ratio: float) -> List[int]:
+    """Evenly spread `ratio * n_blocks` blocks (e.g. 0.5 of 8 -> every second block)."""
+    if ratio <= 0:
+        return []
+    return [i for i in range(n_blocks) if int((i + 1) * ratio) > int(i * ratio)]
+
+
+def _replace_child(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is target:
+                setattr(parent, name, new)
+                return
+    raise RuntimeError("block not found in model")
+
+
+def apply_activation_checkpointing(root: nn.Module, blocks: List[nn.Module], ratio: float) -> List[nn.Module]:
+    """Wrap the chosen blocks with checkpoint_wrapper (must happen before fully_shard)."""
+    chosen = set(checkpointed_indices(len(blocks), ratio))
+    out = []
+    for i, block in enumerate(blocks):
+        if i in chosen:
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+            _replace_child(root, block, wrapped)
+            block = wrapped
+        out.append(block)
+    return out
+
+
+def shard(root: nn.Module, blocks: List[nn.Module], parallel, mesh, device: torch.device) -> None:
+    """fully_shard each block, then the root (which takes the remaining parameters)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel, device),
+                              reduce_dtype=_DTYPES[parallel.reduce_dtype])
+    offload = CPUOffloadPolicy() if parallel.cpu_offload else OffloadPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=parallel.reshard_after_forward)
+    # The root's parameters (embeddings, lm_head) are needed again at the start of backward:
+    # keeping them unsharded after forward saves an all-gather.
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+
+
+def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
+    """Meta-init -> (activation checkpointing) -> fully_shard -> to_empty -> init / load.
+
+    `make_root(model)` returns the FSDP root module wrapping the model (the loss module).
+    Returns (root, model config); the HF model is `root.model`.
+    """
+    config = adapter.build_config()
+    with torch.device("meta"):
+        model = adapter.build_model(config, attn_impl)
+    model.to(dtype=_DTYPES[spec.model.dtype])
+    adapter.apply_freeze(model)
+    root = make_root(model)
+    blocks = list(adapter.blocks(model))
+    if spec.parallel.activation_checkpointing:
+        blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
+    shard(root, blocks, spec.parallel, denv.mesh, denv.device)
+    root.to_empty(device="cpu" if spec.parallel.cpu_offload else denv.device)
+    # Same seed on every rank: random init of DTensor shards is then consistent across ranks.
+    torch.manual_seed(spec.train.seed)
+    init_buffers = getattr(adapter, "init_buffers", None)
+    with torch.no_grad():
+        if spec.model.load_from and init_buffers is not None:
+            init_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
+        else:
+            adapter.init_weights(model)
+    if spec.model.load_from:
+        load_full_weights(adapter, model, spec.model.load_from, denv)
+    return root, config
+
+
+def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
+    """Rank 0 reads the HF folder; the weights reach the other ranks' shards by broadcast."""
+    full = adapter.read_hf_state_dict(folder) if denv.is_main else {}
+    result = set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    )
+    tied = _tied_names(model)
+    # Rank 0 is the one that saw the file: its verdict is the one every rank acts on.
+    missing = denv.broadcast_object(sorted(k for k in result.missing_keys if k not in tied))
+    if missing:
+        raise XtuneError(f"{folder} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:5])}")
+    del full
+
+
+def _tied_names(model: nn.Module) -> set:
+    """Names of parameters that share storage with an earlier one (tied lm_head / embeddings)."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied

@@ -1,0 +1,402 @@
+"""The training loop: micro-steps with global loss normalisation, clipping, AdamW, logging, eval,
+checkpoints, HF export, graceful stop on SIGTERM/SIGINT.
+
+`train(spec, work_dir)` is the entry point for Python callers and for each launched worker.
+`Trainer` takes optional `adapter`, `loader`, `eval_batches` and `tokenizer` so tests can drive it
+with hand-made batches; by default they come from the models and data stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
+from xtune.engine.distributed import DistEnv, init_distributed
+from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
+from xtune.engine.objective import LossModel, weight_sum
+from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.engine.parallelize import build_sharded
+from xtune.errors import ConfigError, DataError, XtuneError
+
+log = logging.getLogger("xtune.engine")
+
+
+# ----------------------------------------------------------------------------------------- preflight
+
+
+def write_config(spec, run_dir: Path) -> None:
+    """config.yaml makes the run dir self-describing (export and `resume` read it)."""
+    from xtune.config.io import spec_to_yaml
+
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        tmp = cfg.with_name(".config.yaml.tmp")
+        tmp.write_text(spec_to_yaml(spec))
+        os.replace(tmp, cfg)
+
+
+def preflight(spec, adapter, run_dir: Path):
+    """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
+    if spec.model.load_from and not Path(spec.model.load_from).expanduser().is_dir():
+        raise XtuneError(f"model.load_from={spec.model.load_from}: no such folder")
+    for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
+        if not Path(ds.path).expanduser().exists():
+            raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
+    check_wandb(spec.logging)
+    t = spec.train
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", spec.parallel.nproc_per_node)))
+    if t.global_batch_size % (world * t.micro_batch_size):
+        raise ConfigError([f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                           f"{world} ranks x train.micro_batch_size={t.micro_batch_size}"])
+    resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
+    try:
+        return adapter.load_tokenizer()
+    except XtuneError:
+        raise
+    except (OSError, ValueError) as e:
+        raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, spec, run_dir, *, adapter=None, tokenizer=None, loader=None, eval_batches=None,
+                 denv: Optional[DistEnv] = None):
+        from xtune.ops.attention import resolve_attn
+        from xtune.ops.loss import resolve_loss_mode
+
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        if adapter is None:
+            from xtune.models import get_adapter
+
+            adapter = get_adapter(spec.model)
+        self.adapter = adapter
+        self.tokenizer = tokenizer
+        self.denv = denv or init_distributed(spec.parallel)
+        d = self.denv
+        t = spec.train
+        if t.global_batch_size % (d.dp_size * t.micro_batch_size):
+            raise ConfigError([f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                               f"data-parallel size {d.dp_size} x train.micro_batch_size={t.micro_batch_size}"])
+        self.grad_accum = t.global_batch_size // (d.dp_size * t.micro_batch_size)
+        self.device = d.device
+        attn_impl = resolve_attn(spec.parallel.attn, d.device)
+        loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
+        self.root, self.model_config = build_sharded(
+            adapter, spec, d, attn_impl, lambda m: LossModel(m, adapter, attn_impl, spec.loss, loss_mode))
+        self.model = self.root.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, spec.optim, d.device)
+        if loader is None:
+            from xtune.data import build_train_loader
+
+            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank,
+                                        local_rank=d.local_rank)
+        self.loader = loader
+        if eval_batches is None and spec.data.eval_datasets:
+            from xtune.data import build_eval_batches
+
+            eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size)
+        self.eval_batches = eval_batches or []
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last)
+        self.step = 0
+        self.bad_streak = 0
+        self.skipped_steps = 0
+        self.tokens_seen = 0
+        self.stop_requested = False
+        self.last_saved = None
+
+    def _total_steps(self) -> int:
+        t = self.spec.train
+        total = getattr(self.loader, "total_steps", None)
+        if total is None:
+            per_epoch = getattr(self.loader, "steps_per_epoch", None)
+            if t.max_steps:
+                total = t.max_steps
+            elif per_epoch:
+                total = math.ceil((t.epochs or 1) * per_epoch)
+            else:
+                raise ConfigError(["set train.max_steps: the data loader does not know its length"])
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        return int(total)
+
+    # ------------------------------------------------------------------------------------- one step
+
+    def forward_backward(self, micro_batches: List[PackedBatch]) -> dict:
+        """Accumulate the gradients of the global-batch loss; returns global loss and counts.
+
+        Each micro-batch contributes sum(w_i CE_i) / W with W summed over the whole global batch
+        (one all_reduce before the micro-steps), so any split of the batch gives the same loss.
+        FSDP averages gradients over ranks; multiplying by dp_size turns that into the sum.
+        """
+        d = self.denv
+        red = self.spec.loss.reduction
+        local = [sum(weight_sum(mb, red) for mb in micro_batches),
+                 sum(mb.num_tokens for mb in micro_batches),
+                 sum(mb.num_trained for mb in micro_batches)]
+        w_total, n_tokens, n_trained = d.all_reduce_sum(local).tolist()
+        w_total = w_total if w_total > 0 else 1.0  # no trained token anywhere: zero loss, zero grads
+        n_micro = len(micro_batches)
+        ce_acc = torch.zeros((), dtype=torch.float64)
+        aux_acc = torch.zeros((), dtype=torch.float64)
+        for mb in micro_batches:
+            ce_sum, aux = self.root(mb.to(self.device))
+            loss = ce_sum.float() / w_total
+            objective = loss * d.dp_size
+            if aux is not None:
+                # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
+                objective = objective + aux.float() / n_micro
+                aux_acc += aux.detach().double().cpu()
+            objective.backward()
+            ce_acc += loss.detach().double().cpu()
+        loss, aux_sum = d.all_reduce_sum([ce_acc.item(), aux_acc.item()]).tolist()
+        return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.dp_size), "tokens": int(n_tokens),
+                "trained_tokens": int(n_trained)}
+
+    def grad_norm(self) -> float:
+        """Clip to optim.max_grad_norm (<= 0: no clipping) and return the global norm before clipping.
+
+        With FSDP2 the gradients are DTensor shards; clip_grad_norm_ reduces their norms across the
+        mesh and returns a (replicated) DTensor.
+        """
+        max_norm = self.spec.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def optimizer_step(self) -> tuple:
+        gnorm = self.grad_norm()
+        skipped = not math.isfinite(gnorm)
+        if skipped:
+            # Never let inf/nan reach the weights or Adam's moments: drop this step's gradients.
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            if self.bad_streak >= self.spec.train.max_bad_steps:
+                raise XtuneError(
+                    f"{self.bad_streak} steps in a row had a non-finite gradient norm (last at step {self.step + 1}); "
+                    "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
+                    f"(train.max_bad_steps={self.spec.train.max_bad_steps})")
+        else:
+            self.optimizer.step()
+            self.bad_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        return gnorm, skipped
+
+    def train_step(self, micro_batches: List[PackedBatch]) -> dict:
+        t0 = time.perf_counter()
+        if len(micro_batches) != self.grad_accum and self.step == 0:
+            log.warning("the loader gave %d micro-batches for a step, expected %d", len(micro_batches), self.grad_accum)
+        stats = self.forward_backward(micro_batches)
+        gnorm, skipped = self.optimizer_step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += stats["tokens"]
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, "loss": stats["loss"], "lr": lr, "grad_norm": gnorm,
+               "tokens_per_s": stats["tokens"] / dt, "trained_tokens_per_s": stats["trained_tokens"] / dt,
+               "tokens_seen": self.tokens_seen, "step_time_s": dt, "memory_gb": memory_gb(self.device)}
+        if stats["aux_loss"]:
+            rec["aux_loss"] = stats["aux_loss"]
+        if skipped:
+            rec["skipped"] = True
+            rec["skipped_steps"] = self.skipped_steps
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Eval loss with the same packing and normalisation as training (every rank has the same count)."""
+        d = self.denv
+        red = self.spec.loss.reduction
+        w_total = d.all_reduce_sum([sum(weight_sum(mb, red) for mb in self.eval_batches)])[0].item()
+        ce = 0.0
+        for mb in self.eval_batches:
+            ce += float(self.root(mb.to(self.device))[0])
+        self.root.reshard()
+        total = d.all_reduce_sum([ce])[0].item()
+        return total / w_total if w_total > 0 else float("nan")
+
+    # ------------------------------------------------------------------------------------- state
+
+    def extra_state(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
+                         "tokens_seen": self.tokens_seen},
+        }
+
+    def save(self) -> Path:
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.extra_state())
+        self.last_saved = self.step
+        return path
+
+    def resume(self, ckpt: Path) -> None:
+        extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.loader.load_state_dict(extra["loader"])
+        set_rng_state(extra["rng"])
+        c = extra["counters"]
+        self.step, self.bad_streak = c["step"], c["bad_streak"]
+        self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
+        self.last_saved = self.step
+
+    def export_hf(self, out_dir: Optional[Path] = None) -> Path:
+        from xtune.engine.export import gather_full_state_dict, write_hf
+
+        out = Path(out_dir or self.run_dir / "hf")
+        full = gather_full_state_dict(self.model)
+        error = None
+        if self.denv.is_main:
+            try:
+                write_hf(self.adapter, full, self.model_config, self.tokenizer, out)
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {e}"
+        error = self.denv.broadcast_object(error)
+        if error:
+            raise XtuneError(f"exporting the model to {out} failed: {error}")
+        return out
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.stop_requested = True
+
+    def fit(self) -> dict:
+        spec, t, d = self.spec, self.spec.train, self.denv
+        ckpt = resolve_resume(t.resume, self.run_dir)
+        if ckpt is not None:
+            self.resume(ckpt)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if d.is_main:
+            # The run dir holds the whole history; a resumed run restarts at its checkpoint's step.
+            truncate_history(metrics_path, self.step)
+            from xtune.config.io import spec_to_dict
+
+            logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
+            if ckpt is not None:
+                logger.message(f"resumed from {ckpt} at step {self.step}")
+        else:
+            logger = NullLogger()
+        self.logger = logger
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        result = {"run_dir": str(self.run_dir), "stopped_early": False}
+        try:
+            last = None
+            eval_loss = None
+            while self.step < self.total_steps:
+                try:
+                    micro = next(self.loader)
+                except StopIteration:
+                    break
+                rec = self.train_step(micro)
+                last = rec
+                # Any rank may have been signalled: all of them stop after the same step.
+                stop = not d.all_ok(not self.stop_requested)
+                done = self.step >= self.total_steps
+                if self.step % max(1, t.log_every) == 0 or done or stop:
+                    logger.log(rec)
+                if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
+                    eval_loss = self.evaluate()
+                    logger.log({"step": self.step, "eval_loss": eval_loss})
+                if (t.save_every and self.step % t.save_every == 0) or stop:
+                    self.save()
+                if t.hf_every and self.step % t.hf_every == 0 and not done:
+                    self.export_hf()
+                if stop:
+                    logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
+                    result["stopped_early"] = True
+                    break
+            if not result["stopped_early"]:
+                if self.last_saved != self.step:
+                    self.save()
+                result["hf_dir"] = str(self.export_hf())
+                if t.sample_prompts and d.is_main:
+                    result["samples"] = self.generate_samples(Path(result["hf_dir"]))
+            result.update(step=self.step, skipped_steps=self.skipped_steps, tokens_seen=self.tokens_seen,
+                          checkpoint=str(self.run_dir / "checkpoints" / f"step-{self.last_saved}"))
+            if last is not None:
+                result["loss"] = last["loss"]
+            if eval_loss is not None:
+                result["eval_loss"] = eval_loss
+            return result
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            logger.close()
+
+    def generate_samples(self, hf_dir: Path) -> list:
+        """Greedy completions of train.sample_prompts by the exported model (rank 0 only)."""
+        import json
+
+        import transformers
+
+        cls = getattr(transformers, getattr(self.adapter, "auto_class", "AutoModelForCausalLM"))
+        model = cls.from_pretrained(str(hf_dir)).eval()
+        tok = self.tokenizer
+        out = []
+        for prompt in self.spec.train.sample_prompts:
+            if getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              return_tensors="pt")
+                ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+            else:
+                ids = tok(prompt, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=self.spec.train.sample_max_new_tokens)
+            text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            out.append({"step": self.step, "prompt": prompt, "completion": text})
+            self.logger.message(f"sample> {prompt}\n{text}")
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in out:
+                f.write(json.dumps(r) + "\n")
+        return out
+
+    def close(self) -> None:
+        self.denv.close()
+
+
+def train(spec, work_dir=None, **inject) -> dict:
+    """Train `spec` in this process (one rank of a launch, or a whole single-process run)."""
+    run_dir = Path(work_dir or spec.train.work_dir or ".").expanduser().resolve()
+    adapter = inject.pop("adapter", None)
+    if adapter is None:
+        from xtune.models import get_adapter
+
+        adapter = get_adapter(spec.model)
+    tokenizer = inject.pop("tokenizer", None)
+    if tokenizer is None:
+        tokenizer = preflight(spec, adapter, run_dir)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_config(spec, run_dir)
+    denv = inject.pop("denv", None) or init_distributed(spec.parallel)
+    try:
+        return Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+    finally:
+        denv.close()

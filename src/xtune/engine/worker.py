@@ -1,0 +1,32 @@
+"""One training process started by torch.distributed.run: reads the run dir's config.yaml and trains."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xtune.engine.worker")
+    parser.add_argument("--work-dir", required=True)
+    args = parser.parse_args(argv)
+
+    from xtune.config.io import spec_from_yaml
+    from xtune.engine.trainer import train
+    from xtune.errors import XtuneError
+
+    run_dir = Path(args.work_dir)
+    try:
+        train(spec_from_yaml(run_dir / "config.yaml"), run_dir)
+    except XtuneError as e:
+        # Every rank hits the same user error; one message is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
