@@ -126,3 +126,15 @@ def test_user_recipe_file_and_config_dir(tmp_path):
     path_recipe.write_text("description: by path\ntrain:\n  epochs: null\n  max_steps: 7\n")
     _, spec = load_spec([f"recipe={path_recipe}"])
     assert spec.train.max_steps == 7 and spec.recipe == "elsewhere"
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from xtune.config.reference import BEGIN, END, markdown, rows
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index(BEGIN): readme.index(END) + len(END)]
+    assert table == markdown(), "README table is stale: run python -m xtune.config.reference"
+    keys = {r[0] for r in rows()}
+    assert {"optim.lr", "train.global_batch_size", "data.pack", "parallel.attn", "model.load_from"} <= keys

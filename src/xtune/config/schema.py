@@ -37,7 +37,9 @@ CHOICES: Dict[str, tuple] = {
 class ModelSpec:
     """Which model to build and how to initialise and freeze it."""
 
+    # Display name of the model (the model group sets it).
     name: str = "qwen3_tiny"
+    # Architecture family: picks the transformers classes and the weight key maps.
     family: str = "qwen3"
     # A Hugging Face folder (config.json + safetensors) or null for random init from `arch`.
     load_from: Optional[str] = None
@@ -47,15 +49,21 @@ class ModelSpec:
     dtype: str = "float32"
     # transformers config values for random init, or overrides applied on top of `load_from`'s config.
     arch: Dict[str, Any] = field(default_factory=dict)
+    # Freeze the vision tower (no gradients, no optimizer state).
     freeze_vision: bool = False
+    # Freeze the vision-to-text projector.
     freeze_projector: bool = False
+    # Freeze the language model (embeddings, blocks, lm_head).
     freeze_language: bool = False
     # MoE router auxiliary loss coefficient; null keeps the model config's value.
     router_aux_loss_coef: Optional[float] = None
-    # Vision-language image geometry (InternVL tiling).
+    # Side of one square image tile in pixels (InternVL tiling).
     image_size: int = 448
+    # Image tokens per tile after pixel shuffle ((image_size / patch)^2 x downsample^2).
     tokens_per_tile: int = 256
+    # Most tiles per image (the grid closest to the aspect ratio within this budget).
     max_tiles: int = 12
+    # Add a downscaled whole-image tile when an image has more than one tile.
     use_thumbnail: bool = True
 
 
@@ -63,7 +71,9 @@ class ModelSpec:
 class DatasetSpec:
     """One JSONL dataset (a file or a folder of *.jsonl) and its share of the mix."""
 
+    # Name used in logs, metrics and `xtune data inspect`.
     name: str = MISSING
+    # A .jsonl file, or a folder (every *.jsonl below it).
     path: str = MISSING
     # Integer part repeats the dataset, the fraction takes a seeded random subset.
     sample_ratio: float = 1.0
@@ -73,10 +83,16 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
+    # Training datasets, mixed by sample_ratio.
     datasets: List[DatasetSpec] = field(default_factory=list)
+    # Evaluation datasets, never mixed into training.
     eval_datasets: List[DatasetSpec] = field(default_factory=list)
+    # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped).
     sample_max_length: int = 2048
+    # Tokens per packed row.
     pack_max_length: int = 4096
+    # Packing strategy: soft (greedy + look-ahead gap filling), bfd (best-fit-decreasing),
+    # hard (concatenate and cut), none (one sample per row, padded).
     pack: str = "soft"
     # How many samples the soft packer looks ahead to fill a row's remaining gap.
     pack_lookahead: int = 256
@@ -84,6 +100,7 @@ class DataSpec:
     cache_dir: Optional[str] = None
     # Processes used for tokenisation.
     num_workers: int = 2
+    # What a malformed record does: stop with its file and line, or skip it and count it.
     on_error: str = "raise"
     # Chat template used when the tokenizer has none of its own.
     template: str = "auto"
@@ -91,18 +108,25 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
+    # Optimizer (AdamW with decoupled weight decay).
     name: str = "adamw"
+    # Peak learning rate.
     lr: float = 2e-5
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    # Applied to matrices only; norms and biases are not decayed.
     weight_decay: float = 0.0
     eps: float = 1e-8
+    # Clip the global gradient norm (across all shards) to this; 0 disables clipping.
     max_grad_norm: float = 1.0
+    # AdamW kernel: auto picks fused where the parameters allow it, else foreach.
     impl: str = "auto"
 
 
 @dataclass(frozen=True)
 class SchedSpec:
+    # Shape of the decay after warmup, down to min_lr_ratio x lr.
     type: str = "cosine"
+    # Fraction of all steps spent warming up linearly from 0.
     warmup_ratio: float = 0.03
     # LR floor as a fraction of optim.lr.
     min_lr_ratio: float = 0.0
@@ -112,7 +136,10 @@ class SchedSpec:
 class LossSpec:
     # auto: liger on CUDA when installed, chunk otherwise.
     mode: str = "auto"
+    # Tokens per chunk of the chunked cross-entropy (memory grows with chunk_size x vocab).
     chunk_size: int = 1024
+    # token: every trained token of the global batch weighs the same; sample: every sample does;
+    # square: a sample of n trained tokens weighs 1/sqrt(n) per token.
     reduction: str = "token"
 
 
@@ -120,17 +147,23 @@ class LossSpec:
 class ParallelSpec:
     # >1 makes `xtune sft` start that many workers itself via torch.distributed.run.
     nproc_per_node: int = 1
+    # Process group backend; auto: nccl on CUDA, gloo on CPU.
     backend: str = "auto"
     # auto: bfloat16 on CUDA, float32 on CPU.
     param_dtype: str = "auto"
+    # dtype of the gradient reduce-scatter.
     reduce_dtype: str = "float32"
+    # Free each block's gathered parameters after its forward (less memory, one more all-gather).
     reshard_after_forward: bool = True
+    # Keep sharded parameters, gradients and optimizer state in CPU memory.
     cpu_offload: bool = False
+    # Recompute block activations in backward instead of storing them.
     activation_checkpointing: bool = False
     # Fraction of transformer blocks that are checkpointed when activation_checkpointing is on.
     ac_ratio: float = 1.0
     # HSDP: replicate groups x shard groups; 1 means plain FSDP over all ranks.
     replicate_degree: int = 1
+    # Attention kernel for packed rows; auto: flash-attn varlen on CUDA when installed, else sdpa.
     attn: str = "auto"
 
 
@@ -140,28 +173,39 @@ class TrainSpec:
     global_batch_size: int = 8
     # Packed rows per rank per micro-step.
     micro_batch_size: int = 1
+    # Passes over the mixed data (fractional allowed); give exactly one of epochs and max_steps.
     epochs: Optional[float] = None
+    # Optimizer steps to run.
     max_steps: Optional[int] = None
+    # Seeds the mix, the shuffling, model init and dropout.
     seed: int = 42
     # The run directory; conf/sft.yaml sets work_dirs/<recipe>/<timestamp>.
     work_dir: str = ""
     # 0 saves only at the end.
     save_every: int = 0
+    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
     keep_last: int = 2
     # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
     resume: Optional[str] = None
+    # Eval loss every N steps (0: only at the end); needs data.eval_datasets.
     eval_every: int = 0
+    # Metrics every N steps (metrics.jsonl, TensorBoard, progress).
     log_every: int = 1
+    # Also write a Hugging Face export to hf/step-N every N steps (0: only the final hf/).
     hf_every: int = 0
+    # Stop after this many consecutive steps with a non-finite gradient norm (each is skipped).
     max_bad_steps: int = 5
     # Prompts generated from the exported model at the end of a run (printed and logged).
     sample_prompts: List[str] = field(default_factory=list)
+    # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
 
 
 @dataclass(frozen=True)
 class LoggingSpec:
+    # TensorBoard scalars in <work_dir>/tb.
     tensorboard: bool = True
+    # Also log to Weights & Biases (needs `pip install wandb`).
     wandb: bool = False
     wandb_project: str = "xtune"
     # auto: a rich progress bar on an interactive terminal, plain log lines otherwise.
@@ -170,7 +214,9 @@ class LoggingSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
+    # The recipe this run was composed from (set automatically).
     recipe: str = "demo"
+    # One line about the recipe, shown by `xtune recipes`.
     description: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
