@@ -61,7 +61,7 @@ def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spe
 
 def build_plain_model(adapter, spec, attn_impl: Optional[str] = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
-    from xtune.engine.parallelize import _DTYPES
+    from xtune.engine.parallelize import _DTYPES, _buffer_init
 
     config = adapter.build_config()
     with torch.device("meta"):
@@ -69,6 +69,6 @@ def build_plain_model(adapter, spec, attn_impl: Optional[str] = "sdpa"):
     model.to(dtype=_DTYPES[spec.model.dtype])
     model.to_empty(device="cpu")
     with torch.no_grad():
-        init_buffers = getattr(adapter, "init_buffers", None)
+        init_buffers = _buffer_init(adapter)
         (init_buffers or adapter.init_weights)(model)
     return model, config

@@ -90,7 +90,7 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
     root.to_empty(device="cpu" if spec.parallel.cpu_offload else denv.device)
     # Same seed on every rank: random init of DTensor shards is then consistent across ranks.
     torch.manual_seed(spec.train.seed)
-    init_buffers = getattr(adapter, "init_buffers", None)
+    init_buffers = _buffer_init(adapter)
     with torch.no_grad():
         if spec.model.load_from and init_buffers is not None:
             init_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
@@ -99,6 +99,11 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
     if spec.model.load_from:
         load_full_weights(adapter, model, spec.model.load_from, denv)
     return root, config
+
+
+def _buffer_init(adapter):
+    """The adapter's hook that recomputes non-persistent buffers only (None if it has none)."""
+    return getattr(adapter, "reset_buffers", None) or getattr(adapter, "init_buffers", None)
 
 
 def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:

@@ -48,8 +48,11 @@ def write_config(spec, run_dir: Path) -> None:
 
 def preflight(spec, adapter, run_dir: Path):
     """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
-    if spec.model.load_from and not Path(spec.model.load_from).expanduser().is_dir():
-        raise XtuneError(f"model.load_from={spec.model.load_from}: no such folder")
+    problems = adapter.validate() if hasattr(adapter, "validate") else []
+    if spec.model.load_from and not Path(spec.model.load_from).expanduser().is_dir() and not problems:
+        problems.append(f"model.load_from: {spec.model.load_from} does not exist")
+    if problems:
+        raise ConfigError(problems)
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
         if not Path(ds.path).expanduser().exists():
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")

@@ -1,0 +1,69 @@
+"""Run one global batch through the engine in several layouts; save loss and full gradients.
+
+Usage (1 rank):  python split_worker.py INIT_DIR OUT_DIR
+         (2 ranks): torchrun --nproc-per-node 2 split_worker.py INIT_DIR OUT_DIR
+1 rank runs the layouts 1x4 (four micro-batches) and 1x1 (all rows packed into one micro-batch);
+2 ranks run 2x2 with plain FSDP + activation checkpointing, and 2x2 as HSDP (replicate 2 x shard 1).
+"""
+
+import dataclasses as dc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.distributed.tiny import ListLoader, TinyAdapter, pack  # noqa: E402
+from xtune.config.schema import LossSpec, ModelSpec, ParallelSpec, RunSpec, TrainSpec  # noqa: E402
+from xtune.engine.distributed import init_distributed  # noqa: E402
+from xtune.engine.trainer import Trainer  # noqa: E402
+
+REDUCTIONS = ("token", "sample", "square")
+
+
+def full_grads(model):
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        out[name.replace("_checkpoint_wrapped_module.", "")] = g.full_tensor() if hasattr(g, "full_tensor") else g
+    return out
+
+
+def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
+    spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=parallel,
+                   loss=LossSpec(mode="chunk", chunk_size=7),
+                   train=TrainSpec(global_batch_size=4, max_steps=1))
+    denv = init_distributed(parallel)
+    rows = ListLoader(1, 4, 0, 1, 1, seed=5).rows_of_step(0)
+    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(), tokenizer=None,
+                      loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
+    result = {}
+    for red in REDUCTIONS:
+        trainer.spec = dc.replace(spec, loss=dc.replace(spec.loss, reduction=red))
+        trainer.root.loss_spec = trainer.spec.loss
+        stats = trainer.forward_backward(micro_of_rank(rows, denv.rank))
+        result[red] = {"loss": stats["loss"], "grads": full_grads(trainer.model)}
+        trainer.optimizer.zero_grad(set_to_none=True)
+    if denv.is_main:
+        torch.save(result, Path(out_dir) / f"{name}.pt")
+    denv.barrier()
+    return denv
+
+
+def main():
+    init_dir, out_dir = sys.argv[1], sys.argv[2]
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        d = run_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
+        run_layout(init_dir, out_dir, "1x1", ParallelSpec(), lambda rows, r: [pack([d for row in rows for d in row])])
+    else:
+        two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]  # noqa: E731
+        d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
+        run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
+    d.close()
+
+
+if __name__ == "__main__":
+    main()
