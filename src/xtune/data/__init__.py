@@ -1,0 +1,18 @@
+"""Data stage: JSONL -> chat template + labels (cached) -> mix -> pack -> resumable loader.
+
+Public entry points (see docs/CONTRACTS.md): `build_train_loader`, `build_eval_batches`,
+`multimodal.load_tiles`, `inspect.inspect_data`. Imported lazily so `import xtune.data.types`
+stays cheap.
+"""
+
+
+def build_train_loader(spec, tokenizer, **kw):
+    from xtune.data.loader import build_train_loader as f
+
+    return f(spec, tokenizer, **kw)
+
+
+def build_eval_batches(spec, tokenizer, **kw):
+    from xtune.data.loader import build_eval_batches as f
+
+    return f(spec, tokenizer, **kw)

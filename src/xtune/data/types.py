@@ -18,6 +18,10 @@ class ImageRef:
     width: int
     height: int
     num_tiles: int  # including the thumbnail when used
+    # Position of the image's `<img>` token in its sample, and its token count (`<img>` + context
+    # tokens + `</img>`); packing uses them to keep an image's tokens in one piece.
+    token_start: int = -1
+    num_tokens: int = 0
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""One tokenised dataset: read from the cache, or tokenised (once, by one process) and cached."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from xtune.data import cache
+from xtune.data.formats import list_files
+from xtune.data.templates import resolve_template
+from xtune.data.tokenize import TokenizeSettings, tokenize_files
+from xtune.data.types import ImageRef, Sample
+
+log = logging.getLogger("xtune.data")
+MAX_ERRORS_SHOWN = 5
+
+
+@dataclass
+class TokenizedDataset:
+    name: str
+    files: List[str]
+    ids: np.ndarray  # flat int32
+    labels: np.ndarray  # flat int32, shifted per sample
+    offsets: np.ndarray  # [n + 1] int64
+    images: List[List[ImageRef]]
+    sources: List[str]
+    records: int
+    truncated: int
+    dropped_image_cut: int
+    dropped_no_loss: int
+    errors: List[str]
+    built: bool  # tokenised by this process (False: read from the cache)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> Sample:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Sample(self.ids[a:b].tolist(), self.labels[a:b].tolist(), list(self.images[i]), self.sources[i])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_trained(self) -> int:
+        return int((np.asarray(self.labels) != -100).sum())
+
+    def report(self) -> None:
+        """One warning line per kind of loss, as the issue asks."""
+        if self.truncated:
+            log.warning("%s: %d sample(s) longer than sample_max_length were truncated", self.name, self.truncated)
+        if self.dropped_image_cut:
+            log.warning("%s: %d multimodal sample(s) dropped: truncation would cut image tokens",
+                        self.name, self.dropped_image_cut)
+        if self.dropped_no_loss:
+            log.warning("%s: %d sample(s) dropped: no trained token", self.name, self.dropped_no_loss)
+        if self.errors:
+            shown = "; ".join(self.errors[:MAX_ERRORS_SHOWN])
+            log.warning("%s: %d bad record(s) skipped (data.on_error=skip), first: %s",
+                        self.name, len(self.errors), shown)
+
+
+def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
+    return TokenizeSettings(
+        template=resolve_template(tokenizer, data_spec.template, model_spec.family),
+        sample_max_length=data_spec.sample_max_length,
+        image_size=model_spec.image_size,
+        tokens_per_tile=model_spec.tokens_per_tile,
+        max_tiles=model_spec.max_tiles,
+        use_thumbnail=model_spec.use_thumbnail,
+    )
+
+
+def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest: Optional[str] = None,
+                 verbose: bool = True) -> TokenizedDataset:
+    """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache."""
+    files = list_files(ds_spec.path)
+    settings = tokenize_settings(tokenizer, data_spec, model_spec)
+    digest = tokenizer_digest or cache.tokenizer_hash(tokenizer)
+    key = cache.cache_key(files, digest, settings, ds_spec.media_root, data_spec.on_error)
+    folder = cache.default_cache_dir(data_spec.cache_dir) / key
+
+    def build():
+        if verbose:
+            log.info("tokenising %s (%d file(s), %d worker(s))", ds_spec.name, len(files), data_spec.num_workers)
+        chunk = tokenize_files(
+            tokenizer, settings, files, ds_spec.media_root,
+            num_workers=data_spec.num_workers, skip_errors=data_spec.on_error == "skip",
+        )
+        cache.save_entry(folder, chunk, {"name": ds_spec.name, "files": files})
+
+    built = cache.build_or_load(folder, build)
+    e = cache.load_entry(folder)
+    ds = TokenizedDataset(
+        name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],
+        images=e["images"], sources=e["sources"], records=e["records"], truncated=e["truncated"],
+        dropped_image_cut=e["dropped_image_cut"], dropped_no_loss=e["dropped_no_loss"], errors=e["errors"],
+        built=built,
+    )
+    if verbose:
+        ds.report()
+    return ds

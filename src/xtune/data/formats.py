@@ -1,0 +1,166 @@
+"""Reading JSONL conversations into validated, normalised records.
+
+Accepted lines: `{"messages": [...], ...}` (other keys are kept as metadata; `tools` is passed to
+the chat template) or a bare JSON list of messages. A message's `content` is a string or a list
+of parts (`text`, `image_url` / `image`). Images are replaced by one `<IMG_CONTEXT>` placeholder
+each; a message with images and no placeholders gets them in front of its text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from xtune.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool", "pretrain")
+IMG_PLACEHOLDER = "<IMG_CONTEXT>"
+
+
+@dataclass
+class ImageSpec:
+    """An image named by a record: its resolved path and, when the record gave it, its size."""
+
+    path: str
+    wh: Optional[Tuple[int, int]] = None
+
+
+@dataclass
+class Record:
+    """One conversation: messages with string content (placeholders marking images)."""
+
+    messages: List[Dict[str, Any]]
+    images: List[ImageSpec]
+    # Per message: True / False from its "loss" key, None for the default rule.
+    loss: List[Optional[bool]]
+    source: str  # "file:line"
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_pretrain(self) -> bool:
+        return self.messages[0]["role"] == "pretrain"
+
+
+def list_files(path: str) -> List[str]:
+    """A file, or every *.jsonl below a folder (sorted, so the order never depends on the filesystem)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*.jsonl") if f.is_file())
+        if not files:
+            raise DataError(f"{path}: no *.jsonl file in this folder")
+        return files
+    raise DataError(f"{path}: no such file or folder")
+
+
+def iter_lines(file: str) -> Iterator[Tuple[int, str]]:
+    """(line number, text) for every non-blank line; an empty file is an error."""
+    n = 0
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                n += 1
+                yield lineno, line
+    if n == 0:
+        raise DataError(f"{file}:0: empty file (no records)")
+
+
+def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
+    """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
+    where = f"{file}:{lineno}"
+
+    def fail(msg: str) -> DataError:
+        return DataError(f"{where}: {msg}")
+
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise fail(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    meta: Dict[str, Any] = {}
+    if isinstance(obj, dict):
+        if "messages" not in obj:
+            raise fail("no 'messages' key")
+        meta = {k: v for k, v in obj.items() if k != "messages"}
+        raw = obj["messages"]
+    else:
+        raw = obj
+    if not isinstance(raw, list) or not raw:
+        raise fail("'messages' must be a non-empty list of messages")
+
+    messages, images, loss = [], [], []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m:
+            raise fail(f"message {i} is not an object with a 'role'")
+        role = m["role"]
+        if role not in ROLES:
+            raise fail(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        text, imgs = _content(m.get("content"), media_root, lambda msg: fail(f"message {i}: {msg}"))
+        msg = {k: v for k, v in m.items() if k not in ("content", "loss")}
+        msg["content"] = text
+        messages.append(msg)
+        images.extend(imgs)
+        flag = m.get("loss")
+        if flag is not None and not isinstance(flag, bool):
+            raise fail(f"message {i}: 'loss' must be true or false, got {flag!r}")
+        loss.append(flag)
+    roles = {m["role"] for m in messages}
+    if "pretrain" in roles and roles != {"pretrain"}:
+        raise fail("a 'pretrain' message cannot be mixed with chat roles in one record")
+    return Record(messages, images, loss, where, meta)
+
+
+def _content(content: Any, media_root: str, fail) -> Tuple[str, List[ImageSpec]]:
+    """Flatten content parts to one string with one placeholder per image."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        n = content.count(IMG_PLACEHOLDER)
+        if n:
+            raise fail(f"{n} {IMG_PLACEHOLDER} placeholder(s) but no image")
+        return content, []
+    if not isinstance(content, list):
+        raise fail(f"'content' must be a string or a list of parts, got {type(content).__name__}")
+    texts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise fail("a text part needs a string 'text'")
+            texts.append(part["text"])
+        elif kind in ("image_url", "image"):
+            images.append(_image(part.get(kind), media_root, fail))
+        else:
+            raise fail(f"unknown content part {part!r:.80}")
+    text = "".join(texts)
+    n = text.count(IMG_PLACEHOLDER)
+    if images and n == 0:
+        # Convention of InternVL-style data: the images come first, one per line.
+        text = (IMG_PLACEHOLDER + "\n") * len(images) + text
+    elif n != len(images):
+        raise fail(f"{n} {IMG_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
+    return text, images
+
+
+def _image(obj: Any, media_root: str, fail) -> ImageSpec:
+    if isinstance(obj, str):
+        obj = {"url": obj}
+    if not isinstance(obj, dict):
+        raise fail("an image part needs an object with 'url'")
+    url = obj.get("url") or obj.get("path")
+    if not isinstance(url, str) or not url:
+        raise fail("an image part needs a 'url'")
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    path = url if os.path.isabs(url) else os.path.join(media_root, url)
+    if not os.path.isfile(path):
+        raise fail(f"image file not found: {path}")
+    wh = obj.get("image_wh")
+    if wh is not None:
+        if not (isinstance(wh, (list, tuple)) and len(wh) == 2 and all(isinstance(v, int) and v > 0 for v in wh)):
+            raise fail(f"'image_wh' must be [width, height] in pixels, got {wh!r}")
+        wh = (int(wh[0]), int(wh[1]))
+    return ImageSpec(path, wh)

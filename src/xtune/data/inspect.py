@@ -1,0 +1,73 @@
+"""`xtune data inspect`: what the data stage makes of a run's datasets, without training."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from xtune.data.loader import PackedData
+from xtune.data.types import IGNORE_INDEX
+
+HIST_BINS = 10
+BAR = 40
+
+
+def length_histogram(lengths: np.ndarray, bins: int = HIST_BINS) -> list:
+    """[(low, high, count)] over `bins` equal-width bins of the sample lengths."""
+    if len(lengths) == 0:
+        return []
+    counts, edges = np.histogram(lengths, bins=bins)
+    return [(int(edges[i]), int(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
+
+
+def render_sample(tokenizer, ids, labels) -> Text:
+    """The sample's text, trained tokens highlighted (a token is trained when the previous label names it)."""
+    out = Text()
+    trained = [False] + [int(x) != IGNORE_INDEX for x in labels[:-1]]
+    # Decode runs of equally-trained tokens together so multi-byte characters stay whole.
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or trained[i] != trained[start]:
+            piece = tokenizer.decode([int(t) for t in ids[start:i]])
+            out.append(piece, style="bold green" if trained[start] else "dim")
+            start = i
+    return out
+
+
+def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_index: int = 0) -> PackedData:
+    """Print per dataset its counts and length histogram, the packing efficiency and one rendered sample."""
+    console = console or Console()
+    data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=False)
+    table = Table(title="datasets")
+    for col in ("name", "records", "samples", "tokens", "trained", "truncated", "dropped", "skipped"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for ds, st in zip(data.datasets, data.stats.datasets):
+        dropped = st["dropped_image_cut"] + st["dropped_no_loss"]
+        table.add_row(st["name"], str(st["records"]), str(st["samples"]), str(st["tokens"]),
+                      str(st["trained_tokens"]), str(st["truncated"]), str(dropped), str(st["skipped"]))
+    console.print(table)
+    for ds, st in zip(data.datasets, data.stats.datasets):
+        hist = length_histogram(ds.lengths)
+        console.print(f"[bold]{ds.name}[/bold] sample lengths (tokens):")
+        peak = max((c for _, _, c in hist), default=1) or 1
+        for lo, hi, c in hist:
+            console.print(f"  {lo:>7}-{hi:<7} {'#' * round(BAR * c / peak):<{BAR}} {c}")
+        for e in st["errors"]:
+            console.print(f"  [red]skipped[/red] {e}")
+    s = data.stats
+    console.print(
+        f"packing [bold]{spec.data.pack}[/bold]: {s.samples} samples -> {s.rows} rows of "
+        f"{spec.data.pack_max_length} tokens, efficiency [bold]{100 * s.packing_efficiency:.1f}%[/bold]"
+    )
+    if s.samples:
+        k = min(sample_index, s.samples - 1)
+        ids, labels, images = data.item(k)
+        d, i = data.items[k]
+        console.print(f"sample {data.datasets[d].sources[i]} ({len(ids)} tokens, {len(images)} image(s)); "
+                      "[bold green]trained[/bold green] / [dim]not trained[/dim]:")
+        console.print(render_sample(tokenizer, ids, labels))
+    return data

@@ -1,0 +1,211 @@
+"""The training loader (deterministic, resumable, sharded over data-parallel ranks) and eval batches.
+
+Rows are packed once from the seeded-shuffled mix. Each epoch visits the rows in a fresh
+permutation drawn from (seed, epoch); step k of an epoch takes rows [k*G, (k+1)*G) of it
+(G = global_batch_size, the last step of an epoch wrapping around to its start so no row is
+left out). Of a step's G rows, rank r takes the contiguous block r*A*M .. (r+1)*A*M (A = grad
+accumulation, M = micro_batch_size) as A micro-batches of M rows. A step is thus a pure function
+of (seed, step), which makes `state_dict()` just the step counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from xtune.data import cache
+from xtune.data.batch import collate, image_tiles_fn
+from xtune.data.dataset import TokenizedDataset, load_dataset
+from xtune.data.mix import mix
+from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
+from xtune.data.types import PackedBatch
+from xtune.errors import ConfigError, DataError
+
+log = logging.getLogger("xtune.data")
+
+
+@dataclass
+class DataStats:
+    datasets: List[Dict] = field(default_factory=list)  # per dataset: counts (see `dataset_stats`)
+    samples: int = 0  # after mixing
+    rows: int = 0
+    real_tokens: int = 0
+    trained_tokens: int = 0
+    packing_efficiency: float = 0.0
+
+
+def dataset_stats(ds: TokenizedDataset) -> Dict:
+    return dict(
+        name=ds.name, files=len(ds.files), records=ds.records, samples=len(ds), tokens=ds.num_tokens,
+        trained_tokens=ds.num_trained, truncated=ds.truncated, dropped_image_cut=ds.dropped_image_cut,
+        dropped_no_loss=ds.dropped_no_loss, skipped=len(ds.errors), errors=ds.errors[:5],
+    )
+
+
+class PackedData:
+    """Datasets mixed and packed into rows; builds the PackedBatch of any rows."""
+
+    def __init__(self, ds_specs, spec, tokenizer, *, shuffle: bool, verbose: bool):
+        data, model = spec.data, spec.model
+        if data.sample_max_length > data.pack_max_length and data.pack != "hard":
+            raise ConfigError([
+                f"data.sample_max_length ({data.sample_max_length}) must be <= data.pack_max_length "
+                f"({data.pack_max_length})"
+            ])
+        digest = cache.tokenizer_hash(tokenizer)
+        self.datasets = [
+            load_dataset(d, tokenizer, data, model, tokenizer_digest=digest, verbose=verbose) for d in ds_specs
+        ]
+        self.items = mix([len(d) for d in self.datasets], [d.sample_ratio for d in ds_specs], spec.train.seed)
+        if shuffle:
+            order = np.random.default_rng([spec.train.seed, 0xD47A]).permutation(len(self.items))
+            self.items = self.items[order]
+        lengths = [int(self.datasets[d].offsets[i + 1] - self.datasets[d].offsets[i]) for d, i in self.items]
+        blocks = {}
+        if data.pack == "hard":
+            for k, (d, i) in enumerate(self.items):
+                ims = self.datasets[d].images[i]
+                if ims:
+                    blocks[k] = [(im.token_start, im.token_start + im.num_tokens) for im in ims]
+        self.row_len = data.pack_max_length
+        self.rows: List[Row] = pack(data.pack, lengths, self.row_len, data.pack_lookahead, blocks)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.tiles = image_tiles_fn(model)
+        self.stats = DataStats(
+            datasets=[dataset_stats(d) for d in self.datasets],
+            samples=len(self.items),
+            rows=len(self.rows),
+            real_tokens=int(sum(lengths)),
+            trained_tokens=int(sum(
+                int((np.asarray(self.datasets[d].labels[self.datasets[d].offsets[i]:self.datasets[d].offsets[i + 1]])
+                     != -100).sum()) for d, i in self.items
+            )),
+            packing_efficiency=efficiency(self.rows, self.row_len),
+        )
+
+    def item(self, k: int):
+        d, i = self.items[k]
+        ds = self.datasets[d]
+        a, b = int(ds.offsets[i]), int(ds.offsets[i + 1])
+        return ds.ids[a:b], ds.labels[a:b], ds.images[i]
+
+    def batch(self, row_ids: List[int]) -> PackedBatch:
+        return collate([self.rows[r] for r in row_ids], self.item, self.row_len, self.pad_id, self.tiles)
+
+    def empty_batch(self, num_rows: int) -> PackedBatch:
+        """Padding only: no trained token (keeps ranks in step during eval)."""
+        return collate([[] for _ in range(num_rows)], self.item, self.row_len, self.pad_id, self.tiles)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(rows_fingerprint(self.rows).tobytes() + self.items.tobytes()).hexdigest()[:16]
+
+
+class TrainLoader:
+    """`next(loader)` -> this rank's micro-batches (list[PackedBatch]) for one optimizer step."""
+
+    def __init__(self, spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0, local_rank: int = 0):
+        train = spec.train
+        if not spec.data.datasets:
+            raise ConfigError(["data.datasets is empty: nothing to train on"])
+        per_step = dp_size * train.micro_batch_size
+        if train.global_batch_size % per_step:
+            raise ConfigError([
+                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+                f"dp_size x micro_batch_size ({dp_size} x {train.micro_batch_size})"
+            ])
+        self.data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=rank == 0)
+        self.seed = train.seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro_batch_size = train.micro_batch_size
+        self.grad_accum = train.global_batch_size // per_step
+        self.global_batch_size = train.global_batch_size
+        n = len(self.data.rows)
+        if n == 0:
+            raise DataError("no training sample left after tokenisation (all dropped or skipped)")
+        self.steps_per_epoch = math.ceil(n / self.global_batch_size)
+        if train.max_steps:
+            self.total_steps = int(train.max_steps)
+        else:
+            self.total_steps = max(1, math.ceil((train.epochs or 1.0) * self.steps_per_epoch))
+        self.step = 0
+        self._perm: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        if rank == 0:
+            s = self.stats
+            log.info("data: %d samples -> %d rows of %d tokens, packing efficiency %.1f%%, %d steps/epoch",
+                     s.samples, s.rows, self.data.row_len, 100 * s.packing_efficiency, self.steps_per_epoch)
+
+    @property
+    def stats(self) -> DataStats:
+        return self.data.stats
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __iter__(self):
+        return self
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x70AD])
+            self._perm = (epoch, rng.permutation(len(self.data.rows)))
+        return self._perm[1]
+
+    def step_rows(self, step: int) -> List[List[int]]:
+        """Row indices of this rank's micro-batches at `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = self._epoch_perm(epoch)
+        n, g = len(perm), self.global_batch_size
+        rows = [int(perm[(k * g + t) % n]) for t in range(g)]
+        per_rank = self.grad_accum * self.micro_batch_size
+        mine = rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        m = self.micro_batch_size
+        return [mine[j:j + m] for j in range(0, per_rank, m)]
+
+    def __next__(self) -> List[PackedBatch]:
+        if self.step >= self.total_steps:
+            raise StopIteration
+        batches = [self.data.batch(r) for r in self.step_rows(self.step)]
+        self.step += 1
+        return batches
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def state_dict(self) -> Dict:
+        return {"step": self.step, "seed": self.seed, "rows": len(self.data.rows), "fingerprint": self.data.fingerprint()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("fingerprint") != self.data.fingerprint() or state.get("seed") != self.seed:
+            raise DataError(
+                "the training data (or its packing, or train.seed) differs from the checkpoint's; "
+                "resuming would not continue the same run"
+            )
+        self.step = int(state["step"])
+
+
+def build_train_loader(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0,
+                       local_rank: int = 0) -> TrainLoader:
+    return TrainLoader(spec, tokenizer, dp_rank=dp_rank, dp_size=dp_size, rank=rank, local_rank=local_rank)
+
+
+def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0,
+                       local_rank: int = 0) -> List[PackedBatch]:
+    """This rank's eval micro-batches; every rank gets the same number (padded with empty ones)."""
+    if not spec.data.eval_datasets:
+        return []
+    data = PackedData(spec.data.eval_datasets, spec, tokenizer, shuffle=False, verbose=rank == 0)
+    m = spec.train.micro_batch_size
+    mine = list(range(dp_rank, len(data.rows), dp_size))
+    per_rank = math.ceil(len(data.rows) / dp_size)
+    n_batches = math.ceil(per_rank / m)
+    batches = [data.batch(mine[j:j + m]) for j in range(0, len(mine), m)]
+    while len(batches) < n_batches:
+        batches.append(data.empty_batch(m))
+    return batches

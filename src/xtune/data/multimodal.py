@@ -1,0 +1,90 @@
+"""InternVL image tiling: how many tokens an image costs, and its pixel tiles.
+
+An image is resized onto a grid of `cols x rows` square tiles of `image_size` px, the grid
+(1 to `max_tiles` tiles) being the one whose aspect ratio is closest to the image's; on a tie
+the larger grid wins while the image covers more than half of it. With more than one tile a
+thumbnail (the whole image resized to one tile) is appended. Each tile becomes
+`tokens_per_tile` `<IMG_CONTEXT>` tokens between `<img>` and `</img>`.
+
+Token counts come from the image size alone, so tokenisation never decodes an image; pixels
+are read only when a batch is built (`load_tiles`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import torch
+from PIL import Image
+
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+# InternVL normalises with the ImageNet statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@lru_cache(maxsize=64)
+def _grids(max_tiles: int) -> List[Tuple[int, int]]:
+    """All (cols, rows) with 1 <= cols*rows <= max_tiles, fewest tiles first."""
+    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def tile_grid(width: int, height: int, image_size: int, max_tiles: int) -> Tuple[int, int]:
+    """The (cols, rows) grid InternVL picks for an image of this size."""
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _grids(max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(width: int, height: int, image_size: int, max_tiles: int, use_thumbnail: bool) -> int:
+    cols, rows = tile_grid(width, height, image_size, max_tiles)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def image_size_of(path: str) -> Tuple[int, int]:
+    """(width, height) from the file header; PIL does not decode the pixels for this."""
+    with Image.open(path) as im:
+        return im.size
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    # [H, W, 3] uint8 -> [3, H, W] float in [0, 1]
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+    return t.permute(2, 0, 1).float().div_(255.0)
+
+
+def load_tiles(path: str, image_size: int, max_tiles: int, use_thumbnail: bool,
+               grid_wh: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Decode an image into normalised tiles: float32 [num_tiles, 3, image_size, image_size].
+
+    `grid_wh`: the (width, height) the token count was computed from (the record's `image_wh`);
+    the grid follows it so pixels always match the tokens even if the record's size is off.
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        cols, rows = tile_grid(*(grid_wh or im.size), image_size, max_tiles)
+        big = im.resize((cols * image_size, rows * image_size), Image.BICUBIC)
+        tiles = [
+            big.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        if use_thumbnail and len(tiles) > 1:
+            tiles.append(im.resize((image_size, image_size), Image.BICUBIC))
+    x = torch.stack([_to_tensor(t) for t in tiles])
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std

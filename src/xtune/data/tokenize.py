@@ -1,0 +1,297 @@
+"""Records -> token ids and shifted labels, rendered with the chat template.
+
+Each conversation is rendered once with the template and tokenised once, so the ids are
+exactly `tokenizer.apply_chat_template(messages, tokenize=True)`. Which tokens are trained is
+decided on the rendered text: a trained message spans from where its content starts to the
+end of its end-of-turn token, and a token is trained when its first character lies in such a
+span. Assistant turns start after the template's generation header; because the span covers
+everything the template renders for the assistant, the (empty) `<think>\\n\\n</think>\\n\\n`
+block Qwen3 puts in the last assistant turn is trained: it is what the model must generate
+after `<|im_start|>assistant\\n` to answer without reasoning.
+
+`pretrain` records bypass the template: their text plus the tokenizer's eos token, all trained.
+Images: each `<IMG_CONTEXT>` placeholder token becomes `<img>` + n x `<IMG_CONTEXT>` + `</img>`
+(never trained); ids around the placeholder are unaffected because these are added tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from xtune.data import multimodal
+from xtune.data.formats import Record
+from xtune.data.templates import Renderer
+from xtune.data.types import IGNORE_INDEX, ImageRef
+from xtune.errors import DataError
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything besides the tokenizer that decides the tokens (part of the cache key)."""
+
+    template: str
+    sample_max_length: int
+    image_size: int = 448
+    tokens_per_tile: int = 256
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+
+@dataclass
+class TokenizedChunk:
+    """Tokenised samples of a run of records, stored flat (cheap to pickle, save and concatenate)."""
+
+    ids: List[np.ndarray] = field(default_factory=list)
+    labels: List[np.ndarray] = field(default_factory=list)
+    images: List[List[ImageRef]] = field(default_factory=list)
+    sources: List[str] = field(default_factory=list)
+    records: int = 0
+    truncated: int = 0
+    dropped_image_cut: int = 0
+    dropped_no_loss: int = 0
+    errors: List[str] = field(default_factory=list)  # skipped records (on_error=skip)
+
+
+class SampleTokenizer:
+    def __init__(self, tokenizer, settings: TokenizeSettings):
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise DataError("xtune needs a fast (tokenizers-backed) tokenizer")
+        self.tok = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.s = settings
+        self.renderer = Renderer(tokenizer, settings.template)
+        vocab = tokenizer.get_vocab()
+        self.img_ids = tuple(vocab.get(t) for t in (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END))
+        self.eos_id = tokenizer.eos_token_id
+
+    # -- text ---------------------------------------------------------------------------------
+    def text_and_spans(self, rec: Record) -> Tuple[str, List[Tuple[int, int]]]:
+        """The rendered text and the character spans that are trained."""
+        msgs = rec.messages
+        if rec.is_pretrain:
+            text, spans, pos = "", [], 0
+            for m, flag in zip(msgs, rec.loss):
+                c = m["content"]
+                if flag is not False:
+                    spans.append((pos, pos + len(c)))
+                text += c
+                pos += len(c)
+            return text, spans
+        text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+        header, eot = self.renderer.header, self.renderer.eot
+        spans, cursor = [], 0
+        for i, (m, flag) in enumerate(zip(msgs, rec.loss)):
+            content = m["content"]
+            train = flag if flag is not None else m["role"] == "assistant"
+            if m["role"] == "assistant":
+                h = text.find(header, cursor)
+                if h < 0:
+                    raise DataError(f"{rec.source}: message {i}: the template rendered no assistant turn for it")
+                start = h + len(header)
+                end = text.find(eot, start)
+                end = len(text) if end < 0 else end + len(eot)
+            else:
+                start = text.find(content, cursor) if content else -1
+                if start < 0:
+                    if train:
+                        raise DataError(f"{rec.source}: message {i}: its content is not in the rendered template")
+                    continue
+                end = start + len(content)
+                if text.startswith(eot, end):
+                    end += len(eot)
+            if train:
+                spans.append((start, end))
+            cursor = end
+        return text, spans
+
+    # -- tokens -------------------------------------------------------------------------------
+    def tokenize(self, records: List[Record], out: TokenizedChunk) -> None:
+        texts, spans = [], []
+        for rec in records:
+            t, sp = self.text_and_spans(rec)
+            texts.append(t)
+            spans.append(sp)
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        for rec, enc, sp in zip(records, encodings, spans):
+            self._finish(rec, enc.ids, enc.offsets, sp, out)
+
+    def _finish(self, rec: Record, ids: List[int], offsets, spans, out: TokenizedChunk) -> None:
+        out.records += 1
+        n = len(ids)
+        trained = np.zeros(n, dtype=bool)
+        if spans:
+            starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=n)
+            for a, b in spans:
+                trained[np.searchsorted(starts, a, "left"):np.searchsorted(starts, b, "left")] = True
+        ids = np.asarray(ids, dtype=np.int64)
+        if rec.is_pretrain and self.eos_id is not None:
+            ids = np.append(ids, self.eos_id)
+            trained = np.append(trained, bool(spans) and rec.loss[-1] is not False)
+        ids, trained, images = self._expand_images(rec, ids, trained)
+
+        limit = self.s.sample_max_length
+        if len(ids) > limit:
+            if any(im.token_start + im.num_tokens > limit for im in images):
+                out.dropped_image_cut += 1
+                return
+            ids, trained = ids[:limit], trained[:limit]
+            out.truncated += 1
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+        if not (labels != IGNORE_INDEX).any():
+            out.dropped_no_loss += 1
+            return
+        out.ids.append(ids.astype(np.int32))
+        out.labels.append(labels.astype(np.int32))
+        out.images.append(images)
+        out.sources.append(rec.source)
+
+    def _expand_images(self, rec: Record, ids: np.ndarray, trained: np.ndarray):
+        start_id, ctx_id, end_id = self.img_ids
+        if not rec.images:
+            if ctx_id is not None and (ids == ctx_id).any():
+                raise DataError(f"{rec.source}: {multimodal.IMG_CONTEXT} in the text but the record has no image")
+            return ids, trained, []
+        if None in self.img_ids:
+            raise DataError(
+                f"{rec.source}: the record has images but the tokenizer has no "
+                f"{multimodal.IMG_START} / {multimodal.IMG_CONTEXT} / {multimodal.IMG_END} tokens"
+            )
+        where = np.flatnonzero(ids == ctx_id)
+        if len(where) != len(rec.images):
+            raise DataError(
+                f"{rec.source}: {len(where)} {multimodal.IMG_CONTEXT} placeholder(s) rendered for {len(rec.images)} image(s)"
+            )
+        s = self.s
+        pieces_ids, pieces_tr, images, prev, pos = [], [], [], 0, 0
+        for k, img in zip(where, rec.images):
+            w, h = img.wh or multimodal.image_size_of(img.path)
+            tiles = multimodal.num_tiles(w, h, s.image_size, s.max_tiles, s.use_thumbnail)
+            block = np.concatenate([[start_id], np.full(tiles * s.tokens_per_tile, ctx_id), [end_id]])
+            pieces_ids += [ids[prev:k], block]
+            pieces_tr += [trained[prev:k], np.zeros(len(block), dtype=bool)]
+            pos += k - prev
+            images.append(ImageRef(img.path, int(w), int(h), int(tiles), token_start=int(pos), num_tokens=len(block)))
+            pos += len(block)
+            prev = k + 1
+        pieces_ids.append(ids[prev:])
+        pieces_tr.append(trained[prev:])
+        return np.concatenate(pieces_ids).astype(np.int64), np.concatenate(pieces_tr), images
+
+
+def tokenize_lines(
+    tokenizer, settings: TokenizeSettings, file: str, lines: List[Tuple[int, str]], media_root: str,
+    skip_errors: bool, batch: int = 64,
+) -> TokenizedChunk:
+    """Parse and tokenise (line number, text) pairs of one file."""
+    from xtune.data.formats import parse_record
+
+    st = SampleTokenizer(tokenizer, settings)
+    out = TokenizedChunk()
+    pending: List[Record] = []
+
+    def flush():
+        if not pending:
+            return
+        try:
+            st.tokenize(pending, out)
+        except DataError:
+            if not skip_errors:
+                raise
+            for rec in pending:  # find the bad record(s) one by one
+                try:
+                    st.tokenize([rec], out)
+                except DataError as e:
+                    out.errors.append(str(e))
+        pending.clear()
+
+    for lineno, line in lines:
+        try:
+            pending.append(parse_record(file, lineno, line, media_root))
+        except DataError as e:
+            if not skip_errors:
+                raise
+            out.errors.append(str(e))
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return out
+
+
+# Worker-process state: the tokenizer is sent once per worker, not once per chunk.
+_WORKER: Dict[str, object] = {}
+
+
+def _worker_init(tokenizer, settings: TokenizeSettings) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["settings"] = settings
+
+
+def _worker_run(file: str, lines, media_root: str, skip_errors: bool) -> TokenizedChunk:
+    return tokenize_lines(_WORKER["tokenizer"], _WORKER["settings"], file, lines, media_root, skip_errors)
+
+
+def merge_chunks(chunks: List[TokenizedChunk]) -> TokenizedChunk:
+    out = TokenizedChunk()
+    for c in chunks:
+        out.ids += c.ids
+        out.labels += c.labels
+        out.images += c.images
+        out.sources += c.sources
+        out.errors += c.errors
+        out.records += c.records
+        out.truncated += c.truncated
+        out.dropped_image_cut += c.dropped_image_cut
+        out.dropped_no_loss += c.dropped_no_loss
+    return out
+
+
+def tokenize_files(
+    tokenizer, settings: TokenizeSettings, files: List[str], media_root: Optional[str], *,
+    num_workers: int = 0, skip_errors: bool = False, chunk_lines: int = 512,
+) -> TokenizedChunk:
+    """Tokenise every record of `files` (in file, then line order), in `num_workers` processes."""
+    from xtune.data.formats import iter_lines
+
+    jobs = []
+    for f in files:
+        root = media_root if media_root is not None else os.path.dirname(f)
+        try:
+            lines = list(iter_lines(f))
+        except DataError as e:
+            if not skip_errors:
+                raise
+            jobs.append((f, [], root, str(e)))
+            continue
+        for i in range(0, len(lines), chunk_lines):
+            jobs.append((f, lines[i:i + chunk_lines], root, None))
+
+    def as_error(msg):
+        c = TokenizedChunk()
+        c.errors.append(msg)
+        return c
+
+    if num_workers <= 1 or len(jobs) <= 1:
+        return merge_chunks([
+            as_error(err) if err else tokenize_lines(tokenizer, settings, f, ls, root, skip_errors)
+            for f, ls, root, err in jobs
+        ])
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: safe after torch / CUDA / process groups are initialised (fork is not).
+    with ProcessPoolExecutor(
+        max_workers=min(num_workers, len(jobs)), mp_context=mp.get_context("spawn"),
+        initializer=_worker_init, initargs=(tokenizer, settings),
+    ) as pool:
+        futures = [
+            None if err else pool.submit(_worker_run, f, ls, root, skip_errors) for f, ls, root, err in jobs
+        ]
+        return merge_chunks([
+            as_error(job[3]) if fut is None else fut.result() for job, fut in zip(jobs, futures)
+        ])
