@@ -284,9 +284,11 @@ def tokenize_files(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: safe after torch / CUDA / process groups are initialised (fork is not).
+    # fork (as torch's DataLoader does): workers start instantly instead of re-importing torch and
+    # transformers; they only run the tokenizer, never CUDA or collectives. spawn where fork is absent.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(
-        max_workers=min(num_workers, len(jobs)), mp_context=mp.get_context("spawn"),
+        max_workers=min(num_workers, len(jobs)), mp_context=mp.get_context(method),
         initializer=_worker_init, initargs=(tokenizer, settings),
     ) as pool:
         futures = [

@@ -1,0 +1,85 @@
+"""Shared fixtures. Data: the shipped tiny tokenizers, the shared resource files, JSONL writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZERS = ROOT / "src" / "xtune" / "assets" / "tokenizers"
+RESOURCE = ROOT.parent / "shared" / "data" / "resource"
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZERS / "qwen3_tiny")
+
+
+@pytest.fixture(scope="session")
+def intern_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZERS / "intern_s1_tiny")
+
+
+@pytest.fixture
+def resource_dir():
+    """The shared real example files (../shared/data/resource); skips when absent."""
+    if not RESOURCE.is_dir():
+        pytest.skip("shared resource data not present")
+    return RESOURCE
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(name, records) -> path; a record that is a str is written as the raw line."""
+
+    def write(name, records):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_image(tmp_path):
+    """make_image(name, w, h) -> path of an RGB PNG with a gradient (deterministic pixels)."""
+
+    def make(name, w, h):
+        import numpy as np
+        from PIL import Image
+
+        y, x = np.mgrid[0:h, 0:w]
+        arr = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) % 256], -1).astype("uint8")
+        path = tmp_path / name
+        Image.fromarray(arr).save(path)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def run_spec(tmp_path):
+    """run_spec(datasets=[(name, path, kw...)], model=..., train=..., **data) -> RunSpec with a tmp cache."""
+    from xtune.config.schema import DataSpec, DatasetSpec, ModelSpec, RunSpec, TrainSpec
+
+    def make(datasets, eval_datasets=(), model=None, train=None, **data):
+        def ds(d):
+            return d if isinstance(d, DatasetSpec) else DatasetSpec(name=d[0], path=str(d[1]), **(d[2] if len(d) > 2 else {}))
+
+        data.setdefault("cache_dir", str(tmp_path / "cache"))
+        data.setdefault("num_workers", 0)
+        return RunSpec(
+            model=ModelSpec(**(model or {})),
+            data=DataSpec(datasets=[ds(d) for d in datasets], eval_datasets=[ds(d) for d in eval_datasets], **data),
+            train=TrainSpec(**(train or {})),
+        )
+
+    return make
