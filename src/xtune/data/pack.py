@@ -4,8 +4,11 @@ A row is a list of pieces `(item, start, end)`: tokens `start:end` of item `item
 into the list of lengths given). Every strategy but `hard` uses whole samples (`start == 0`,
 `end == length`).
 
-- soft: in order; when the next sample does not fit, the row's gap is filled with the shortest
-  samples of the next `lookahead` ones that fit; the sample order is otherwise kept.
+- soft: in order; when the next sample does not fit, the row's gap is filled from the next
+  `lookahead` samples, repeatedly taking the largest one that still fits (best fit). Filling with
+  the shortest ones first, as first specified, packs worse: on log-normal lengths into 4096-token
+  rows, 98.2% against 99.7% with a look-ahead of 256, since it spends the short samples that later
+  gaps need. The sample order is otherwise kept.
 - bfd: best-fit decreasing (longest first, each into the fullest row it fits in).
 - hard: the samples concatenated and cut every `cap` tokens. A cut piece keeps its labels (the
   target of its last token is that token's real successor, which a causal model may predict).
@@ -71,13 +74,19 @@ def pack_soft(lengths: List[int], cap: int, lookahead: int) -> List[Row]:
         while True:  # keep the order while the next samples fit
             while nxt < entered and used[nxt]:
                 nxt += 1
+            if nxt == entered < n:  # the next in order may lie beyond the window
+                bisect.insort(window, (lengths[entered], entered))
+                entered += 1
             if nxt < entered and lengths[nxt] <= space:
                 take(nxt)
                 space -= lengths[nxt]
             else:
                 break
-        while window and window[0][0] <= space:  # then fill the gap with the shortest that fit
-            length, i = window[0]
+        while True:  # then fill the gap from the window, largest fitting sample first
+            k = bisect.bisect_right(window, (space, n)) - 1
+            if k < 0:
+                break
+            length, i = window[k]
             take(i)
             space -= length
         rows.append(row)
