@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -188,14 +187,14 @@ class ModelAdapter:
     def reset_buffers(self, model: nn.Module) -> None:
         """Recompute non-persistent buffers (rotary inv_freq) that `to_empty` leaves uninitialised and
         that checkpoints do not contain. Call after materialising a meta model that gets loaded weights."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         for module in model.modules():
             if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
-                fn = module.compute_default_rope_parameters if module.rope_type == "default" else None
-                if fn is None:
-                    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-                    fn = ROPE_INIT_FUNCTIONS[module.rope_type]
-                inv_freq, _ = fn(module.config, module.inv_freq.device)
+                if module.rope_type == "default":
+                    inv_freq, _ = module.compute_default_rope_parameters(module.config)
+                else:
+                    inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
 
@@ -376,11 +375,3 @@ class ModelAdapter:
         for path in src.iterdir():
             if path.is_file() and (path.suffix in PASSTHROUGH_SUFFIXES or path.name in PASSTHROUGH_FILES):
                 shutil.copyfile(path, out / path.name)
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def os_path(p) -> str:
-    return os.fspath(p)
