@@ -1,0 +1,174 @@
+"""Cache reuse and build lock, deterministic resumable loader, data-parallel shards, eval batches, inspect."""
+
+import io
+import math
+import multiprocessing as mp
+
+import pytest
+import torch
+from rich.console import Console
+
+import xtune.data.dataset as dataset_mod
+from xtune.data.cache import build_or_load, save_entry
+from xtune.data.dataset import load_dataset
+from xtune.data.loader import build_eval_batches, build_train_loader
+from xtune.data.tokenize import TokenizedChunk
+
+
+def conversations(n, tag=""):
+    return [{"id": i, "messages": [
+        {"role": "user", "content": f"Question {tag}{i}: " + "word " * (i % 13)},
+        {"role": "assistant", "content": f"Answer {i} " + "ok " * (i % 7 + 1)}]} for i in range(n)]
+
+
+@pytest.fixture
+def two_datasets(write_jsonl, run_spec):
+    a = write_jsonl("a.jsonl", conversations(40, "a"))
+    b = write_jsonl("b.jsonl", conversations(25, "b"))
+
+    def make(**kw):
+        train = dict(dict(global_batch_size=4, micro_batch_size=1, seed=3), **kw.pop("train", {}))
+        kw.setdefault("pack_max_length", 96)
+        kw.setdefault("sample_max_length", 96)
+        return run_spec([("a", a), ("b", b, {"sample_ratio": 0.6})], eval_datasets=[("b", b)], train=train, **kw)
+
+    return make
+
+
+def same(b1, b2):
+    return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+               and torch.equal(x.cu_seqlens, y.cu_seqlens) for x, y in zip(b1, b2)) and len(b1) == len(b2)
+
+
+def test_second_start_reads_the_cache(qwen_tok, two_datasets, monkeypatch):
+    spec = two_datasets()
+    first = load_dataset(spec.data.datasets[0], qwen_tok, spec.data, spec.model)
+    assert first.built
+
+    def no_tokenising(*a, **k):
+        raise AssertionError("tokenised although cached")
+
+    monkeypatch.setattr(dataset_mod, "tokenize_files", no_tokenising)
+    again = load_dataset(spec.data.datasets[0], qwen_tok, spec.data, spec.model)
+    assert not again.built and (again.ids == first.ids).all() and again.sources == first.sources
+    # a different length setting is a different cache entry
+    with pytest.raises(AssertionError, match="tokenised although cached"):
+        longer = two_datasets(sample_max_length=95)
+        load_dataset(longer.data.datasets[0], qwen_tok, longer.data, longer.model)
+
+
+def test_cache_key_follows_file_content(qwen_tok, write_jsonl, run_spec):
+    path = write_jsonl("c.jsonl", conversations(3))
+    spec = run_spec([("c", path)])
+    assert load_dataset(spec.data.datasets[0], qwen_tok, spec.data, spec.model).built
+    write_jsonl("c.jsonl", conversations(4))
+    ds = load_dataset(spec.data.datasets[0], qwen_tok, spec.data, spec.model)
+    assert ds.built and len(ds) == 4
+
+
+def _race(folder, out):
+    def build():
+        import time
+
+        time.sleep(0.3)  # long enough for the others to find the lock taken
+        save_entry(folder, TokenizedChunk(), {"name": "x"})
+
+    out.put(build_or_load(folder, build, poll_s=0.05))
+
+
+def test_one_process_builds_the_others_wait(tmp_path):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(tmp_path / "entry", q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    built = sorted(q.get(timeout=5) for _ in procs)
+    assert built == [False, False, True]
+    assert (tmp_path / "entry" / "meta.json").exists() and not (tmp_path / "entry.lock").exists()
+
+
+def test_loader_is_deterministic_and_resumes_exactly(qwen_tok, two_datasets):
+    spec = two_datasets(train=dict(epochs=2.5))
+    full = build_train_loader(spec, qwen_tok)
+    all_steps = list(full)
+    assert len(all_steps) == full.total_steps == math.ceil(2.5 * full.steps_per_epoch)
+    assert all(len(s) == 4 for s in all_steps)  # grad accumulation = 4 / (1 x 1)
+
+    k = 5
+    part = build_train_loader(spec, qwen_tok)
+    for _ in range(k):
+        next(part)
+    state = part.state_dict()
+    resumed = build_train_loader(spec, qwen_tok)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(all_steps) - k
+    assert all(same(a, b) for a, b in zip(rest, all_steps[k:]))
+    # rows are reshuffled per epoch
+    spe = full.steps_per_epoch
+    assert full.step_rows(0) != full.step_rows(spe)
+    # a different seed changes the data order
+    other = build_train_loader(two_datasets(train=dict(seed=4)), qwen_tok)
+    with pytest.raises(Exception, match="differs from the checkpoint"):
+        other.load_state_dict(state)
+
+
+def test_epoch_covers_every_row_and_max_steps(qwen_tok, two_datasets):
+    loader = build_train_loader(two_datasets(train=dict(max_steps=3)), qwen_tok)
+    assert loader.total_steps == 3 and len(list(loader)) == 3
+    rows = [r for s in range(loader.steps_per_epoch) for mb in loader.step_rows(s) for r in mb]
+    assert set(rows) == set(range(len(loader.data.rows)))
+    s = loader.stats
+    assert 0.5 < s.packing_efficiency <= 1 and s.samples == 40 + 15
+
+
+def test_ranks_split_the_global_batch(qwen_tok, two_datasets):
+    spec = two_datasets(train=dict(global_batch_size=8, micro_batch_size=2))
+    single = build_train_loader(spec, qwen_tok, dp_rank=0, dp_size=1)
+    ranks = [build_train_loader(spec, qwen_tok, dp_rank=r, dp_size=2) for r in range(2)]
+    assert single.grad_accum == 4 and all(r.grad_accum == 2 for r in ranks)
+    for step in range(3):
+        whole = [r for mb in single.step_rows(step) for r in mb]
+        split = [r for ld in ranks for mb in ld.step_rows(step) for r in mb]
+        assert whole == split
+        batches = [next(ld) for ld in ranks]
+        assert [len(b) for b in batches] == [2, 2]
+        assert all(mb.input_ids.shape == (1, 2 * 96) for b in batches for mb in b)
+
+
+def test_eval_batches_same_count_on_every_rank(qwen_tok, two_datasets):
+    spec = two_datasets(train=dict(micro_batch_size=2))
+    per_rank = [build_eval_batches(spec, qwen_tok, dp_rank=r, dp_size=3) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1
+    trained = sum(mb.num_trained for b in per_rank for mb in b)
+    ds = load_dataset(spec.data.eval_datasets[0], qwen_tok, spec.data, spec.model)
+    assert trained == ds.num_trained  # every eval sample once, ratio-independent order
+    pads = [mb for b in per_rank for mb in b if mb.num_trained == 0]
+    assert all(mb.doc_trained_tokens.sum() == 0 for mb in pads)
+
+
+def test_multimodal_batch_has_matching_pixels(intern_tok, resource_dir, run_spec):
+    spec = run_spec(
+        [("multi", resource_dir / "mllm_sft_multi_image_example_data.jsonl", {"media_root": str(resource_dir.parent)})],
+        model=dict(family="intern_s1", image_size=28, tokens_per_tile=4, max_tiles=4),
+        train=dict(global_batch_size=2, micro_batch_size=1), pack_max_length=512, sample_max_length=512,
+    )
+    loader = build_train_loader(spec, intern_tok)
+    ctx = intern_tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for mb in next(loader):
+        n_ctx = int((mb.input_ids == ctx).sum())
+        assert mb.pixel_values is not None and mb.pixel_values.shape[1:] == (3, 28, 28)
+        assert n_ctx == mb.pixel_values.shape[0] * 4
+
+
+def test_inspect_prints_counts_efficiency_and_sample(qwen_tok, two_datasets):
+    from xtune.data.inspect import inspect_data
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120, force_terminal=False)
+    data = inspect_data(two_datasets(), qwen_tok, console)
+    out = buf.getvalue()
+    assert "efficiency" in out and f"{100 * data.stats.packing_efficiency:.1f}%" in out
+    assert "a.jsonl" in out and "Answer" in out and " 40 " in out
