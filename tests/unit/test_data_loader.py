@@ -172,3 +172,16 @@ def test_inspect_prints_counts_efficiency_and_sample(qwen_tok, two_datasets):
     out = buf.getvalue()
     assert "efficiency" in out and f"{100 * data.stats.packing_efficiency:.1f}%" in out
     assert "a.jsonl" in out and "Answer" in out and " 40 " in out
+
+
+def test_render_sample_marks_trained_and_image_tokens(intern_tok):
+    from xtune.data.inspect import render_sample
+
+    ids = intern_tok("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>Hi<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids += intern_tok("ok<|im_end|>", add_special_tokens=False)["input_ids"]
+    n_ok = len(intern_tok("ok<|im_end|>", add_special_tokens=False)["input_ids"])
+    labels = [-100] * (len(ids) - n_ok - 1) + ids[-n_ok:] + [-100]
+    text = render_sample(intern_tok, ids, labels)
+    assert "<IMG_CONTEXT>x2" in text.plain
+    green = "".join(text.plain[s.start:s.end] for s in text.spans if s.style == "bold green")
+    assert green == "ok<|im_end|>"

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xtune.data.loader import PackedData
+from xtune.data.multimodal import IMG_CONTEXT
 from xtune.data.types import IGNORE_INDEX
 
 HIST_BINS = 10
@@ -25,15 +26,26 @@ def length_histogram(lengths: np.ndarray, bins: int = HIST_BINS) -> list:
 
 
 def render_sample(tokenizer, ids, labels) -> Text:
-    """The sample's text, trained tokens highlighted (a token is trained when the previous label names it)."""
+    """The sample's text, trained tokens highlighted (a token is trained when the previous label names it).
+
+    Runs of image tokens are shown as one `<IMG_CONTEXT>xN` marker.
+    """
     out = Text()
+    ids = [int(t) for t in ids]
     trained = [False] + [int(x) != IGNORE_INDEX for x in labels[:-1]]
-    # Decode runs of equally-trained tokens together so multi-byte characters stay whole.
+    ctx = tokenizer.convert_tokens_to_ids(IMG_CONTEXT) if IMG_CONTEXT in tokenizer.get_vocab() else None
+
+    def kind(i):
+        return "img" if ids[i] == ctx else trained[i]
+
+    # Decode runs of one kind together so multi-byte characters stay whole.
     start = 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or trained[i] != trained[start]:
-            piece = tokenizer.decode([int(t) for t in ids[start:i]])
-            out.append(piece, style="bold green" if trained[start] else "dim")
+        if i == len(ids) or kind(i) != kind(start):
+            if kind(start) == "img":
+                out.append(f"{IMG_CONTEXT}x{i - start}", style="magenta")
+            else:
+                out.append(tokenizer.decode(ids[start:i]), style="bold green" if trained[start] else "dim")
             start = i
     return out
 
