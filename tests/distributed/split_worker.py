@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import ListLoader, TinyAdapter, pack  # noqa: E402
-from xtune.config.schema import LossSpec, ModelSpec, ParallelSpec, RunSpec, TrainSpec  # noqa: E402
+from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec  # noqa: E402
 from xtune.engine.distributed import init_distributed  # noqa: E402
 from xtune.engine.trainer import Trainer  # noqa: E402
 
@@ -33,7 +33,7 @@ def full_grads(model):
 def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
     spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=parallel,
                    loss=LossSpec(mode="chunk", chunk_size=7),
-                   train=TrainSpec(global_batch_size=4, max_steps=1))
+                   optim=OptimSpec(max_grad_norm=0.05), train=TrainSpec(global_batch_size=4, max_steps=1))
     denv = init_distributed(parallel)
     rows = ListLoader(1, 4, 0, 1, 1, seed=5).rows_of_step(0)
     trainer = Trainer(spec, out_dir, adapter=TinyAdapter(), tokenizer=None,
@@ -44,6 +44,9 @@ def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
         trainer.root.loss_spec = trainer.spec.loss
         stats = trainer.forward_backward(micro_of_rank(rows, denv.rank))
         result[red] = {"loss": stats["loss"], "grads": full_grads(trainer.model)}
+        # Global grad norm over the DTensor shards, and clipping to optim.max_grad_norm (0.05).
+        result[red]["norm"] = trainer.grad_norm()
+        result[red]["clipped"] = full_grads(trainer.model)
         trainer.optimizer.zero_grad(set_to_none=True)
     if denv.is_main:
         torch.save(result, Path(out_dir) / f"{name}.pt")

@@ -47,6 +47,11 @@ def test_split_invariance_matches_reference(layouts, reduction):
         assert set(r["grads"]) == set(ref_grads), name
         for pname, g in r["grads"].items():
             torch.testing.assert_close(g, ref_grads[pname], atol=1e-5, rtol=1e-4, msg=f"{name} {pname}")
+        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()])).item()
+        assert abs(r["norm"] - ref_norm) < 1e-5 * max(1.0, ref_norm), (name, r["norm"], ref_norm)
+        assert ref_norm > 0.05  # so clipping to 0.05 must scale every gradient
+        for pname, g in r["clipped"].items():
+            torch.testing.assert_close(g, ref_grads[pname] * (0.05 / ref_norm), atol=1e-6, rtol=1e-4)
 
 
 def test_reductions_differ(layouts):

@@ -128,10 +128,11 @@ class ListLoader:
     (seed, s, row); rank r takes its contiguous share, split into micro-batches."""
 
     def __init__(self, total_steps, rows_per_step, dp_rank, dp_size, micro_per_rank, seed=0, docs_per_row=3,
-                 sleep=0.0):
+                 sleep=0.0, cycle=None):
         self.total_steps = total_steps
         self.rows, self.rank, self.dp, self.micro = rows_per_step, dp_rank, dp_size, micro_per_rank
         self.seed, self.docs_per_row, self.sleep = seed, docs_per_row, sleep
+        self.cycle = cycle  # repeat the data every `cycle` steps (so a few steps visibly learn)
         self.pos = 0
 
     def rows_of_step(self, s):
@@ -143,7 +144,7 @@ class ListLoader:
     def __next__(self):
         if self.pos >= self.total_steps:
             raise StopIteration
-        rows = self.rows_of_step(self.pos)
+        rows = self.rows_of_step(self.pos % self.cycle if self.cycle else self.pos)
         per_rank = self.rows // self.dp
         mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         per_micro = per_rank // self.micro

@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -235,7 +236,9 @@ def load_model_only(ckpt: Path, model) -> dict:
     meta = read_marker(ckpt)
     try:
         sd = {"model": get_model_state_dict(model)}
-        dcp.load(sd, checkpoint_id=str(ckpt))
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=str(ckpt))
         set_model_state_dict(model, sd["model"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {type(e).__name__}: {e}") from e

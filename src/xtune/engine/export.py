@@ -36,7 +36,7 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: Union[s
     return out
 
 
-def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spec=None) -> Path:
+def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spec=None, adapter=None) -> Path:
     """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
 
     The run's config.yaml (two levels up) says which model to build; the DCP shards are resharded
@@ -53,7 +53,7 @@ def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spe
         if not cfg.is_file():
             raise CheckpointError(f"{cfg} not found: export needs the run's config.yaml two levels above {ckpt}")
         spec = spec_from_yaml(cfg)
-    adapter = get_adapter(spec.model)
+    adapter = adapter or get_adapter(spec.model)
     model, config = build_plain_model(adapter, spec)
     load_model_only(ckpt, model)
     return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)

@@ -400,6 +400,9 @@ def train(spec, work_dir=None, **inject) -> dict:
         write_config(spec, run_dir)
     denv = inject.pop("denv", None) or init_distributed(spec.parallel)
     try:
-        return Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+        result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+        # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
+        denv.barrier()
+        return result
     finally:
         denv.close()

@@ -1,0 +1,155 @@
+"""Checkpoint atomicity and corruption detection, failed saves, and the non-finite-step skip
+(single process: a 1-rank FSDP2 group in this process)."""
+
+import dataclasses as dc
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.distributed.tiny import ListLoader, TinyAdapter, save_tiny_hf
+from xtune.config.schema import LoggingSpec, LossSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec
+from xtune.engine.checkpoint import read_marker, resolve_resume
+from xtune.engine.distributed import init_distributed
+from xtune.engine.trainer import Trainer, train
+from xtune.errors import CheckpointError, XtuneError
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("init")
+    save_tiny_hf(d, seed=2)
+    return d
+
+
+def make_spec(init_dir, steps=4, **train_kw):
+    return RunSpec(model=ModelSpec(load_from=str(init_dir)), loss=LossSpec(mode="chunk"), optim=OptimSpec(lr=1e-2),
+                   train=TrainSpec(global_batch_size=2, max_steps=steps, **train_kw),
+                   logging=LoggingSpec(tensorboard=False, progress="plain"))
+
+
+def run(spec, run_dir, steps=4, adapter=None):
+    return train(spec, run_dir, adapter=adapter or TinyAdapter(), tokenizer=None,
+                 loader=ListLoader(steps, 2, 0, 1, 2, seed=4, cycle=2))
+
+
+@pytest.fixture(scope="module")
+def finished(init_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    run(make_spec(init_dir, save_every=2, keep_last=3), run_dir)
+    return run_dir
+
+
+def test_layout_and_auto_resume_target(finished):
+    ck = finished / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-2", "step-4"]
+    assert read_marker(ck / "step-4")["step"] == 4
+    assert resolve_resume("auto", finished) == ck / "step-4"
+    assert resolve_resume(str(finished), finished) == ck / "step-4"
+    assert resolve_resume(str(ck / "step-2"), finished) == ck / "step-2"
+    assert resolve_resume(None, finished) is None
+    assert {"metrics.jsonl", "config.yaml", "hf", "checkpoints"} <= {p.name for p in finished.iterdir()}
+
+
+@pytest.mark.parametrize("damage", ["no_marker", "garbage_marker", "incomplete_flag", "no_dcp_metadata", "no_extra"])
+def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    if damage == "no_marker":
+        (ck / "meta.json").unlink()
+    elif damage == "garbage_marker":
+        (ck / "meta.json").write_text("{not json")
+    elif damage == "incomplete_flag":
+        meta = json.loads((ck / "meta.json").read_text())
+        (ck / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
+    elif damage == "no_dcp_metadata":
+        (ck / ".metadata").unlink()
+    else:
+        (ck / "extra-rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="step-4"):
+        resolve_resume("auto", run_dir)
+    with pytest.raises(CheckpointError, match="step-4"):
+        resolve_resume(str(ck), run_dir)
+
+
+def test_leftover_tmp_and_missing_latest(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints"
+    # A save killed half-way leaves .tmp-step-6 (no marker); `latest` still names step-4.
+    shutil.copytree(ck / "step-4", ck / ".tmp-step-6")
+    (ck / ".tmp-step-6" / "meta.json").unlink()
+    assert resolve_resume("auto", run_dir) == ck / "step-4"
+    # Killed between the rename and the `latest` update: the newest complete step-N is used.
+    (ck / "latest").unlink()
+    assert resolve_resume("auto", run_dir) == ck / "step-4"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        resolve_resume(str(tmp_path / "nowhere"), run_dir)
+
+
+def test_corrupt_resume_fails_before_training(finished, init_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "checkpoints" / "step-4" / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not torch.distributed.is_initialized()
+
+
+def test_failed_save_keeps_previous_checkpoint(init_dir, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+    calls = []
+
+    def flaky_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(dcp, "save", flaky_save)
+    with pytest.raises(CheckpointError, match="No space left.*step-2 is intact"):
+        run(make_spec(init_dir, save_every=2), tmp_path)
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-2"]
+    assert resolve_resume("auto", tmp_path) == ck / "step-2"
+    assert not torch.distributed.is_initialized()
+
+
+def test_unwritable_checkpoint_folder(init_dir, tmp_path):
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="saving checkpoint step 2"):
+        run(make_spec(init_dir, save_every=2), tmp_path)
+
+
+def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
+    spec = make_spec(init_dir, steps=6, max_bad_steps=2)
+    denv = init_distributed(spec.parallel)
+    try:
+        # Forward calls 2 and 4,5 (one micro-batch per step here) produce NaN hidden states.
+        adapter = TinyAdapter(nan_at_steps={2, 4, 5})
+        spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
+        tr = Trainer(spec, tmp_path, adapter=adapter, tokenizer=None, denv=denv,
+                     loader=ListLoader(6, 1, 0, 1, 1, seed=4))
+        params = lambda: {n: p.full_tensor().clone() for n, p in tr.model.named_parameters()}  # noqa: E731
+        recs = [tr.train_step(next(tr.loader)) for _ in range(2)]
+        before = params()
+        adam_steps = tr.optimizer.state[tr.params[0]]["step"].item()
+        rec = tr.train_step(next(tr.loader))
+        assert rec["skipped"] and not torch.isfinite(torch.tensor(rec["grad_norm"]))
+        after = params()
+        assert all(torch.equal(before[n], after[n]) for n in before)  # weights untouched
+        assert tr.optimizer.state[tr.params[0]]["step"].item() == adam_steps  # no Adam update
+        assert all(p.grad is None for p in tr.params)
+        rec = tr.train_step(next(tr.loader))  # a good step resets the streak
+        assert not rec.get("skipped") and tr.bad_streak == 0 and tr.skipped_steps == 1
+        assert any(not torch.equal(after[n], v) for n, v in params().items())
+        tr.train_step(next(tr.loader))  # bad 1
+        with pytest.raises(XtuneError, match="2 steps in a row had a non-finite gradient norm"):
+            tr.train_step(next(tr.loader))  # bad 2 = max_bad_steps
+        assert all(r["loss"] == r["loss"] for r in recs)
+    finally:
+        denv.close()

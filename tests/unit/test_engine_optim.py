@@ -1,0 +1,95 @@
+"""LR schedules, AdamW parameter groups / implementations, and the loss-reduction token weights."""
+
+import math
+
+import pytest
+import torch
+
+from xtune.config.schema import OptimSpec, SchedSpec
+from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.engine.objective import token_weights, weight_sum
+from xtune.engine.optim import build_optimizer, build_scheduler, lr_factor
+
+
+def lrs(sched, total, lr=1.0):
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.SGD([p], lr=lr)
+    s = build_scheduler(opt, sched, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out
+
+
+def test_cosine_with_warmup_and_floor():
+    got = lrs(SchedSpec(type="cosine", warmup_ratio=0.2, min_lr_ratio=0.1), 10, lr=2.0)
+    # warmup: 2 steps rising to the peak; then cosine over steps 2..9 down to 0.1 * peak at the last step.
+    want = [1.0, 2.0] + [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 7))) for k in range(8)]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[-1] == pytest.approx(0.2)
+
+
+def test_linear_and_constant():
+    lin = lrs(SchedSpec(type="linear", warmup_ratio=0.0, min_lr_ratio=0.0), 5)
+    assert lin == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    const = lrs(SchedSpec(type="constant", warmup_ratio=0.5, min_lr_ratio=0.0), 4)
+    assert const == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_schedule_degenerate_lengths():
+    f = lr_factor(SchedSpec(type="cosine", warmup_ratio=0.03, min_lr_ratio=0.0), 1)
+    assert f(0) == 1.0  # one-step run: warmup of 1 reaches the peak
+    f = lr_factor(SchedSpec(type="cosine", warmup_ratio=0.0, min_lr_ratio=0.0), 2)
+    assert [f(0), f(1)] == pytest.approx([1.0, 0.0])
+
+
+def test_adamw_groups_frozen_and_impls():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    for impl, flags in [("auto", {"foreach": True}), ("foreach", {"foreach": True}), ("for", {"foreach": False}),
+                        ("fused", {"fused": True})]:
+        opt = build_optimizer(model.parameters(), OptimSpec(lr=0.1, weight_decay=0.5, impl=impl), torch.device("cpu"))
+        for k, v in flags.items():
+            assert opt.defaults[k] == v, impl
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+        assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
+        assert len(no_decay["params"]) == 4  # biases and the norm's weight/bias
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert model[2].weight not in opt.state  # frozen: no optimizer state
+        assert model[0].weight in opt.state
+
+
+def _batch(doc_lens, trained):
+    """Docs of the given lengths; the last `trained[i]` positions of doc i carry a label."""
+    labels, cu = [], [0]
+    for n, t in zip(doc_lens, trained):
+        labels += [IGNORE_INDEX] * (n - t) + [1] * t
+        cu.append(cu[-1] + n)
+    T = cu[-1]
+    return PackedBatch(input_ids=torch.zeros(1, T, dtype=torch.long), labels=torch.tensor([labels]),
+                       position_ids=torch.zeros(1, T, dtype=torch.long),
+                       cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(doc_lens))
+
+
+def test_token_weights():
+    b = _batch([5, 3, 4], [4, 1, 0])
+    assert token_weights(b, "token") is None
+    assert weight_sum(b, "token") == 5
+    w = token_weights(b, "sample")
+    assert w.tolist() == pytest.approx([0] + [0.25] * 4 + [0, 0, 1.0] + [0] * 4)
+    assert weight_sum(b, "sample") == pytest.approx(2.0)  # one per document with a trained token
+    w = token_weights(b, "square")
+    assert w.tolist() == pytest.approx([0] + [0.5] * 4 + [0, 0, 1.0] + [0] * 4)
+    assert weight_sum(b, "square") == pytest.approx(4 * 0.5 + 1.0)
+
+
+def test_token_weights_prefer_given_doc_counts():
+    # A document split across rows (hard packing) weighs by its full trained length, given by the loader.
+    b = _batch([4], [2])
+    b.doc_trained_tokens = torch.tensor([8])
+    assert token_weights(b, "sample").tolist() == pytest.approx([0, 0, 1 / 8, 1 / 8])
