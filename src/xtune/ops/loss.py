@@ -81,12 +81,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             buf[torch.arange(idx.numel(), device=buf.device), tgt] -= 1.0
             if w is not None:
                 buf.mul_(w[:, None])
-            g = buf if buf.dtype == weight.dtype else buf.to(weight.dtype)
-            if need_dh:
-                grad_h.index_copy_(0, idx, (g @ weight).to(grad_h.dtype))
-            if need_dw:
-                grad_w.addmm_(g.t().to(grad_w.dtype) if g.dtype != grad_w.dtype else g.t(), h.to(grad_w.dtype))
-            del buf, g
+            if need_dh:  # in the weight's dtype (bf16 matmul on GPU); a no-op cast for fp32
+                grad_h.index_copy_(0, idx, (buf.to(weight.dtype) @ weight).to(grad_h.dtype))
+            if need_dw:  # fp32: buf already is, h is [c, H]
+                grad_w.addmm_(buf.t(), h.float())
+            del buf
 
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
