@@ -26,7 +26,7 @@ def full_grads(model):
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
-        out[name.replace("_checkpoint_wrapped_module.", "")] = g.full_tensor() if hasattr(g, "full_tensor") else g
+        out[name.replace("_checkpoint_wrapped_module.", "")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
     return out
 
 
@@ -54,6 +54,29 @@ def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
     return denv
 
 
+def random_init_check(out_dir):
+    """Random init on 2 ranks: FSDP shards differ from each other; HSDP replicas are identical."""
+    from torch import nn
+
+    from xtune.engine.parallelize import build_sharded
+
+    class Root(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+    res = {}
+    for name, par in [("fsdp", ParallelSpec()), ("hsdp", ParallelSpec(replicate_degree=2))]:
+        denv = init_distributed(par)
+        root, _ = build_sharded(TinyAdapter(), RunSpec(parallel=par), denv, "sdpa", Root)
+        local = root.model.model.embed_tokens.weight.to_local().contiguous()
+        both = [torch.empty_like(local) for _ in range(2)]
+        torch.distributed.all_gather(both, local)
+        res[name] = torch.equal(both[0], both[1])
+    if denv.is_main:
+        torch.save(res, Path(out_dir) / "random_init.pt")
+
+
 def main():
     init_dir, out_dir = sys.argv[1], sys.argv[2]
     import os
@@ -65,6 +88,7 @@ def main():
         two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]  # noqa: E731
         d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
+        random_init_check(out_dir)
     d.close()
 
 

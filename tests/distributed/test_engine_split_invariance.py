@@ -59,3 +59,9 @@ def test_reductions_differ(layouts):
     _, results = layouts
     losses = [results["1x4"][r]["loss"] for r in ("token", "sample", "square")]
     assert len({round(x, 6) for x in losses}) == 3
+
+
+def test_random_init_distinct_shards_identical_replicas(layouts):
+    tmp, _ = layouts
+    res = torch.load(tmp / "random_init.pt")
+    assert res == {"fsdp": False, "hsdp": True}

@@ -8,6 +8,7 @@ broadcast shard by shard (`broadcast_from_rank0`), so a model larger than one pr
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import List
 
 import torch
@@ -62,7 +63,12 @@ def shard(root: nn.Module, blocks: List[nn.Module], parallel, mesh, device: torc
     """fully_shard each block, then the root (which takes the remaining parameters)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel, device),
                               reduce_dtype=_DTYPES[parallel.reduce_dtype])
-    offload = CPUOffloadPolicy() if parallel.cpu_offload else OffloadPolicy()
+    offload = OffloadPolicy()
+    if parallel.cpu_offload:
+        if device.type == "cuda":
+            offload = CPUOffloadPolicy()
+        else:  # parameters already live in CPU memory; FSDP's offload would only try to pin it
+            log.warning("parallel.cpu_offload has no effect on CPU; ignored")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=parallel.reshard_after_forward)
@@ -87,15 +93,19 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
     shard(root, blocks, spec.parallel, denv.mesh, denv.device)
-    root.to_empty(device="cpu" if spec.parallel.cpu_offload else denv.device)
-    # Same seed on every rank: random init of DTensor shards is then consistent across ranks.
-    torch.manual_seed(spec.train.seed)
+    root.to_empty(device="cpu" if spec.parallel.cpu_offload else denv.device)  # offload: shards stay on CPU
     init_buffers = _buffer_init(adapter)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DTensor random operators")
         if spec.model.load_from and init_buffers is not None:
             init_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
         else:
+            # Each rank initialises only its shard. DTensor's RNG tracker (CUDA) gives every shard its
+            # own stream; on CPU there is none, so seed by shard index: distinct shards, identical
+            # HSDP replicas (same shard index), reproducible for a given layout.
+            torch.manual_seed(spec.train.seed + 7919 * denv.mesh["shard"].get_local_rank())
             adapter.init_weights(model)
+    torch.manual_seed(spec.train.seed)
     if spec.model.load_from:
         load_full_weights(adapter, model, spec.model.load_from, denv)
     return root, config

@@ -156,8 +156,8 @@ class Trainer:
         w_total, n_tokens, n_trained = d.all_reduce_sum(local).tolist()
         w_total = w_total if w_total > 0 else 1.0  # no trained token anywhere: zero loss, zero grads
         n_micro = len(micro_batches)
-        ce_acc = torch.zeros((), dtype=torch.float64)
-        aux_acc = torch.zeros((), dtype=torch.float64)
+        # Accumulated on the device: no host sync per micro-batch, one all_reduce per step.
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             ce_sum, aux = self.root(mb.to(self.device))
             loss = ce_sum.float() / w_total
@@ -165,10 +165,12 @@ class Trainer:
             if aux is not None:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
                 objective = objective + aux.float() / n_micro
-                aux_acc += aux.detach().double().cpu()
+                acc[1] += aux.detach().double()
             objective.backward()
-            ce_acc += loss.detach().double().cpu()
-        loss, aux_sum = d.all_reduce_sum([ce_acc.item(), aux_acc.item()]).tolist()
+            acc[0] += loss.detach().double()
+        acc = acc.to(d.comm_device)
+        torch.distributed.all_reduce(acc)
+        loss, aux_sum = acc.tolist()
         return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.dp_size), "tokens": int(n_tokens),
                 "trained_tokens": int(n_trained)}
 
