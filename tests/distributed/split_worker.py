@@ -90,6 +90,9 @@ def main():
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
         random_init_check(out_dir)
     d.close()
+    from xtune.engine.worker import _exit
+
+    _exit(0)
 
 
 if __name__ == "__main__":
