@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 from xtune.errors import ConfigError, XtuneError
 
 _FAILED_JOBS: List[str] = []
+# The command line as the user typed it (sys.argv is rewritten for Hydra while jobs run).
+_USER_ARGV: List[str] = []
 
 
 def _console(stderr: bool = False):
@@ -104,6 +106,7 @@ def sft(overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bo
 
     args = C.hydra_overrides(list(overrides) + _launch_overrides(overrides), config_dirs)
     _FAILED_JOBS.clear()
+    _USER_ARGV[:] = ["xtune"] + sys.argv[1:]
     code = _hydra_main(args, ["-m"] if multirun else [])
     if _FAILED_JOBS:
         return 1
@@ -152,12 +155,18 @@ def _task(cfg) -> None:
             write_run_files(spec, work_dir)
         from xtune.engine.launch import run
 
-        run(spec, work_dir)
+        code = run(spec, work_dir)
     except XtuneError as e:
         if not multirun:
             raise
         _FAILED_JOBS.append(str(work_dir))
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): {e}")
+        return
+    if code:
+        if not multirun:
+            raise SystemExit(code)
+        _FAILED_JOBS.append(str(work_dir))
+        _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): workers exited with {code}")
 
 
 def write_run_files(spec, work_dir: Path) -> None:
@@ -166,9 +175,8 @@ def write_run_files(spec, work_dir: Path) -> None:
 
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.yaml").write_text(spec_to_yaml(spec))
-    (work_dir / "cmd.txt").write_text(
-        f"cd {shlex.quote(os.getcwd())} && xtune {shlex.join(sys.argv[1:] if sys.argv[0] != 'xtune' else sys.argv)}\n"
-    )
+    argv = _USER_ARGV or ["xtune"] + sys.argv[1:]
+    (work_dir / "cmd.txt").write_text(f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n")
     (work_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
 

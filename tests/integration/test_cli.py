@@ -119,3 +119,25 @@ def test_wheel_carries_conf_and_recipes_and_composes_outside_the_tree(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     assert f"OK demo {site}/xtune/assets/demo/train.jsonl" in out.stdout
+
+
+def test_multirun_gives_each_point_its_own_run_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = xtune(
+        "sft", "-m", "recipe=demo", "optim.lr=1e-3,2e-3", "train.max_steps=1", "train.eval_every=0",
+        "train.save_every=0", "train.sample_prompts=[]", "data.eval_datasets=[]", "data.pack_max_length=512",
+        f"data.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={sweep}", timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "config.yaml").exists())
+    assert [d.name for d in dirs] == ["0", "1"]
+    lrs = []
+    for d in dirs:
+        config = (d / "config.yaml").read_text()
+        lrs.append(next(ln.split(":")[1].strip() for ln in config.splitlines() if ln.strip().startswith("lr:")))
+        assert f"work_dir: {d}" in config
+        assert (d / "metrics.jsonl").read_text().count('"step": 1') >= 1
+        assert (d / "hf" / "config.json").exists()
+        assert "xtune sft -m recipe=demo optim.lr=1e-3,2e-3" in (d / "cmd.txt").read_text()
+        assert {"python", "torch", "transformers", "xtune"} <= set(__import__("json").loads((d / "env.json").read_text()))
+    assert lrs == ["0.001", "0.002"]
