@@ -40,18 +40,38 @@ def spawn_workers(nproc: int, run_dir: Path) -> int:
     # torchrun would set 1 anyway, with a warning; say it explicitly.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.Popen(cmd, env=env)
+    stopped = []
 
     # Forward SIGTERM/SIGINT to torchrun, which passes them on to the workers; they finish the
     # step, save a checkpoint and exit. We keep waiting instead of dying (and orphaning them).
     def forward(signum, frame):
+        stopped.append(signum)
         try:
             proc.send_signal(signum)
         except ProcessLookupError:
             pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = _latest(run_dir)
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if code and stopped and _latest(run_dir) not in (None, before):
+        # torchrun reports its own signal as a failure; the workers stopped cleanly with a checkpoint.
+        ckpt = _latest(run_dir)
+        print(f"stopped by signal {stopped[0]}: checkpoint saved; continue with train.resume={ckpt}",
+              file=sys.stderr, flush=True)
+        return 0
+    return code
+
+
+def _latest(run_dir: Path):
+    from xtune.engine.checkpoint import resolve_resume
+    from xtune.errors import CheckpointError
+
+    try:
+        return resolve_resume("auto", run_dir)
+    except CheckpointError:
+        return None
