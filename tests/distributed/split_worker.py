@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.distributed.tiny import ListLoader, TinyAdapter, pack  # noqa: E402
-from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec  # noqa: E402
-from xtune.engine.distributed import init_distributed  # noqa: E402
-from xtune.engine.trainer import Trainer  # noqa: E402
+from tests.distributed.tiny import ListLoader, TinyAdapter, pack
+from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec
+from xtune.engine.distributed import init_distributed
+from xtune.engine.trainer import Trainer
 
 REDUCTIONS = ("token", "sample", "square")
 
@@ -85,7 +85,7 @@ def main():
         d = run_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
         run_layout(init_dir, out_dir, "1x1", ParallelSpec(), lambda rows, r: [pack([d for row in rows for d in row])])
     else:
-        two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]  # noqa: E731
+        two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]
         d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
         random_init_check(out_dir)

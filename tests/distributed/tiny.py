@@ -25,11 +25,10 @@ VOCAB = 96
 def tiny_config(**over):
     from transformers import Qwen3Config
 
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
-              rms_norm_eps=1e-6)
-    kw.update(over)
-    return Qwen3Config(**kw)
+    kw = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+          "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+    return Qwen3Config(**{**kw, **over})
 
 
 class TinyAdapter:

@@ -12,10 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.distributed.tiny import ListLoader, TinyAdapter  # noqa: E402
-from xtune.config.schema import (LoggingSpec, LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec,  # noqa: E402
-                                 SchedSpec, TrainSpec)
-from xtune.engine.trainer import train  # noqa: E402
+from tests.distributed.tiny import ListLoader, TinyAdapter
+from xtune.config.schema import (
+    LoggingSpec,
+    LossSpec,
+    ModelSpec,
+    OptimSpec,
+    ParallelSpec,
+    RunSpec,
+    SchedSpec,
+    TrainSpec,
+)
+from xtune.engine.trainer import train
 
 
 class SignallingLoader(ListLoader):

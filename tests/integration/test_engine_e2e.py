@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from tests.distributed.tiny import child_env
 
 OVERRIDES = [

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from tests.distributed.tiny import ListLoader, TinyAdapter, save_tiny_hf
+
 from xtune.config.schema import LoggingSpec, LossSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec
 from xtune.engine.checkpoint import read_marker, resolve_resume
 from xtune.engine.distributed import init_distributed
@@ -134,7 +134,8 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
         spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
         tr = Trainer(spec, tmp_path, adapter=adapter, tokenizer=None, denv=denv,
                      loader=ListLoader(6, 1, 0, 1, 1, seed=4))
-        params = lambda: {n: p.full_tensor().clone() for n, p in tr.model.named_parameters()}  # noqa: E731
+        params = lambda: {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                          for n, p in tr.model.named_parameters()}
         recs = [tr.train_step(next(tr.loader)) for _ in range(2)]
         before = params()
         adam_steps = tr.optimizer.state[tr.params[0]]["step"].item()

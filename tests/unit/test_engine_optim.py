@@ -48,7 +48,7 @@ def test_schedule_degenerate_lengths():
 def test_adamw_groups_frozen_and_impls():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     model[2].weight.requires_grad_(False)
-    for impl, flags in [("auto", {"foreach": True}), ("foreach", {"foreach": True}), ("for", {"foreach": False}),
+    for impl, flags in [("auto", {"fused": True}), ("foreach", {"foreach": True}), ("for", {"foreach": False}),
                         ("fused", {"fused": True})]:
         opt = build_optimizer(model.parameters(), OptimSpec(lr=0.1, weight_decay=0.5, impl=impl), torch.device("cpu"))
         for k, v in flags.items():

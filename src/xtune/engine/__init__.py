@@ -16,4 +16,4 @@ def run(spec, work_dir) -> int:
     return _run(spec, work_dir)
 
 
-__all__ = ["train", "run"]
+__all__ = ["run", "train"]

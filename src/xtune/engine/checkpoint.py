@@ -22,7 +22,6 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -69,7 +68,7 @@ def complete_checkpoints(root: Path) -> list:
     return sorted(found)
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint folder to resume from (validated), or None to start fresh.
 
     `auto` uses `run_dir/checkpoints/latest` (or the newest step-N when `latest` was never written,
@@ -100,7 +99,7 @@ def _pick(root: Path) -> Path:
         ckpt = root / name
         read_marker(ckpt)
         return ckpt
-    step, ckpt = complete_checkpoints(root)[-1]
+    _, ckpt = complete_checkpoints(root)[-1]
     read_marker(ckpt)
     return ckpt
 
@@ -225,7 +224,7 @@ class Checkpointer:
             return torch.load(ckpt / f"extra-rank{self.denv.rank}.pt", weights_only=False)
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {type(e).__name__}: {e}") from e
 
 
@@ -240,6 +239,6 @@ def load_model_only(ckpt: Path, model) -> dict:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ckpt))
         set_model_state_dict(model, sd["model"])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {type(e).__name__}: {e}") from e
     return meta

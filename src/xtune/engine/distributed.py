@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from xtune.errors import ConfigError
 _TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def launched_env() -> Optional[dict]:
+def launched_env() -> dict | None:
     """Rank/world/local rank when started by torchrun or Slurm (srun), else None.
 
     Slurm's SLURM_* variables are mapped onto torch's env:// variables so `init_process_group`
@@ -53,7 +52,8 @@ def _slurm_master_addr() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if nodelist:
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10,
+                                 check=False)
             if out.returncode == 0 and out.stdout.split():
                 return out.stdout.split()[0]
         except (OSError, subprocess.SubprocessError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -18,7 +17,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: Union[str, Path]) -> Path:
+def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | Path) -> Path:
     """Write via a sibling temp folder and swap it in, so `out_dir` is never half-written."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -36,7 +35,7 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: Union[s
     return out
 
 
-def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spec=None, adapter=None) -> Path:
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None) -> Path:
     """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
 
     The run's config.yaml (two levels up) says which model to build; the DCP shards are resharded
@@ -59,7 +58,7 @@ def export_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], spe
     return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)
 
 
-def build_plain_model(adapter, spec, attn_impl: Optional[str] = "sdpa"):
+def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
     from xtune.engine.parallelize import _DTYPES, _buffer_init
 

@@ -12,7 +12,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -57,12 +56,13 @@ def check_wandb(logging_spec) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, logging_spec, run_dir: Path, total_steps: int, start_step: int, spec_dict: Optional[dict] = None,
+    def __init__(self, logging_spec, run_dir: Path, total_steps: int, start_step: int, spec_dict: dict | None = None,
                  stream=None):
         self.run_dir = Path(run_dir)
         self.total = total_steps
         self.stream = stream or sys.stdout
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        # Line-buffered and open for the whole run (closed in close()): every record is on disk at once.
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.tb = None
         if logging_spec.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

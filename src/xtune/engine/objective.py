@@ -10,15 +10,13 @@ with n_doc the number of trained tokens of the token's document.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
 from xtune.data.types import IGNORE_INDEX, PackedBatch
 
 
-def token_weights(batch: PackedBatch, reduction: str) -> Optional[torch.Tensor]:
+def token_weights(batch: PackedBatch, reduction: str) -> torch.Tensor | None:
     """Per-token weights [T] (float32), zero where the label is ignored; None means all ones."""
     labels = batch.labels.reshape(-1)
     trained = labels != IGNORE_INDEX
@@ -61,7 +59,7 @@ class LossModel(nn.Module):
         self.loss_spec = loss_spec
         self.loss_mode = loss_mode
 
-    def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         from xtune.ops.loss import linear_cross_entropy
 
         hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)

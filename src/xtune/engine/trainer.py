@@ -15,14 +15,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.data.types import PackedBatch
 from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
-from xtune.engine.distributed import DistEnv, init_distributed
+from xtune.engine.distributed import DistEnv, init_distributed, launched_env
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.objective import LossModel, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
@@ -58,10 +57,11 @@ def preflight(spec, adapter, run_dir: Path):
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
     check_wandb(spec.logging)
     t = spec.train
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", spec.parallel.nproc_per_node)))
+    env = launched_env()
+    world = env["world_size"] if env else spec.parallel.nproc_per_node
     if t.global_batch_size % (world * t.micro_batch_size):
-        raise ConfigError([f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                           f"{world} ranks x train.micro_batch_size={t.micro_batch_size}"])
+        raise ConfigError([(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"{world} ranks x train.micro_batch_size={t.micro_batch_size}")])
     resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
     try:
         return adapter.load_tokenizer()
@@ -76,7 +76,7 @@ def preflight(spec, adapter, run_dir: Path):
 
 class Trainer:
     def __init__(self, spec, run_dir, *, adapter=None, tokenizer=None, loader=None, eval_batches=None,
-                 denv: Optional[DistEnv] = None):
+                 denv: DistEnv | None = None):
         from xtune.ops.attention import resolve_attn
         from xtune.ops.loss import resolve_loss_mode
 
@@ -92,8 +92,8 @@ class Trainer:
         d = self.denv
         t = spec.train
         if t.global_batch_size % (d.dp_size * t.micro_batch_size):
-            raise ConfigError([f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                               f"data-parallel size {d.dp_size} x train.micro_batch_size={t.micro_batch_size}"])
+            raise ConfigError([(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                                f"data-parallel size {d.dp_size} x train.micro_batch_size={t.micro_batch_size}")])
         self.grad_accum = t.global_batch_size // (d.dp_size * t.micro_batch_size)
         self.device = d.device
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
@@ -141,7 +141,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- one step
 
-    def forward_backward(self, micro_batches: List[PackedBatch]) -> dict:
+    def forward_backward(self, micro_batches: list[PackedBatch]) -> dict:
         """Accumulate the gradients of the global-batch loss; returns global loss and counts.
 
         Each micro-batch contributes sum(w_i CE_i) / W with W summed over the whole global batch
@@ -204,7 +204,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm, skipped
 
-    def train_step(self, micro_batches: List[PackedBatch]) -> dict:
+    def train_step(self, micro_batches: list[PackedBatch]) -> dict:
         t0 = time.perf_counter()
         if len(micro_batches) != self.grad_accum and self.step == 0:
             log.warning("the loader gave %d micro-batches for a step, expected %d", len(micro_batches), self.grad_accum)
@@ -234,7 +234,8 @@ class Trainer:
         ce = 0.0
         for mb in self.eval_batches:
             ce += float(self.root(mb.to(self.device))[0])
-        self.root.reshard()
+        if hasattr(self.root, "reshard"):  # FSDP root: free the parameters kept unsharded by eval
+            self.root.reshard()
         total = d.all_reduce_sum([ce])[0].item()
         return total / w_total if w_total > 0 else float("nan")
 
@@ -264,7 +265,7 @@ class Trainer:
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
         self.last_saved = self.step
 
-    def export_hf(self, out_dir: Optional[Path] = None) -> Path:
+    def export_hf(self, out_dir: Path | None = None) -> Path:
         from xtune.engine.export import gather_full_state_dict, write_hf
 
         out = Path(out_dir or self.run_dir / "hf")
@@ -377,8 +378,7 @@ class Trainer:
             out.append({"step": self.step, "prompt": prompt, "completion": text})
             self.logger.message(f"sample> {prompt}\n{text}")
         with open(self.run_dir / "samples.jsonl", "a") as f:
-            for r in out:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in out)
         return out
 
     def close(self) -> None:
