@@ -154,3 +154,54 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
         assert all(r["loss"] == r["loss"] for r in recs)
     finally:
         denv.close()
+
+
+def test_resume_with_other_world_size_is_refused(finished, init_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    meta = json.loads((ck / "meta.json").read_text())
+    (ck / "meta.json").write_text(json.dumps(dict(meta, world_size=2)))
+    shutil.copy(ck / "extra-rank0.pt", ck / "extra-rank1.pt")
+    with pytest.raises(CheckpointError, match="written by 2 ranks"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not torch.distributed.is_initialized()
+
+
+def test_hf_every_exports_during_the_run(init_dir, tmp_path, monkeypatch):
+    from xtune.engine import export
+
+    steps = []
+    real = export.write_hf
+
+    def spy(adapter, sd, config, tok, out):
+        steps.append(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"])
+        return real(adapter, sd, config, tok, out)
+
+    monkeypatch.setattr(export, "write_hf", spy)
+    run(make_spec(init_dir, steps=4, hf_every=2), tmp_path)
+    assert steps == [2, 4]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    from xtune.config.schema import ParallelSpec
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = dc.replace(make_spec(init_dir), parallel=ParallelSpec(param_dtype=dtype))
+        denv = init_distributed(spec.parallel)
+        try:
+            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(), tokenizer=None, denv=denv,
+                         loader=ListLoader(1, 2, 0, 1, 2, seed=4))
+            losses[dtype] = tr.forward_backward(next(tr.loader))["loss"]
+            params = list(tr.model.parameters())
+            # bf16 compute goes through FSDP2 mixed precision; the master weights and grads stay fp32.
+            assert all(isinstance(p, DTensor) == (dtype == "bfloat16") for p in params)
+            assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        finally:
+            denv.close()
+    assert losses["float32"] != losses["bfloat16"]
+    assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * losses["float32"]
