@@ -77,6 +77,30 @@ def random_init_check(out_dir):
         torch.save(res, Path(out_dir) / "random_init.pt")
 
 
+class FreezingAdapter(TinyAdapter):
+    def apply_freeze(self, model):
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+
+
+def freeze_check(init_dir, out_dir):
+    """Frozen parameters under FSDP2 (sharing FSDP groups with trained ones): no grads, no Adam state,
+    unchanged by a step; their neighbours train."""
+    spec = RunSpec(model=ModelSpec(load_from=init_dir), loss=LossSpec(mode="chunk"),
+                   train=TrainSpec(global_batch_size=2, max_steps=1))
+    denv = init_distributed(spec.parallel)
+    tr = Trainer(spec, out_dir, adapter=FreezingAdapter(), tokenizer=None, denv=denv,
+                 loader=ListLoader(1, 2, denv.rank, denv.world_size, 1))
+    attn = tr.model.model.layers[0].self_attn
+    named = {"embed": tr.model.model.embed_tokens.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight}
+    before = {n: p.full_tensor().clone() for n, p in named.items()}
+    tr.train_step(next(tr.loader))
+    res = {n: {"changed": not torch.equal(before[n], p.full_tensor()), "state": p in tr.optimizer.state}
+           for n, p in named.items()}
+    if denv.is_main:
+        torch.save(res, Path(out_dir) / "freeze.pt")
+
+
 def main():
     init_dir, out_dir = sys.argv[1], sys.argv[2]
     import os
@@ -89,6 +113,7 @@ def main():
         d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
         random_init_check(out_dir)
+        freeze_check(init_dir, out_dir)
     d.close()
     from xtune.engine.worker import _exit
 

@@ -65,3 +65,10 @@ def test_random_init_distinct_shards_identical_replicas(layouts):
     tmp, _ = layouts
     res = torch.load(tmp / "random_init.pt")
     assert res == {"fsdp": False, "hsdp": True}
+
+
+def test_frozen_parameters_under_fsdp(layouts):
+    tmp, _ = layouts
+    res = torch.load(tmp / "freeze.pt")
+    assert res == {"embed": {"changed": False, "state": False}, "q": {"changed": False, "state": False},
+                   "k": {"changed": True, "state": True}}

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from xtune.errors import XtuneError
+
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters only (frozen ones get no state).
@@ -16,6 +18,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim, device: torch.d
     than foreach for 80M parameters: one pass over memory instead of one per elementwise op).
     """
     params = [p for p in params if p.requires_grad]
+    if not params:
+        raise XtuneError("every parameter is frozen (model.freeze_*): nothing to train")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
