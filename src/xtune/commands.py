@@ -18,6 +18,9 @@ from typing import List, Optional, Sequence
 from xtune.errors import ConfigError, XtuneError
 
 _FAILED_JOBS: List[str] = []
+# A user error of a single (non-multirun) job, re-raised after Hydra's main returns: raised inside the
+# task function, Hydra would print it as a traceback and exit 1 instead of our message and exit code.
+_JOB_ERRORS: List[XtuneError] = []
 # The command line as the user typed it (sys.argv is rewritten for Hydra while jobs run).
 _USER_ARGV: List[str] = []
 
@@ -106,8 +109,11 @@ def sft(overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bo
 
     args = C.hydra_overrides(list(overrides) + _launch_overrides(overrides), config_dirs)
     _FAILED_JOBS.clear()
+    _JOB_ERRORS.clear()
     _USER_ARGV[:] = ["xtune"] + sys.argv[1:]
     code = _hydra_main(args, ["-m"] if multirun else [])
+    if _JOB_ERRORS:
+        raise _JOB_ERRORS.pop()
     if _FAILED_JOBS:
         return 1
     return code
@@ -158,7 +164,8 @@ def _task(cfg) -> None:
         code = run(spec, work_dir)
     except XtuneError as e:
         if not multirun:
-            raise
+            _JOB_ERRORS.append(e)
+            return
         _FAILED_JOBS.append(str(work_dir))
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): {e}")
         return
