@@ -1,0 +1,250 @@
+"""xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
+
+    python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
+    python bench/run.py --only pack,cli      # a subset: train, loss, pack, data, cli, gpu
+    python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
+
+Every baseline is measured in the same invocation. Prints tables and writes
+bench/results/results.json (merged with earlier results of benchmarks not rerun) and summary.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH, machine  # noqa: E402
+
+ORDER = ("pack", "cli", "data", "loss", "train", "gpu")
+
+
+def module(name: str):
+    import importlib
+
+    return importlib.import_module(f"bench_{name}")
+
+
+# -- tables -----------------------------------------------------------------------------------------
+def _ok(flag) -> str:
+    return "[green]yes[/green]" if flag else "[red]no[/red]"
+
+
+def tables(res: dict):
+    from rich.table import Table
+
+    out = []
+    b = res["benchmarks"]
+    if "train" in b:
+        r = b["train"]
+        t = Table(title=f"Training: tiny Qwen3 (vocab 151,936), fp32, {r['config']['row']}-token rows, "
+                        f"{r['config']['timed_steps']} timed steps; memory = peak RSS of the process")
+        for c in ("system", "trained tok/s", "all tok/s", "s/step", "trained tok/step", "peak RSS GB",
+                  "loss step 1", "loss last 3", "xtune speed-up"):
+            t.add_column(c, justify="right" if c != "system" else "left")
+        for name, s in r["systems"].items():
+            if "error" in s:
+                t.add_row(name, f"[red]{s['error'][:80]}[/red]")
+                continue
+            ratio = r["ratios"].get(name, {}).get("speedup")
+            t.add_row(name, f"{s['trained_tok_s']:.1f}", f"{s['tok_s']:.0f}", f"{s['step_s']:.2f}",
+                      f"{s['trained_per_step']:.0f}", f"{s['peak_rss_gb']:.2f}", f"{s['loss_first']:.4f}",
+                      f"{s['loss_last3']:.4f}", "" if ratio is None else f"{ratio:.2f}x")
+        t.caption = f"target: xtune >= 2x both baselines -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "loss" in b:
+        r = b["loss"]
+        t = Table(title="Linear cross-entropy, vocab 151,936, hidden 1024, fp32, forward+backward; "
+                        "memory = RSS growth over inputs")
+        for c in ("mode", "chunk", "tokens", "peak GB", "time s", "loss/token"):
+            t.add_column(c, justify="right")
+        for c in r["cases"]:
+            if "peak_gb" in c:
+                t.add_row(c["mode"], str(c["chunk_size"] or "-"), str(c["tokens"]), f"{c['peak_gb']:.2f}",
+                          f"{c['time_s']:.1f}", f"{c['loss']:.4f}")
+            else:
+                t.add_row(c["mode"], str(c["chunk_size"] or "-"), str(c["tokens"]),
+                          f"[yellow]{c.get('skipped') or c.get('error', '')[:60]}[/yellow]", "", "")
+        ch = r["checks"]
+        bits = [f"{k}: memory {v['memory']:.3f}x ({v.get('memory_excl_weight_grad', float('nan')):.3f}x without "
+                f"the weight gradient), time {v['time']:.2f}x"
+                for k, v in ch.items() if isinstance(v, dict)]
+        bits += [f"{k} {v:.3f}x" for k, v in ch.items() if not isinstance(v, dict)]
+        t.caption = ("; ".join(bits) + f"\ntarget: chunk1024 <= 0.06x eager memory and <= 0.6x time at "
+                     f"{r['config']['reference_tokens']} tokens, flat peak -> meets: {_ok(r['meets'])}")
+        out.append(t)
+    if "pack" in b:
+        r = b["pack"]
+        t = Table(title="Packing efficiency (real tokens / row tokens)")
+        t.add_column("data")
+        t.add_column("row")
+        for s in r["strategies"]:
+            t.add_column(s, justify="right")
+        for name, d in r["datasets"].items():
+            for cap in r["caps"]:
+                t.add_row(f"{name} ({d['samples']} samples, mean {d['mean_len']:.0f})", str(cap),
+                          *[f"{d['strategies'][f'{s}@{cap}']['efficiency']:.4f}" for s in r["strategies"]])
+        out.append(t)
+    if "data" in b and "error" not in b["data"]:
+        r = b["data"]
+        t = Table(title=f"Data preparation, Qwen3 tokenizer, {r['records']} chats, {r['tokens']} tokens")
+        for c in ("path", "seconds", "tokens/s", "vs raw"):
+            t.add_column(c, justify="right" if c != "path" else "left")
+        t.add_row("xtune cold (parse+template+tokenise+labels+cache+pack)", f"{r['cold_s']:.2f}",
+                  f"{r['cold_tok_s']:.0f}", f"{r['cold_ratio']:.2f}x")
+        t.add_row("xtune warm cache (load+mix+pack)", f"{r['warm_s']:.2f}", f"{r['warm_tok_s']:.0f}",
+                  f"{r['warm_ratio']:.2f}x")
+        t.add_row("raw tokenizer encode_batch", f"{r['raw_s']:.2f}", f"{r['raw_tok_s']:.0f}", "1.00x")
+        t.caption = f"target: cold >= 0.7x raw -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "cli" in b:
+        r = b["cli"]
+        t = Table(title="CLI start-up (wall time, fresh process)")
+        for c in ("command", "median s", "min s", "max s", "runs"):
+            t.add_column(c, justify="right" if c != "command" else "left")
+        for name, c in r["commands"].items():
+            if "error" in c:
+                t.add_row(name, f"[red]{c['error'][:80]}[/red]")
+            else:
+                t.add_row(name, f"{c['median_s']:.3f}", f"{c['min_s']:.3f}", f"{c['max_s']:.3f}",
+                          str(c["runs"]))
+        t.caption = f"target: xtune --help < 0.3 s -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "gpu" in b and "configs" in b["gpu"]:
+        r = b["gpu"]
+        t = Table(title=f"GPU: {r['device']}, Qwen3-0.6B shape, bf16, {r['row']}-token rows")
+        for c in ("loss+attn", "tok/s per GPU", "MFU", "vs chunk+sdpa", "peak GB"):
+            t.add_column(c, justify="right")
+        for name, c in r["configs"].items():
+            if "tok_s" in c:
+                t.add_row(name, f"{c['tok_s']:.0f}", "-" if c["mfu"] is None else f"{c['mfu']:.1%}",
+                          f"{c.get('vs_fallback', 0):.2f}x", f"{c['memory_gb']:.1f}")
+            else:
+                t.add_row(name, c.get("skipped") or c.get("error", "")[:60])
+        out.append(t)
+    return out
+
+
+# -- chart ------------------------------------------------------------------------------------------
+def chart(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = res["benchmarks"]
+    panels = [k for k in ("train", "loss", "pack", "data", "cli") if k in b and "error" not in b[k]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], panels, strict=False):
+        r = b[k]
+        if k == "train":
+            names = [n for n, s in r["systems"].items() if "error" not in s]
+            ax.bar(names, [r["systems"][n]["trained_tok_s"] for n in names],
+                   color=["C0", "C1", "C2"][:len(names)])
+            ax.set_ylabel("trained tokens/s")
+            ax2 = ax.twinx()
+            ax2.plot(names, [r["systems"][n]["peak_rss_gb"] for n in names], "ko--")
+            ax2.set_ylabel("peak RSS GB")
+            ax.set_title("training throughput")
+        elif k == "loss":
+            for label, sel in (("eager", ("eager", None)), ("chunk 1024", ("chunk", 1024)),
+                               ("chunk 512", ("chunk", 512))):
+                pts = [(c["tokens"], c["peak_gb"]) for c in r["cases"]
+                       if (c["mode"], c["chunk_size"]) == sel and "peak_gb" in c]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("peak extra memory GB")
+            ax.set_title("CE memory (V=151,936, H=1024)")
+            ax.legend()
+        elif k == "pack":
+            names = list(r["datasets"])
+            width = 0.8 / len(r["strategies"])
+            for i, s in enumerate(r["strategies"]):
+                ax.bar([j + i * width for j in range(len(names))],
+                       [r["datasets"][n]["strategies"][f"{s}@{r['caps'][-1]}"]["efficiency"] for n in names],
+                       width, label=s)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"packing efficiency ({r['caps'][-1]}-token rows)")
+            ax.legend(fontsize=7)
+        elif k == "data":
+            ax.bar(["xtune cold", "xtune warm", "raw encode"],
+                   [r["cold_tok_s"], r["warm_tok_s"], r["raw_tok_s"]], color=["C0", "C0", "C7"])
+            ax.set_yscale("log")
+            ax.tick_params(axis="x", labelsize=8)
+            ax.set_ylabel("tokens/s (log)")
+            ax.set_title("data preparation")
+        elif k == "cli":
+            names = [n for n, c in r["commands"].items() if "median_s" in c]
+            ax.barh([n.replace("xtune ", "") for n in names], [r["commands"][n]["median_s"] for n in names])
+            ax.axvline(0.3, color="r", ls=":", label="--help target")
+            ax.set_xlabel("seconds (median)")
+            ax.set_title("CLI start-up")
+            ax.legend(fontsize=7)
+    m = res["machine"]
+    fig.suptitle(f"xtune bench - {m['date']} - {m['cpu']} x{m['cores']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(ORDER), help=f"comma list of {', '.join(ORDER)}")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, few steps (checks the harness, not the targets)")
+    p.add_argument("--results", default=str(BENCH / "results"),
+                   help="folder for results.json and summary.png")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in ORDER]
+    if bad:
+        p.error(f"unknown benchmark(s) {bad}; choose from {', '.join(ORDER)}")
+
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # tables unwrapped in logs
+    err = Console(stderr=True)
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    res = json.loads(json_path.read_text()) if json_path.exists() else {}
+    res.setdefault("benchmarks", {})
+    res["machine"] = machine()
+    res["quick"] = args.quick
+    t_all = time.perf_counter()
+    for name in (n for n in ORDER if n in only):
+        t = time.perf_counter()
+        err.print(f"[bold]== {name}[/bold]")
+        r = module(name).run(args.quick, log=lambda m: err.print(m, highlight=False))
+        r["seconds"] = time.perf_counter() - t
+        r["quick"] = args.quick
+        res["benchmarks"][name] = r
+        json_path.write_text(json.dumps(res, indent=1))  # keep what is done if a later one fails
+    res["seconds"] = time.perf_counter() - t_all
+    res["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    json_path.write_text(json.dumps(res, indent=1))
+    chart(res, out_dir / "summary.png")
+    m = res["machine"]
+    console.print(f"xtune bench {m['date']}: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB, "
+                  f"torch {m['torch']}, load avg {m['load_avg']} -> {m['load_avg_end']}; "
+                  f"{res['seconds']:.0f}s"
+                  + ("  (--quick: not the targets' sizes)" if args.quick else ""))
+    for t in tables({"benchmarks": {k: v for k, v in res["benchmarks"].items() if k in only}}):
+        console.print(t)
+    console.print(f"results: {json_path}, {out_dir / 'summary.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
