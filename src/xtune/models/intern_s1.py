@@ -12,11 +12,15 @@ Export layout: an export keeps the layout it came from. From an original folder 
 config.json (+ arch overrides) and copies the folder's remote code, so it loads exactly like the
 original (`trust_remote_code=True`). A randomly initialised model (no load_from) is written in
 transformers' native `internvl` layout, which `AutoModelForImageTextToText` loads without remote code.
-The reader accepts both.
+The reader accepts both. transformers' own `save_pretrained` of an InternVL model (and the InternVL
+`-hf` checkpoints) writes the older key names `language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.*`, `multi_modal_projector.*`: they are read too, and an export from such a folder is
+written with its key names again.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -28,6 +32,11 @@ from .base import ModelAdapter
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
 _S1_ONLY = ("architectures", "auto_map", "transformers_version", "model_type")
+# Older InternVL key prefixes (what transformers' save_pretrained writes) -> the model's, in match order.
+_LEGACY_PREFIXES = (
+    ("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 
 
 class InternS1Adapter(ModelAdapter):
@@ -35,6 +44,43 @@ class InternS1Adapter(ModelAdapter):
     auto_class = "AutoModelForImageTextToText"
     model_cls = InternVLForConditionalGeneration
     config_cls = InternVLConfig
+
+    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out = {}
+        for key, tensor in sd.items():
+            for old, new in _LEGACY_PREFIXES:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+            out[key] = tensor
+        return out
+
+    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if not self._source_has_legacy_keys():
+            return sd
+        out = {}
+        for key, tensor in sd.items():
+            for old, new in _LEGACY_PREFIXES:
+                if key.startswith(new):
+                    key = old + key[len(new):]
+                    break
+            out[key] = tensor
+        return out
+
+    def _source_has_legacy_keys(self) -> bool:
+        """Whether load_from's weights use the older InternVL key names (then an export does too)."""
+        if self.spec.load_from is None:
+            return False
+        from safetensors import safe_open
+
+        folder = Path(str(self.spec.load_from)).expanduser()
+        keys = []
+        for fname, names in self._weight_files(folder).items():
+            if not names:
+                with safe_open(str(folder / fname), framework="pt") as f:
+                    names = list(f.keys())
+            keys.extend(names)
+        return any(k.startswith(old) for k in keys for old, _ in _LEGACY_PREFIXES)
 
     def config_from_dict(self, d: Dict[str, Any]):
         d = {k: v for k, v in d.items() if k not in _S1_ONLY}
