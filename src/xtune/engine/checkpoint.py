@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from xtune.errors import CheckpointError
@@ -131,6 +132,32 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
+def _describe(error: BaseException) -> str:
+    """One line per failure. DCP reports errors as CheckpointException (a BaseException, so `except
+    Exception` misses it) whose str() is a full traceback per rank; keep only each rank's exception."""
+    if isinstance(error, CheckpointException):
+        parts = []
+        for rank, failure in sorted(error.failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts) or "CheckpointException"
+    return f"{type(error).__name__}: {error}"
+
+
+def _space_hint(root: Path, prev: str | None) -> str:
+    """A full disk surfaces from torch's writer as e.g. "RuntimeError: unexpected pos ..." (the OSError is
+    lost), so say so when the free space is below the size of the previous checkpoint."""
+    try:
+        free = shutil.disk_usage(root).free
+        need = sum(f.stat().st_size for f in (root / prev).iterdir()) if prev else 0
+    except OSError:
+        return ""
+    if free >= need and free > 0:
+        return ""
+    return (f"; the disk is (nearly) full: {free / 2**20:.0f} MiB free there, the previous checkpoint takes "
+            f"{need / 2**20:.0f} MiB")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -167,7 +194,7 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
             torch.save(extra, tmp / f"extra-rank{denv.rank}.pt")
-        except Exception as e:  # noqa: BLE001 - any failure must stop every rank the same way
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must stop the same way
             error = e
         self._agree(error, step, tmp)
         if denv.is_main:
@@ -190,7 +217,7 @@ class Checkpointer:
         return final
 
     def _agree(self, error, step: int, tmp: Path) -> None:
-        msg = None if error is None else f"{type(error).__name__}: {error}"
+        msg = None if error is None else _describe(error)
         msgs = [None] * self.denv.world_size
         torch.distributed.all_gather_object(msgs, msg)
         bad = [m for m in msgs if m]
@@ -199,7 +226,8 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else None
             kept = f"; the previous checkpoint {self.root / prev} is intact" if prev else ""
-            raise CheckpointError(f"saving checkpoint step {step} under {self.root} failed: {bad[0]}{kept}")
+            raise CheckpointError(f"saving checkpoint step {step} under {self.root} failed: {bad[0]}{kept}"
+                                  f"{_space_hint(self.root, prev)}")
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -224,8 +252,8 @@ class Checkpointer:
             return torch.load(ckpt / f"extra-rank{self.denv.rank}.pt", weights_only=False)
         except CheckpointError:
             raise
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {type(e).__name__}: {e}") from e
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
 
 
 def load_model_only(ckpt: Path, model) -> dict:
@@ -239,6 +267,6 @@ def load_model_only(ckpt: Path, model) -> dict:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ckpt))
         set_model_state_dict(model, sd["model"])
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
     return meta
