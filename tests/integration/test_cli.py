@@ -141,3 +141,52 @@ def test_multirun_gives_each_point_its_own_run_dir(tmp_path):
         assert "xtune sft -m recipe=demo optim.lr=1e-3,2e-3" in (d / "cmd.txt").read_text()
         assert {"python", "torch", "transformers", "xtune"} <= set(__import__("json").loads((d / "env.json").read_text()))
     assert lrs == ["0.001", "0.002"]
+
+
+FAST = ["train.max_steps=2", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.sample_prompts=[]",
+        "data.eval_datasets=[]", "data.pack_max_length=512", "train.global_batch_size=2"]
+
+
+def _steps(run_dir):
+    import json
+
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def test_nproc_per_node_starts_the_workers_itself(tmp_path):
+    run = tmp_path / "run"
+    out = xtune("sft", "recipe=demo", "parallel.nproc_per_node=2", *FAST, f"train.work_dir={run}",
+                f"data.cache_dir={tmp_path}/cache", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert _steps(run) == [1, 2]
+    assert (run / "hf" / "config.json").exists() and (run / "checkpoints" / "latest").exists()
+    # Both ranks wrote their shard of the checkpoint.
+    step = (run / "checkpoints" / "latest").read_text().strip()
+    assert len(list((run / "checkpoints" / step).glob("*.distcp"))) == 2
+
+
+def test_external_torchrun_ranks_agree_on_one_run_dir(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "xtune", "sft", "recipe=demo", *FAST, f"data.cache_dir={tmp_path}/cache"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    runs = list((tmp_path / "work_dirs" / "demo").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run-"), runs
+    assert _steps(runs[0]) == [1, 2]
+    assert (runs[0] / "config.yaml").exists() and (runs[0] / "hf" / "config.json").exists()
+
+
+def test_hydra_launcher_plugins_work_unchanged(tmp_path):
+    """The submitit launcher (the Slurm one's local twin) runs each sweep point as its own process."""
+    sweep = tmp_path / "sweep"
+    out = xtune("sft", "-m", "recipe=demo", "optim.lr=1e-3,2e-3", "train.max_steps=1", "train.eval_every=0",
+                "train.sample_prompts=[]", "data.eval_datasets=[]", "data.pack_max_length=512",
+                f"data.cache_dir={tmp_path}/cache", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
+                "hydra.launcher.timeout_min=10", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for job in ("0", "1"):
+        assert _steps(sweep / job) == [1]
+        assert (sweep / job / "hf" / "config.json").exists()
+    assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit

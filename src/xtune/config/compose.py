@@ -77,12 +77,16 @@ def _resolve_asset(rel: str) -> str:
     return str(assets_dir() / rel)
 
 
+# Registered on import: a job that a launcher plugin runs in another process resolves the
+# composed config there, and imports this module (through to_spec) before it does.
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", _resolve_asset)
+
+
 def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
-    """Register the schema, the `asset` resolver and every recipe with Hydra. Idempotent."""
+    """Register the schema and every recipe with Hydra. Idempotent."""
     from hydra.core.config_store import ConfigStore
 
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", _resolve_asset)
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=writable_structured(RunSpec))
     recipes = recipe_files(config_dirs)

@@ -313,6 +313,10 @@ class Trainer:
         try:
             last = None
             eval_loss = None
+            if self.step == 0 and self.eval_batches and t.eval_every:
+                # The untrained model's eval loss: the reference every later eval is read against.
+                eval_loss = self.evaluate()
+                logger.log({"step": 0, "eval_loss": eval_loss})
             while self.step < self.total_steps:
                 try:
                     micro = next(self.loader)
@@ -348,11 +352,25 @@ class Trainer:
                 result["loss"] = last["loss"]
             if eval_loss is not None:
                 result["eval_loss"] = eval_loss
+            if d.is_main and not result["stopped_early"]:
+                self.summarize(result)
             return result
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             logger.close()
+
+    def summarize(self, result: dict) -> None:
+        """The last lines a user reads: how training went and where its results are."""
+        loss = f"loss {result['loss']:.4f}" if "loss" in result else "no loss logged"
+        evl = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
+        self.logger.message(
+            f"done: {result['step']} steps, {loss}{evl}, {result['tokens_seen']} tokens"
+            + (f", {result['skipped_steps']} skipped steps" if result["skipped_steps"] else "")
+        )
+        self.logger.message(f"checkpoint: {result['checkpoint']}")
+        self.logger.message(f"export:     {result['hf_dir']}  (transformers from_pretrained loads it)")
+        self.logger.message(f"metrics:    {self.run_dir / 'metrics.jsonl'}")
 
     def generate_samples(self, hf_dir: Path) -> list:
         """Greedy completions of train.sample_prompts by the exported model (rank 0 only)."""
@@ -360,14 +378,16 @@ class Trainer:
 
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
         cls = getattr(transformers, getattr(self.adapter, "auto_class", "AutoModelForCausalLM"))
         model = cls.from_pretrained(str(hf_dir)).eval()
         tok = self.tokenizer
         out = []
         for prompt in self.spec.train.sample_prompts:
             if getattr(tok, "chat_template", None):
+                # enable_thinking=False renders the empty think block, as in the trained answers.
                 ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              return_tensors="pt")
+                                              enable_thinking=False, return_tensors="pt")
                 ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
             else:
                 ids = tok(prompt, return_tensors="pt")["input_ids"]
