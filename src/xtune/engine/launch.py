@@ -34,9 +34,13 @@ def run(spec, work_dir) -> int:
 
 
 def spawn_workers(nproc: int, run_dir: Path) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # xtune.engine.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
+    cmd = [sys.executable, "-m", "xtune.engine.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
     env = dict(os.environ)
+    report = run_dir / ".worker-error.json"
+    report.unlink(missing_ok=True)
+    env["XTUNE_WORKER_ERROR_FILE"] = str(report)
     # torchrun would set 1 anyway, with a warning; say it explicitly.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.Popen(cmd, env=env)
@@ -64,7 +68,25 @@ def spawn_workers(nproc: int, run_dir: Path) -> int:
         print(f"stopped by signal {stopped[0]}: checkpoint saved; continue with train.resume={ckpt}",
               file=sys.stderr, flush=True)
         return 0
+    if code and report.is_file():
+        _raise_worker_error(report)
     return code
+
+
+def _raise_worker_error(report: Path) -> None:
+    """A worker's user error (its message and exit code), raised here so the CLI prints it as usual."""
+    import json
+
+    from xtune.errors import XtuneError
+
+    try:
+        data = json.loads(report.read_text())
+        report.unlink()
+    except (OSError, ValueError):
+        return
+    error = XtuneError(str(data.get("message", "a worker failed")))
+    error.exit_code = int(data.get("exit_code", 2))
+    raise error
 
 
 def _latest(run_dir: Path):

@@ -21,11 +21,31 @@ def main(argv=None) -> int:
     try:
         train(spec_from_yaml(run_dir / "config.yaml"), run_dir)
     except XtuneError as e:
-        # Every rank hits the same user error; one message is enough.
-        if os.environ.get("RANK", "0") == "0":
+        report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
+        if report:
+            # Started by `xtune` itself: the first rank to fail hands its message to the launcher, which
+            # prints it once (rank 0 may be killed by torchrun before it gets to print anything).
+            _report_error(Path(report), e)
+        elif os.environ.get("RANK", "0") == "0":
+            # Every rank hits the same user error; one message is enough.
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     return 0
+
+
+def _report_error(path: Path, error) -> None:
+    """Write {exit_code, message} to `path` unless another rank already did (first one wins)."""
+    import json
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    except OSError:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    with os.fdopen(fd, "w") as f:
+        json.dump({"exit_code": error.exit_code, "message": str(error)}, f)
 
 
 def _exit(code: int) -> None:

@@ -1,0 +1,29 @@
+"""`python -m torch.distributed.run`, minus its traceback when a worker already reported a user error.
+
+`launch.spawn_workers` starts this instead of torchrun itself. A worker that stops on an XtuneError (a bad
+data record, a damaged checkpoint, a failed save) writes its message to $XTUNE_WORKER_ERROR_FILE; torchrun
+then kills the other ranks and raises ChildFailedError, whose traceback would bury that message. Here it
+ends quietly instead and the launcher prints the worker's message; any other failure keeps torchrun's report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun()
+    except ChildFailedError:
+        report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
+        if report and os.path.isfile(report):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
