@@ -21,7 +21,8 @@ IMAGE = next(p for p in sorted((DEMO / "images").iterdir()) if p.suffix in (".pn
 def quick_run(tmp_path, *extra):
     """A one-step run on tiny packed rows: a data error surfaces after tokenisation, within seconds."""
     return ["sft", "recipe=demo", "train.max_steps=1", "train.save_every=0", "train.eval_every=0",
-            "train.sample_prompts=[]", "data.eval_datasets=[]", "data.pack_max_length=256",
+            "train.global_batch_size=2", "train.micro_batch_size=1", "train.sample_prompts=[]",
+            "data.eval_datasets=[]", "data.pack_max_length=256",
             "data.sample_max_length=256", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
             "logging.tensorboard=false", "logging.progress=plain", f"train.work_dir={tmp_path / 'run'}", *extra]
 
@@ -73,6 +74,12 @@ def data_runs(tmp_path_factory):
     d.mkdir()
     files["skip"] = f = write_lines(d / "mixed.jsonl", SKIP_LINES)
     jobs["skip"] = quick_run(d, f"data.datasets=[{{name:x,path:{f}}}]", "data.on_error=skip")
+    # The same kind of error on 2 ranks (`xtune sft` starting torchrun itself): rank 0 may be killed before
+    # it prints, so the worker hands the message to the launcher.
+    d = tmp / "two_ranks"
+    d.mkdir()
+    files["two_ranks"] = f = write_lines(d / "bad.jsonl", DATA_ROWS[2][1])
+    jobs["two_ranks"] = quick_run(d, f"data.datasets=[{{name:x,path:{f}}}]", "parallel.nproc_per_node=2")
     return {name: (files[name], out) for name, out in run_all(jobs).items()}
 
 
@@ -84,6 +91,14 @@ def test_bad_data_stops_with_file_line(data_runs, name, fragments):
         assert frag.format(f=f) in out.stderr, (frag, out.stderr[-3000:])
     assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr, out.stderr[-3000:]
     assert not records(f.parent / "run")  # nothing trained
+
+
+def test_bad_data_on_two_ranks_is_reported_once(data_runs):
+    f, out = data_runs["two_ranks"]
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stderr.count(f"error: {f}:2: message 1: unknown role 'bot'") == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-3000:]
+    assert not (f.parent / "run" / ".worker-error.json").exists()
 
 
 # Good records with a malformed line 4 and an unknown role on line 8 (the malformed_json row proves that
