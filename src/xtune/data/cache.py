@@ -128,7 +128,7 @@ def build_or_load(folder: Path, build: Callable[[], None], poll_s: float = 0.5,
             except FileNotFoundError:
                 continue
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"waited {timeout_s:.0f}s for another process to build {folder}")
+                raise TimeoutError(f"waited {timeout_s:.0f}s for another process to build {folder}") from None
             time.sleep(poll_s)
             continue
         try:

@@ -98,7 +98,7 @@ def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
         role = m["role"]
         if role not in ROLES:
             raise fail(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        text, imgs = _content(m.get("content"), media_root, lambda msg: fail(f"message {i}: {msg}"))
+        text, imgs = _content(m.get("content"), media_root, lambda msg: fail(f"message {i}: {msg}"))  # noqa: B023 (called at once)
         msg = {k: v for k, v in m.items() if k not in ("content", "loss")}
         msg["content"] = text
         messages.append(msg)

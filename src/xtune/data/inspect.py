@@ -57,7 +57,7 @@ def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_i
     table = Table(title="datasets")
     for col in ("name", "records", "samples", "tokens", "trained", "truncated", "dropped", "skipped"):
         table.add_column(col, justify="left" if col == "name" else "right")
-    for ds, st in zip(data.datasets, data.stats.datasets):
+    for st in data.stats.datasets:
         dropped = st["dropped_image_cut"] + st["dropped_no_loss"]
         table.add_row(st["name"], str(st["records"]), str(st["samples"]), str(st["tokens"]),
                       str(st["trained_tokens"]), str(st["truncated"]), str(dropped), str(st["skipped"]))

@@ -65,7 +65,7 @@ def pack_soft(lengths: List[int], cap: int, lookahead: int) -> List[Row]:
         def take(i: int) -> None:
             used[i] = True
             window.pop(bisect.bisect_left(window, (lengths[i], i)))
-            row.append((i, 0, lengths[i]))
+            row.append((i, 0, lengths[i]))  # noqa: B023 (row of this iteration)
 
         row: Row = []
         take(head)
