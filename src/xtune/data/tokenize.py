@@ -17,6 +17,7 @@ Images: each `<IMG_CONTEXT>` placeholder token becomes `<img>` + n x `<IMG_CONTE
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -55,6 +56,22 @@ class TokenizedChunk:
     dropped_no_loss: int = 0
     errors: List[str] = field(default_factory=list)  # skipped records (on_error=skip)
 
+    # Sent from worker processes as two flat arrays and the lengths: pickling thousands of small
+    # arrays one by one costs more than tokenising them. Unpickled samples are views of the flat arrays.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        lengths = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
+        state["ids"], state["labels"] = (cat(self.ids), lengths), cat(self.labels)
+        return state
+
+    def __setstate__(self, state):
+        flat_ids, lengths = state["ids"]
+        cuts = np.cumsum(lengths)[:-1]
+        state["ids"] = np.split(flat_ids, cuts) if len(lengths) else []
+        state["labels"] = np.split(state["labels"], cuts) if len(lengths) else []
+        self.__dict__.update(state)
+
 
 class SampleTokenizer:
     def __init__(self, tokenizer, settings: TokenizeSettings):
@@ -64,8 +81,10 @@ class SampleTokenizer:
         self.backend = tokenizer.backend_tokenizer
         self.s = settings
         self.renderer = Renderer(tokenizer, settings.template)
-        vocab = tokenizer.get_vocab()
-        self.img_ids = tuple(vocab.get(t) for t in (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END))
+        # The three ids only (`get_vocab()` would build a dict of the whole vocabulary): None when absent.
+        self.img_ids = tuple(
+            self.backend.token_to_id(t) for t in (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END)
+        )
         self.eos_id = tokenizer.eos_token_id
 
     # -- text ---------------------------------------------------------------------------------
@@ -117,17 +136,18 @@ class SampleTokenizer:
             spans.append(sp)
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         for rec, enc, sp in zip(records, encodings, spans):
-            self._finish(rec, enc.ids, enc.offsets, sp, out)
+            self._finish(rec, enc.ids, enc.offsets if sp else (), sp, out)
 
     def _finish(self, rec: Record, ids: List[int], offsets, spans, out: TokenizedChunk) -> None:
         out.records += 1
         n = len(ids)
         trained = np.zeros(n, dtype=bool)
         if spans:
-            starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=n)
+            # token k is trained when its first character lies in a span; offsets are non-decreasing
+            starts = [o[0] for o in offsets]
             for a, b in spans:
-                trained[np.searchsorted(starts, a, "left"):np.searchsorted(starts, b, "left")] = True
-        ids = np.asarray(ids, dtype=np.int64)
+                trained[bisect_left(starts, a):bisect_left(starts, b)] = True
+        ids = np.array(ids, dtype=np.int64)
         if rec.is_pretrain and self.eos_id is not None:
             ids = np.append(ids, self.eos_id)
             trained = np.append(trained, bool(spans) and rec.loss[-1] is not False)
@@ -140,13 +160,14 @@ class SampleTokenizer:
                 return
             ids, trained = ids[:limit], trained[:limit]
             out.truncated += 1
-        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
-        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
-        if not (labels != IGNORE_INDEX).any():
+        if not trained[1:].any():  # the labels would all be IGNORE_INDEX
             out.dropped_no_loss += 1
             return
-        out.ids.append(ids.astype(np.int32))
-        out.labels.append(labels.astype(np.int32))
+        ids = ids.astype(np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+        out.ids.append(ids)
+        out.labels.append(labels)
         out.images.append(images)
         out.sources.append(rec.source)
 
@@ -183,6 +204,19 @@ class SampleTokenizer:
         return np.concatenate(pieces_ids).astype(np.int64), np.concatenate(pieces_tr), images
 
 
+# The last SampleTokenizer built in this process (its template is compiled and probed once, not per chunk).
+_CACHED: List[SampleTokenizer] = []
+
+
+def sample_tokenizer(tokenizer, settings: TokenizeSettings) -> SampleTokenizer:
+    """A SampleTokenizer for (tokenizer, settings), reused across the chunks a process tokenises."""
+    if _CACHED and _CACHED[0].tok is tokenizer and _CACHED[0].s == settings:
+        return _CACHED[0]
+    st = SampleTokenizer(tokenizer, settings)
+    _CACHED[:] = [st]
+    return st
+
+
 def tokenize_lines(
     tokenizer, settings: TokenizeSettings, file: str, lines: List[Tuple[int, str]], media_root: str,
     skip_errors: bool, batch: int = 64,
@@ -190,7 +224,7 @@ def tokenize_lines(
     """Parse and tokenise (line number, text) pairs of one file."""
     from xtune.data.formats import parse_record
 
-    st = SampleTokenizer(tokenizer, settings)
+    st = sample_tokenizer(tokenizer, settings)
     out = TokenizedChunk()
     pending: List[Record] = []
 

@@ -1,0 +1,193 @@
+"""The fast data path equals transformers' own: rendering, special ids, worker results.
+
+`Renderer.render` uses a template compiled once per process in a sandbox with short-cut checks
+(`xtune.data.templates._FastSandbox`); it must return exactly what `apply_chat_template` does,
+keep the sandbox's refusals, and fall back to `apply_chat_template` where it does not apply.
+"""
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pytest
+
+from xtune.data import multimodal, templates
+from xtune.data.formats import iter_lines, parse_record
+from xtune.data.templates import Renderer, resolve_template
+from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "src" / "xtune" / "assets" / "demo"
+RESOURCE = ROOT.parent / "shared" / "data" / "resource"  # as in conftest; optional here
+FAMILY = {"qwen_tok": "qwen3", "intern_tok": "intern_s1"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+EXTRA = [
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "<tool_response>x</tool_response>"},
+     {"role": "assistant", "content": "<think>\nplan\n</think>\n\nanswer"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "reasoning_content": None}],
+    [{"role": "user", "content": "call"},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+     {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}, {"role": "assistant", "content": "ok"}],
+    [{"role": "user", "content": "unicode: héllo 世界 {{ not jinja }} {% raw %}"}, {"role": "assistant", "content": ""}],
+]
+
+
+def _records(path: Path, media_root: str):
+    out = []
+    for lineno, line in iter_lines(str(path)):
+        try:
+            out.append(parse_record(str(path), lineno, line, media_root))
+        except Exception:  # noqa: BLE001 - files with deliberately bad lines
+            continue
+    return out
+
+
+def _data_files(resource_dir=None):
+    files = [(p, str(p.parent)) for p in sorted(DEMO.glob("*.jsonl"))]
+    if resource_dir is not None:
+        files += [(p, str(resource_dir)) for p in sorted(resource_dir.glob("*.jsonl"))]
+    return files
+
+
+@pytest.fixture
+def maybe_resource_dir():
+    return RESOURCE if RESOURCE.is_dir() else None
+
+
+@pytest.mark.parametrize("tok_name", ["qwen_tok", "intern_tok"])
+def test_builtin_templates_take_the_fast_path(tok_name, request):
+    tok = request.getfixturevalue(tok_name)
+    r = Renderer(tok, resolve_template(tok, "auto", FAMILY[tok_name]))
+    assert r._fast is not None
+
+
+@pytest.mark.parametrize("tok_name", ["qwen_tok", "intern_tok"])
+def test_render_equals_apply_chat_template_on_all_data(tok_name, request, maybe_resource_dir):
+    tok = request.getfixturevalue(tok_name)
+    r = Renderer(tok, resolve_template(tok, "auto", FAMILY[tok_name]))
+    n = 0
+    for path, root in _data_files(maybe_resource_dir):
+        for rec in _records(path, root)[::3]:
+            if rec.is_pretrain:
+                continue
+            tools = rec.meta.get("tools")
+            assert r.render(rec.messages, tools=tools) == r.reference_render(rec.messages, tools=tools), rec.source
+            n += 1
+    for msgs in EXTRA:
+        for tools in (None, TOOLS):
+            for gen in (False, True):
+                assert r.render(msgs, tools, gen) == r.reference_render(msgs, tools, gen)
+    assert n > 100
+
+
+def test_non_json_input_falls_back_to_apply_chat_template(qwen_tok):
+    class Text(str):
+        pass
+
+    r = Renderer(qwen_tok, resolve_template(qwen_tok))
+    msgs = [{"role": "user", "content": Text("hi")}, {"role": "assistant", "content": "yo", "extra": (1, 2)}]
+    assert r._fast(msgs, None, False) is None  # not handled by the fast path...
+    assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, tokenize=False)  # ...but rendered all the same
+
+
+def _outcome(template, **kw):
+    try:
+        out = "ok", template.render(**kw)
+    except Exception as e:  # noqa: BLE001
+        out = type(e).__name__, str(e)
+    return out[0], re.sub(r" at 0x[0-9a-f]+", "", out[1])  # object addresses differ
+
+
+def test_fast_sandbox_keeps_the_sandbox():
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    msgs = [{"role": "user", "content": "hi", "n": 1}]
+    cases = [
+        "{{ messages.append(1) }}",  # mutating a list
+        "{{ messages[0].update({'a': 1}) }}",  # mutating a dict
+        "{{ messages[0].pop('role') }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # reaching object
+        "[{{ messages[0].__class__ }}|{{ messages.__len__ }}|{{ messages[0].content.__class__ }}]",
+        "[{{ messages[0].items }}|{{ messages[0].keys() | list }}|{{ messages[0].get('role') }}|{{ messages[0].nope }}]",
+        "{{ '{0.__class__}'.format(messages) }}|{{ 'a{x}'.format_map({'x': 1}) }}|{{ messages[0].content.upper() }}",
+        "{{ messages[0].content.format }}",
+        "{% set ns = namespace(a=1) %}{% set ns.b = 'x' %}{{ ns.a }}{{ ns.b.upper() }}{{ ns._c }}",
+        "{% for m in messages %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.__class__ }}{% endfor %}",
+        "{{ raise_exception('nope') }}",
+        "{{ messages | tojson }}|{{ dict(a=1) }}",
+    ]
+    for tpl in cases:
+        fast = _outcome(templates._compile(tpl), messages=msgs)
+        assert fast == _outcome(_compile_jinja_template(tpl), messages=msgs), tpl
+    for tpl in cases[:4]:
+        assert _outcome(templates._compile(tpl), messages=msgs)[0] == "SecurityError", tpl
+
+
+def test_template_rejecting_probes_still_renders_like_transformers(qwen_tok):
+    tpl = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+           "[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}[assistant:{% endif %}")
+    r = Renderer(qwen_tok, tpl)
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, chat_template=tpl, tokenize=False)
+    with pytest.raises(jinja2.exceptions.TemplateError, match="no system"):
+        r.render([{"role": "system", "content": "s"}] + msgs)
+
+
+@pytest.mark.parametrize("tok_name", ["qwen_tok", "intern_tok"])
+def test_special_ids_equal_the_vocabulary(tok_name, request):
+    tok = request.getfixturevalue(tok_name)
+    st = SampleTokenizer(tok, TokenizeSettings(resolve_template(tok, "auto", FAMILY[tok_name]), 4096))
+    vocab = tok.get_vocab()
+    assert st.img_ids == tuple(vocab.get(t) for t in (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END))
+
+
+@pytest.mark.parametrize("tok_name", ["qwen_tok", "intern_tok"])
+def test_demo_data_ids_equal_apply_chat_template(tok_name, request):
+    tok = request.getfixturevalue(tok_name)
+    settings = TokenizeSettings(resolve_template(tok, "auto", FAMILY[tok_name]), 4096)
+    for name in ("train.jsonl", "eval.jsonl"):
+        out = tokenize_files(tok, settings, [str(DEMO / name)], None, num_workers=0)
+        lines = [ln for ln in (DEMO / name).read_text().splitlines() if ln.strip()]
+        assert out.records == len(lines) == len(out.ids)
+        for i in range(0, len(lines), 7):
+            ref = tok.apply_chat_template(json.loads(lines[i])["messages"], tokenize=True, return_dict=False)
+            assert out.ids[i].tolist() == list(ref)
+
+
+@pytest.mark.parametrize("tok_name,name", [("qwen_tok", "train.jsonl"), ("intern_tok", "vl_train.jsonl")])
+def test_workers_equal_one_record_at_a_time(tok_name, name, request):
+    """Batches over worker processes give what tokenising each record alone gives."""
+    tok = request.getfixturevalue(tok_name)
+    settings = TokenizeSettings(resolve_template(tok, "auto", FAMILY[tok_name]), 256)
+    path = DEMO / name
+    a = tokenize_files(tok, settings, [str(path)], None, num_workers=2, chunk_lines=300)
+    st = SampleTokenizer(tok, settings)
+    b = TokenizedChunk()
+    for rec in _records(path, str(path.parent)):
+        st.tokenize([rec], b)
+    assert (a.records, a.truncated, a.dropped_no_loss, a.dropped_image_cut) == \
+        (b.records, b.truncated, b.dropped_no_loss, b.dropped_image_cut)
+    assert a.sources == b.sources and a.images == b.images
+    assert all(x.dtype == np.int32 and np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
+    assert all(x.dtype == np.int32 and np.array_equal(x, y) for x, y in zip(a.labels, b.labels))
+
+
+def test_chunk_pickles_flat_and_back():
+    c = TokenizedChunk(records=3, sources=["a", "b", "c"], images=[[], [], []], errors=["e"])
+    for n in (5, 1, 9):
+        c.ids.append(np.arange(n, dtype=np.int32))
+        c.labels.append(np.arange(n, dtype=np.int32) - 100)
+    d = pickle.loads(pickle.dumps(c))
+    assert [x.tolist() for x in d.ids] == [x.tolist() for x in c.ids]
+    assert [x.tolist() for x in d.labels] == [x.tolist() for x in c.labels]
+    assert all(x.dtype == np.int32 for x in d.ids + d.labels)
+    assert (d.records, d.sources, d.images, d.errors) == (3, ["a", "b", "c"], [[], [], []], ["e"])
+    e = pickle.loads(pickle.dumps(TokenizedChunk()))
+    assert e.ids == [] and e.labels == [] and e.records == 0
