@@ -191,3 +191,22 @@ def test_chunk_pickles_flat_and_back():
     assert (d.records, d.sources, d.images, d.errors) == (3, ["a", "b", "c"], [[], [], []], ["e"])
     e = pickle.loads(pickle.dumps(TokenizedChunk()))
     assert e.ids == [] and e.labels == [] and e.records == 0
+
+
+def test_trained_tokens_over_mixed_items_equals_per_item_count():
+    from types import SimpleNamespace
+
+    from xtune.data.loader import _trained_tokens
+
+    rng = np.random.default_rng(0)
+    datasets = []
+    for n in (7, 4):
+        lengths = rng.integers(1, 9, n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        labels = np.where(rng.random(offsets[-1]) < 0.5, -100, 3).astype(np.int32)
+        datasets.append(SimpleNamespace(labels=labels, offsets=offsets))
+    items = np.array([[0, 3], [1, 0], [0, 3], [1, 3], [0, 6], [0, 0], [1, 0]], dtype=np.int64)
+    naive = sum(int((datasets[d].labels[datasets[d].offsets[i]:datasets[d].offsets[i + 1]] != -100).sum())
+                for d, i in items)
+    assert _trained_tokens(datasets, items) == naive
+    assert _trained_tokens(datasets, np.zeros((0, 2), dtype=np.int64)) == 0

@@ -39,6 +39,17 @@ class DataStats:
     packing_efficiency: float = 0.0
 
 
+def _trained_tokens(datasets: List[TokenizedDataset], items: np.ndarray) -> int:
+    """Trained tokens over the mixed items (a sample drawn k times counts k times)."""
+    total = 0
+    for d, ds in enumerate(datasets):
+        picked = items[items[:, 0] == d, 1]
+        if len(picked):
+            csum = np.concatenate([[0], np.cumsum(np.asarray(ds.labels) != -100)])
+            total += int((csum[ds.offsets[picked + 1]] - csum[ds.offsets[picked]]).sum())
+    return total
+
+
 def dataset_stats(ds: TokenizedDataset) -> Dict:
     return dict(
         name=ds.name, files=len(ds.files), records=ds.records, samples=len(ds), tokens=ds.num_tokens,
@@ -82,10 +93,7 @@ class PackedData:
             samples=len(self.items),
             rows=len(self.rows),
             real_tokens=int(sum(lengths)),
-            trained_tokens=int(sum(
-                int((np.asarray(self.datasets[d].labels[self.datasets[d].offsets[i]:self.datasets[d].offsets[i + 1]])
-                     != -100).sum()) for d, i in self.items
-            )),
+            trained_tokens=_trained_tokens(self.datasets, self.items),
             packing_efficiency=efficiency(self.rows, self.row_len),
         )
 
