@@ -393,7 +393,8 @@ class Trainer:
                 ids = tok(prompt, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.spec.train.sample_max_new_tokens)
+                                     max_new_tokens=self.spec.train.sample_max_new_tokens,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
             out.append({"step": self.step, "prompt": prompt, "completion": text})
             self.logger.message(f"sample> {prompt}\n{text}")

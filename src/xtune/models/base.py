@@ -351,6 +351,7 @@ class ModelAdapter:
             with open(out / WEIGHTS_INDEX, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
+        self._fill_special_ids(config, tokenizer)
         with open(out / "config.json", "w") as f:
             json.dump(self.original_config_json(config, dtype), f, indent=2, sort_keys=True)
         self._save_generation_config(config, out)
@@ -359,6 +360,17 @@ class ModelAdapter:
             tokenizer.save_pretrained(str(out))
         return out
 
+    @staticmethod
+    def _fill_special_ids(config, tokenizer) -> None:
+        """A random-init config has no special token ids; take them from the tokenizer so that
+        `generate()` on the export stops at the end of the turn."""
+        if tokenizer is None:
+            return
+        for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+            for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(cfg, attr, None) is None and getattr(tokenizer, attr, None) is not None:
+                    setattr(cfg, attr, getattr(tokenizer, attr))
+
     def _save_generation_config(self, config, out: Path) -> None:
         src = Path(str(self.spec.load_from)).expanduser() / "generation_config.json" if self.spec.load_from else None
         if src is not None and src.is_file():
@@ -366,7 +378,9 @@ class ModelAdapter:
             return
         from transformers import GenerationConfig
 
-        GenerationConfig.from_model_config(config.get_text_config()).save_pretrained(str(out))
+        generation = GenerationConfig.from_model_config(config.get_text_config())
+        generation.use_cache = True  # training turns the KV cache off; inference wants it
+        generation.save_pretrained(str(out))
 
     def _copy_passthrough(self, out: Path) -> None:
         if self.spec.load_from is None:
