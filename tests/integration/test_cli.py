@@ -190,3 +190,23 @@ def test_hydra_launcher_plugins_work_unchanged(tmp_path):
         assert _steps(sweep / job) == [1]
         assert (sweep / job / "hf" / "config.json").exists()
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
+
+
+def test_export_command_and_data_inspect(tmp_path):
+    run = tmp_path / "run"
+    out = xtune("sft", "recipe=demo", *FAST, f"train.work_dir={run}", f"data.cache_dir={tmp_path}/cache")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    out = xtune("export", str(ckpt), str(tmp_path / "exported"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    b = load_file(str(run / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)  # same weights as the run's export
+    out = xtune("export", str(tmp_path / "nope"), str(tmp_path / "x"))
+    assert out.returncode != 0 and "nope" in out.stderr and "Traceback" not in out.stderr
+
+    out = xtune("data", "inspect", "recipe=demo", f"data.cache_dir={tmp_path}/cache", env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "demo_tasks" in out.stdout and "efficiency" in out.stdout and "<|im_start|>assistant" in out.stdout

@@ -9,6 +9,8 @@ import pytest
 import torch
 from tests.distributed.tiny import child_env
 
+from xtune.config.io import spec_from_yaml
+
 OVERRIDES = [
     "recipe=demo", "parallel=cpu2", "train.max_steps=4", "train.save_every=2", "train.eval_every=2",
     "train.log_every=1", "train.global_batch_size=4", "model.arch.hidden_size=64", "model.arch.num_hidden_layers=2",
@@ -39,12 +41,14 @@ def test_run_dir_contents(run_dir):
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_loss"] > 0 for r in evals)
+    # eval_every=2: the untrained model at step 0, then every 2 steps
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval_loss"] > 0 for r in evals)
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-4"
     assert any((run_dir / "tb").iterdir())
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert samples and samples[0]["prompt"].startswith("Reverse")
+    prompts = list(spec_from_yaml(run_dir / "config.yaml").train.sample_prompts)
+    assert samples and prompts and [s["prompt"] for s in samples] == prompts
 
 
 def test_hf_export_matches_checkpoint(run_dir, tmp_path):
