@@ -234,7 +234,10 @@ def main(argv=None) -> int:
     res["seconds"] = time.perf_counter() - t_all
     res["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path.write_text(json.dumps(res, indent=1))
-    chart(res, out_dir / "summary.png")
+    try:
+        chart(res, out_dir / "summary.png")
+    except ImportError:  # matplotlib comes with the bench extra (`make bench` installs it)
+        console.print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
     m = res["machine"]
     console.print(f"xtune bench {m['date']}: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB, "
                   f"torch {m['torch']}, load avg {m['load_avg']} -> {m['load_avg_end']}; "
