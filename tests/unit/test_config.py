@@ -140,3 +140,10 @@ def test_readme_config_reference_is_generated_from_the_schema():
     assert table == markdown(), "README table is stale: run python -m xtune.config.reference"
     keys = {r[0] for r in rows()}
     assert {"optim.lr", "train.global_batch_size", "data.pack", "parallel.attn", "model.load_from"} <= keys
+
+
+@pytest.mark.parametrize("override, hint", [("lr=1e-4", "optim.lr"), ("seed=3", "train.seed"), ("epochs=2", "train.epochs")])
+def test_a_sections_key_at_the_top_level_points_to_its_section(override, hint):
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    assert f"Did you mean '{hint}'?" in str(e.value)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from xtune.config.io import to_frozen, writable_structured
@@ -146,16 +146,14 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
             continue
         where = ".".join(walked) or "the top level"
         options = list(node.keys()) if isinstance(node, DictConfig) else []
-        hint = suggest(part, options)
-        if not hint and not walked and part in CHOICES_TOP_LEVEL_HINT:
-            hint = CHOICES_TOP_LEVEL_HINT[part]
+        # A section's key given at the top level (lr -> optim.lr) beats a near spelling (seed -> sched).
+        owners = [f"{sec}.{part}" for sec in options
+                  if not walked and isinstance(node.get(sec), DictConfig) and part in node[sec]]
+        hint = f" Did you mean '{owners[0]}'?" if len(owners) == 1 else suggest(part, options)
         allowed = f" Keys of {where}: {', '.join(map(str, options))}." if options and not hint else ""
         return f"{key}={given}: unknown key '{part}' in {where}.{hint}{allowed}"
     # The key exists; the unknown one is inside the value (e.g. a list of dataset mappings).
     return f"{key}={given}: {str(error).splitlines()[0]}"
-
-
-CHOICES_TOP_LEVEL_HINT = {"lr": " Did you mean 'optim.lr'?", "seed": " Did you mean 'train.seed'?"}
 
 
 def check_value(key: str, value) -> Optional[str]:
@@ -306,7 +304,7 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
 
     cfg = cfg.copy()
     if "hydra" in cfg:
-        with _open_struct(cfg):
+        with open_dict(cfg):
             cfg.pop("hydra")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -329,17 +327,6 @@ def missing_message(key: str) -> str:
             "for a random-init trial)"
         )
     return f"{key} is required but has no value: set {key}=..."
-
-
-class _open_struct:
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __enter__(self):
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.cfg, True)
 
 
 def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), **kw) -> Tuple[DictConfig, RunSpec]:
