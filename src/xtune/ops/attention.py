@@ -19,9 +19,10 @@ from typing import Any, Dict
 
 import torch
 
+from ..config.schema import CHOICES
 from ..errors import XtuneError
 
-ATTN_CHOICES = ("auto", "flash", "sdpa", "eager")
+ATTN_CHOICES = CHOICES["parallel.attn"]
 
 
 def _flash_available() -> bool:

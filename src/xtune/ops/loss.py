@@ -23,10 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config.schema import CHOICES
 from ..errors import XtuneError
 
 IGNORE_INDEX = -100
-MODES = ("auto", "chunk", "liger", "eager")
+MODES = CHOICES["loss.mode"]
 
 
 def _liger_available() -> bool:
