@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from xtune.config.resources import assets_dir
-from xtune.config.schema import CHOICES, RunSpec
+from xtune.config.schema import CHOICES, ModelSpec, RunSpec
 
 VISION_FAMILIES = ("intern_s1",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
@@ -33,8 +34,9 @@ def world_size_of(spec: RunSpec, world_size: Optional[int] = None) -> int:
     return int(env) if env else spec.parallel.nproc_per_node
 
 
-def tokenizer_dir(spec: RunSpec) -> Optional[Path]:
-    tok = spec.model.tokenizer or spec.model.load_from
+def tokenizer_dir(m: ModelSpec) -> Optional[Path]:
+    """The tokenizer folder: model.tokenizer, else load_from; `builtin:NAME` is shipped with xtune."""
+    tok = m.tokenizer or m.load_from
     if tok is None:
         return None
     if tok.startswith("builtin:"):
@@ -119,17 +121,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     if not 0.0 < p.ac_ratio <= 1.0:
         problems.append(f"parallel.ac_ratio={p.ac_ratio}: must be in (0, 1]")
 
-    if m.family not in VISION_FAMILIES:
-        for flag in ("freeze_vision", "freeze_projector"):
-            if getattr(m, flag):
-                problems.append(f"model.{flag}=true: model.family={m.family} has no vision part")
-    if m.family in VISION_FAMILIES and m.freeze_vision and m.freeze_projector and m.freeze_language:
-        problems.append("model.freeze_vision, freeze_projector and freeze_language are all true: nothing to train")
-    if m.load_from is None and not m.arch:
-        problems.append(
-            f"model.load_from is required for model {m.name}: give its Hugging Face folder, e.g. "
-            f"model.load_from=/models/{m.name} (or pick a tiny model such as model=qwen3_tiny for a random-init trial)"
-        )
+    problems.extend(model_problems(m, check_files=check_files))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
@@ -148,16 +140,32 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     return list(dict.fromkeys(problems))
 
 
-def _file_problems(spec: RunSpec) -> List[str]:
+def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
+    """What is wrong with the model section; with check_files, also its folders and files.
+    The config stage, the model adapters and the engine's preflight all ask this one function."""
     problems: List[str] = []
-    m, d, t = spec.model, spec.data, spec.train
+    if m.family not in VISION_FAMILIES:
+        for flag in ("freeze_vision", "freeze_projector"):
+            if getattr(m, flag):
+                problems.append(f"model.{flag}=true: model.family={m.family} has no vision part")
+    if m.family in VISION_FAMILIES and m.freeze_vision and m.freeze_projector and m.freeze_language:
+        problems.append("model.freeze_vision, freeze_projector and freeze_language are all true: nothing to train")
+    if m.load_from is None and not m.arch:
+        problems.append(
+            f"model.load_from is required for model {m.name}: give its Hugging Face folder, e.g. "
+            f"model.load_from=/models/{m.name} (or pick a tiny model such as model=qwen3_tiny for a random-init trial)"
+        )
+    if not check_files:
+        return problems
     if m.load_from is not None:
         folder = Path(m.load_from).expanduser()
         if not folder.is_dir():
             problems.append(f"model.load_from={m.load_from}: no such folder")
         elif not (folder / "config.json").is_file():
             problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
-    tok = tokenizer_dir(spec)
+        elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
+            problems.append(f"model.load_from={m.load_from}: no weights there (expected {' or '.join(WEIGHTS_FILES)})")
+    tok = tokenizer_dir(m)
     key = "model.tokenizer" if m.tokenizer else "model.load_from"
     if tok is None and m.arch:
         problems.append("model.tokenizer is null and model.load_from is null: give a tokenizer folder or builtin:NAME")
@@ -172,7 +180,12 @@ def _file_problems(spec: RunSpec) -> List[str]:
             problems.append(f"{key}={tok}: no such folder")
     elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"{key}={tok}: no tokenizer files there (expected one of {', '.join(TOKENIZER_FILES)})")
+    return problems
 
+
+def _file_problems(spec: RunSpec) -> List[str]:
+    problems: List[str] = []
+    d, t = spec.data, spec.train
     for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
         for i, ds in enumerate(items):
             if not Path(ds.path).expanduser().exists():

@@ -29,24 +29,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..config.validate import TOKENIZER_FILES, model_problems, tokenizer_dir
 from ..errors import XtuneError
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 # Files that travel from the original folder into an export when xtune does not write them itself
 # (remote code and processor configs), so the export stays a drop-in replacement.
 PASSTHROUGH_SUFFIXES = (".py",)
 PASSTHROUGH_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
-
-
-def builtin_tokenizer_dir(name: str) -> Path:
-    """Folder of a tokenizer shipped with xtune (found relative to the package, so wheels work)."""
-    return _ASSETS / name
-
 
 def _deep_update(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """Recursive dict merge: nested dicts (text_config, vision_config) are merged, not replaced."""
@@ -79,40 +71,11 @@ class ModelAdapter:
 
     # ----------------------------------------------------------------- paths and validation
     def tokenizer_path(self) -> Optional[Path]:
-        src = self.spec.tokenizer or self.spec.load_from
-        if src is None:
-            return None
-        src = str(src)
-        if src.startswith("builtin:"):
-            return builtin_tokenizer_dir(src[len("builtin:"):])
-        return Path(src).expanduser()
+        return tokenizer_dir(self.spec)
 
     def validate(self) -> List[str]:
         """Cheap checks (no model, no tokenizer built): every problem found, as messages."""
-        problems: List[str] = []
-        if self.spec.load_from is not None:
-            folder = Path(str(self.spec.load_from)).expanduser()
-            if not folder.exists():
-                problems.append(f"model.load_from: {folder} does not exist")
-            elif not folder.is_dir():
-                problems.append(f"model.load_from: {folder} is not a folder")
-            elif not (folder / "config.json").is_file():
-                problems.append(f"model.load_from: {folder} has no config.json (expected a Hugging Face model folder)")
-            elif not ((folder / WEIGHTS_INDEX).is_file() or (folder / WEIGHTS_SINGLE).is_file()):
-                problems.append(f"model.load_from: {folder} has no {WEIGHTS_SINGLE} or {WEIGHTS_INDEX}")
-        elif not self.spec.arch:
-            problems.append(
-                f"model {self.spec.name!r}: set model.load_from to a Hugging Face folder "
-                "(or give model.arch for a randomly initialised model)"
-            )
-        tok = self.tokenizer_path()
-        if tok is None:
-            problems.append("model.tokenizer: no tokenizer (set model.tokenizer, or model.load_from to a folder with one)")
-        elif not tok.is_dir():
-            problems.append(f"model.tokenizer: {tok} is not a folder")
-        elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
-            problems.append(f"model.tokenizer: {tok} has none of {', '.join(TOKENIZER_FILES)}")
-        return problems
+        return model_problems(self.spec)
 
     # ----------------------------------------------------------------- tokenizer
     def load_tokenizer(self):
