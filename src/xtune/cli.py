@@ -94,12 +94,24 @@ def data_inspect(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optiona
 def export(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, e.g. work_dirs/demo/<run>/checkpoints/step-100"),
     out: Path = typer.Argument(..., help="Output folder for the Hugging Face model"),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Adapter runs: write the PEFT adapter folder"),
+    merged: bool = typer.Option(False, "--merged", help="Adapter runs: write the base model merged with the adapters"),
 ):
-    """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer)."""
+    """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer), or an adapter run's
+    PEFT folder (--adapter-only) or merged model (--merged); without a flag the run's peft.merge_on_export decides."""
     from xtune.engine.export import export_checkpoint
 
-    _guarded(lambda: export_checkpoint(checkpoint, out))
+    if adapter_only and merged:
+        _guarded(_both_export_flags)
+    what = "adapter" if adapter_only else "merged" if merged else None
+    _guarded(lambda: export_checkpoint(checkpoint, out, what=what))
     typer.echo(f"exported {checkpoint} -> {out}")
+
+
+def _both_export_flags():
+    from xtune.errors import XtuneError
+
+    raise XtuneError("--adapter-only and --merged exclude each other: give one (or neither)")
 
 
 def main() -> None:

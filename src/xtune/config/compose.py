@@ -24,7 +24,7 @@ from xtune.config.resources import assets_dir, conf_dir, recipes_dir
 from xtune.config.schema import CHOICES, RunSpec
 from xtune.errors import ConfigError
 
-GROUPS = ("model", "data", "optim", "sched", "loss", "parallel")
+GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft")
 PRIMARY = "sft"
 SCHEMA_NAME = "xtune_schema"
 

@@ -30,6 +30,8 @@ CHOICES: Dict[str, tuple] = {
     "parallel.param_dtype": ("auto", "float32", "bfloat16", "float16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),
     "parallel.attn": ("auto", "flash", "sdpa", "eager"),
+    "peft.method": ("none", "lora", "dora"),
+    "peft.quantize": ("none", "nf4"),
 }
 
 
@@ -202,6 +204,29 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class PeftSpec:
+    """Parameter-efficient tuning: low-rank adapters on a frozen (optionally 4-bit) base, built with `peft`."""
+
+    # none: full-parameter tuning; lora: low-rank adapters; dora: weight-decomposed LoRA (magnitude + direction).
+    method: str = "none"
+    # Adapter rank.
+    r: int = 16
+    # Scaling numerator: the adapter update is multiplied by alpha / r.
+    alpha: float = 32.0
+    # Dropout on the adapter input (0 keeps training deterministic).
+    dropout: float = 0.0
+    # Linear layers that get adapters: module-name suffixes (q_proj) or regexes over full names; [all-linear] means
+    # every linear layer of the language model's blocks (not lm_head, not MoE routers, not the vision tower).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Modules trained in full and saved beside the adapters, e.g. [embed_tokens, lm_head] after adding tokens.
+    modules_to_save: List[str] = field(default_factory=list)
+    # nf4: keep the frozen base of the adapted layers in 4-bit NormalFloat with double-quantised scales (QLoRA).
+    quantize: str = "none"
+    # Also write the merged full model to <work_dir>/hf (the adapter alone always goes to <work_dir>/hf_adapter).
+    merge_on_export: bool = True
+
+
+@dataclass(frozen=True)
 class LoggingSpec:
     # TensorBoard scalars in <work_dir>/tb.
     tensorboard: bool = True
@@ -225,4 +250,5 @@ class RunSpec:
     loss: LossSpec = field(default_factory=LossSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    peft: PeftSpec = field(default_factory=PeftSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)

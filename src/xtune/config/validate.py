@@ -7,7 +7,9 @@ caller reports them all together.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -122,6 +124,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         problems.append(f"parallel.ac_ratio={p.ac_ratio}: must be in (0, 1]")
 
     problems.extend(model_problems(m, check_files=check_files))
+    problems.extend(peft_problems(spec))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
@@ -180,6 +183,39 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
             problems.append(f"{key}={tok}: no such folder")
     elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"{key}={tok}: no tokenizer files there (expected one of {', '.join(TOKENIZER_FILES)})")
+    return problems
+
+
+# Target names that select layers of the language model (plain names and all-linear), as against regexes.
+_PLAIN_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def peft_problems(spec: RunSpec) -> List[str]:
+    """The peft section: ranges, combinations, the 4-bit library (the target names need the model: see
+    xtune.tuning.check_targets, run before any weight exists)."""
+    p, m = spec.peft, spec.model
+    problems: List[str] = []
+    if p.method == "none":
+        if p.quantize != "none":
+            problems.append(f"peft.quantize={p.quantize} needs adapters: set peft.method=lora (or peft=qlora)")
+        return problems
+    if p.r <= 0:
+        problems.append(f"peft.r={p.r}: the adapter rank must be > 0")
+    if p.alpha <= 0:
+        problems.append(f"peft.alpha={p.alpha}: must be > 0")
+    if not 0.0 <= p.dropout < 1.0:
+        problems.append(f"peft.dropout={p.dropout}: must be in [0, 1)")
+    if not p.target_modules:
+        problems.append("peft.target_modules is empty: give layer names (q_proj), regexes over full names, or [all-linear]")
+    if m.freeze_language and any(_PLAIN_TARGET.match(t) for t in p.target_modules):
+        problems.append("model.freeze_language=true contradicts adapters on the language model "
+                        f"(peft.target_modules={list(p.target_modules)}): unset one of them")
+    if p.quantize == "nf4":
+        if importlib.util.find_spec("torchao") is None:
+            problems.append("peft.quantize=nf4 (QLoRA) needs the 4-bit library: pip install 'xtune[qlora]'")
+        if p.method == "dora":
+            problems.append("peft.method=dora with peft.quantize=nf4 is not supported: peft's DoRA reads the base "
+                            "weight as a plain tensor; use peft.method=lora for QLoRA, or quantize=none for DoRA")
     return problems
 
 

@@ -171,10 +171,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, denv, keep_last: int):
+    def __init__(self, run_dir: Path, denv, keep_last: int, trainable_only: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.denv = denv
         self.keep_last = keep_last
+        # Adapter runs: frozen parameters are not saved (they are reloaded from the base model).
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def save(self, step: int, model, optimizer, extra: dict) -> Path:
         """Collective: every rank writes its shards; rank 0 finalises. Raises CheckpointError on failure."""
@@ -191,7 +193,7 @@ class Checkpointer:
                 error = e
         self._agree(error, step, tmp)
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
             torch.save(extra, tmp / f"extra-rank{denv.rank}.pt")
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must stop the same way
@@ -244,11 +246,11 @@ class Checkpointer:
                 f"{self.denv.world_size}: the data loader and RNG state are per rank, so resume with the same "
                 f"number of processes (the weights alone can be exported with `xtune export`)")
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=str(ckpt))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=StateDictOptions(strict=True))
+                           options=self.options)
             return torch.load(ckpt / f"extra-rank{self.denv.rank}.pt", weights_only=False)
         except CheckpointError:
             raise
@@ -256,17 +258,19 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
 
 
-def load_model_only(ckpt: Path, model) -> dict:
-    """Load just the weights into a plain (unsharded, single-process) model, e.g. for export."""
+def load_model_only(ckpt: Path, model, trainable_only: bool = False) -> dict:
+    """Load just the weights into a plain (unsharded, single-process) model, e.g. for export.
+    trainable_only: the checkpoint of an adapter run, which holds only the parameters that train."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     meta = read_marker(ckpt)
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     try:
-        sd = {"model": get_model_state_dict(model)}
+        sd = {"model": get_model_state_dict(model, options=options)}
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ckpt))
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, sd["model"], options=options)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
     return meta

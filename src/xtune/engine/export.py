@@ -18,12 +18,58 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict:
 
 
 def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | Path) -> Path:
-    """Write via a sibling temp folder and swap it in, so `out_dir` is never half-written."""
+    """The HF folder in the original layout, written so that `out_dir` is never half-written."""
+    return replace_dir(out_dir, lambda tmp: adapter.save_hf(full_state_dict, config, tokenizer, tmp))
+
+
+def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokenizer, *, adapter_dir=None,
+               merged_dir=None, dtype: torch.dtype = torch.float32) -> None:
+    """The PEFT folder (adapter_config.json + adapter_model.safetensors, what PeftModel.from_pretrained, vLLM
+    and LMDeploy read) and optionally the merged model in the original layout.
+
+    peft itself writes the adapter format and merges: the base model is rebuilt on the meta device, wrapped
+    with the run's LoraConfig, and given the trained tensors without a copy (`assign`). A 4-bit base is
+    dequantised to `dtype` (the compute dtype) first, so the merge adds the adapters to the weights trained on.
+    """
+    import copy
+    import warnings
+
+    from peft import get_peft_model
+
+    from xtune.tuning.quant import dequantize_state
+
+    full = dequantize_state(full_state_dict, dtype)
+    with torch.device("meta"):
+        model = adapter.build_model(config, "sdpa")
+    peft_model = get_peft_model(model, copy.deepcopy(lora_config), low_cpu_mem_usage=True)
+    # Set after wrapping: get_peft_model renames it to the (meta) model's own name_or_path.
+    peft_model.peft_config["default"].base_model_name_or_path = str(spec.model.load_from) if spec.model.load_from else None
+    inner = peft_model.get_base_model()
+    missing = [k for k in inner.load_state_dict(full, strict=False, assign=True).missing_keys]
+    if missing:
+        raise RuntimeError(f"the adapted model lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def fill_adapter(tmp: Path) -> None:
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    if adapter_dir is not None:
+        replace_dir(adapter_dir, fill_adapter)
+    if merged_dir is not None:
+        merged = peft_model.merge_and_unload()
+        write_hf(adapter, merged.state_dict(), config, tokenizer, merged_dir)
+
+
+def replace_dir(out_dir: str | Path, fill) -> Path:
+    """Run `fill(tmp)` on a sibling temp folder, then swap it in for `out_dir`."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    adapter.save_hf(full_state_dict, config, tokenizer, tmp)
+    fill(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -35,39 +81,81 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | P
     return out
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None) -> Path:
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None,
+                      what: str | None = None) -> Path:
     """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
 
     The run's config.yaml (two levels up) says which model to build; the DCP shards are resharded
-    into one unsharded model on CPU, whatever the number of ranks that wrote them.
+    into one unsharded model on CPU, whatever the number of ranks that wrote them. For an adapter run,
+    `what` is `adapter` (the PEFT folder) or `merged` (the full model); by default the run's
+    peft.merge_on_export decides. The frozen base comes from model.load_from (or the run's saved base).
     """
+    from xtune import tuning
     from xtune.config.io import spec_from_yaml
     from xtune.engine.checkpoint import load_model_only, read_marker
+    from xtune.errors import XtuneError
     from xtune.models import get_adapter
 
     ckpt = Path(ckpt_dir)
     read_marker(ckpt)
+    run_dir = ckpt.resolve().parent.parent
     if spec is None:
-        cfg = ckpt.resolve().parent.parent / "config.yaml"
+        cfg = run_dir / "config.yaml"
         if not cfg.is_file():
             raise CheckpointError(f"{cfg} not found: export needs the run's config.yaml two levels above {ckpt}")
         spec = spec_from_yaml(cfg)
+    if not tuning.enabled(spec.peft):
+        if what is not None:
+            raise XtuneError(f"--{'adapter-only' if what == 'adapter' else 'merged'}: {ckpt} is from a full-parameter "
+                             "run (no adapters); export it without the flag")
+        adapter = adapter or get_adapter(spec.model)
+        model, config = build_plain_model(adapter, spec)
+        load_model_only(ckpt, model)
+        return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)
+    spec = tuning.with_saved_base(spec, run_dir)
     adapter = adapter or get_adapter(spec.model)
-    model, config = build_plain_model(adapter, spec)
-    load_model_only(ckpt, model)
-    return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)
+    model, config, lora_config = build_plain_peft_model(adapter, spec)
+    load_model_only(ckpt, model, trainable_only=True)
+    what = what or ("merged" if spec.peft.merge_on_export else "adapter")
+    out = Path(out_dir)
+    write_peft(adapter, spec, lora_config, model.state_dict(), config, adapter.load_tokenizer(),
+               adapter_dir=out if what == "adapter" else None, merged_dir=out if what == "merged" else None)
+    return out
 
 
 def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
+    model, config, _ = _build_plain(adapter, spec, attn_impl, peft=False)
+    return model, config
+
+
+def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
+    """The adapted model on CPU with its base loaded (and NF4-rounded for QLoRA, as in training); the
+    adapters come from a checkpoint. Returns (model, config, LoraConfig)."""
+    from xtune import tuning
+
+    model, config, lora_config = _build_plain(adapter, spec, attn_impl, peft=True)
+    base = adapter.read_hf_state_dict(spec.model.load_from)
+    model.load_state_dict(tuning.to_peft_keys(model.state_dict().keys(), base), strict=False)
+    if spec.peft.quantize == "nf4":
+        from xtune.tuning.quant import quantize_bases
+
+        quantize_bases(model)
+    tuning.init_adapter_weights(model, spec.train.seed)  # modules_to_save copies; adapters are overwritten
+    return model, config, lora_config
+
+
+def _build_plain(adapter, spec, attn_impl, peft: bool):
+    from xtune import tuning
     from xtune.engine.parallelize import _DTYPES, _buffer_init
 
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
     model.to(dtype=_DTYPES[spec.model.dtype])
+    lora_config = tuning.inject(model, adapter, spec.peft) if peft else None
     model.to_empty(device="cpu")
     with torch.no_grad():
         init_buffers = _buffer_init(adapter)
         (init_buffers or adapter.init_weights)(model)
-    return model, config
+    return model, config, lora_config

@@ -58,8 +58,10 @@ def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module], rat
     return out
 
 
-def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torch.device) -> None:
-    """fully_shard each block, then the root (which takes the remaining parameters)."""
+def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torch.device,
+          ignored: set | None = None) -> None:
+    """fully_shard each block, then the root (which takes the remaining parameters). `ignored` parameters
+    (QLoRA's 4-bit bases) stay whole on every rank, outside FSDP."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel, device),
                               reduce_dtype=_DTYPES[parallel.reduce_dtype])
     offload = OffloadPolicy()
@@ -70,10 +72,11 @@ def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torc
             log.warning("parallel.cpu_offload has no effect on CPU; ignored")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
-                    reshard_after_forward=parallel.reshard_after_forward)
+                    reshard_after_forward=parallel.reshard_after_forward, ignored_params=ignored or None)
     # The root's parameters (embeddings, lm_head) are needed again at the start of backward:
     # keeping them unsharded after forward saves an all-gather.
-    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False,
+                ignored_params=ignored or None)
 
 
 def needs_fsdp(spec, denv) -> bool:
@@ -86,23 +89,32 @@ def needs_fsdp(spec, denv) -> bool:
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
 
 
-def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
-    """Meta-init -> (activation checkpointing) -> fully_shard -> to_empty -> init / load.
+def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=None):
+    """Meta-init -> (adapters) -> (activation checkpointing) -> fully_shard -> to_empty -> init / load
+    -> (4-bit base, adapter init).
 
     `make_root(model)` returns the FSDP root module wrapping the model (the loss module).
-    Returns (root, model config); the HF model is `root.model`.
+    `on_base_ready(model, config)` runs once the base weights are initialised or loaded, before quantization
+    (the trainer saves a random-init base there). Returns (root, model config, LoraConfig or None);
+    the HF model is `root.model`.
     """
+    from xtune import tuning
+
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
     model.to(dtype=_DTYPES[spec.model.dtype])
     adapter.apply_freeze(model)
+    lora_config = tuning.inject(model, adapter, spec.peft) if tuning.enabled(spec.peft) else None
+    quantize = lora_config is not None and spec.peft.quantize == "nf4"
     root = make_root(model)
     blocks = list(adapter.blocks(model))
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
     if needs_fsdp(spec, denv):
-        shard(root, blocks, spec.parallel, denv.mesh, denv.device)
+        from xtune.tuning.quant import ignored_params
+
+        shard(root, blocks, spec.parallel, denv.mesh, denv.device, ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
     root.to_empty(device="cpu" if offload else denv.device)  # offload: shards stay on CPU
     init_buffers = _buffer_init(adapter)
@@ -119,7 +131,15 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root):
     torch.manual_seed(spec.train.seed)
     if spec.model.load_from:
         load_full_weights(adapter, model, spec.model.load_from, denv)
-    return root, config
+    if on_base_ready is not None:
+        on_base_ready(model, config)
+    if lora_config is not None:
+        if quantize:
+            from xtune.tuning.quant import quantize_bases
+
+            quantize_bases(model)
+        tuning.init_adapter_weights(model, spec.train.seed)
+    return root, config, lora_config
 
 
 def _buffer_init(adapter):
@@ -129,13 +149,18 @@ def _buffer_init(adapter):
 
 def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
     """Rank 0 reads the HF folder; the weights reach the other ranks' shards by broadcast."""
+    from xtune import tuning
+
     full = adapter.read_hf_state_dict(folder) if denv.is_main else {}
+    if denv.is_main and tuning.adapter_state_keys(model):
+        full = tuning.to_peft_keys(model.state_dict().keys(), full)
     result = set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     )
     tied = _tied_names(model)
     # Rank 0 is the one that saw the file: its verdict is the one every rank acts on.
-    missing = denv.broadcast_object(sorted(k for k in result.missing_keys if k not in tied))
+    missing = denv.broadcast_object(sorted(k for k in result.missing_keys
+                                           if k not in tied and not tuning.is_adapter_key(k)))
     if missing:
         raise XtuneError(f"{folder} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:5])}")
     del full

@@ -27,6 +27,7 @@ from xtune.engine.objective import LossModel, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.engine.parallelize import build_sharded
 from xtune.errors import ConfigError, DataError, XtuneError
+from xtune import tuning
 
 log = logging.getLogger("xtune.engine")
 
@@ -48,6 +49,10 @@ def write_config(spec, run_dir: Path) -> None:
 def preflight(spec, adapter, run_dir: Path):
     """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
     problems = adapter.validate() if hasattr(adapter, "validate") else []
+    if tuning.enabled(spec.peft) and not problems:
+        from xtune.config.validate import peft_problems
+
+        problems = peft_problems(spec) or tuning.check_targets(adapter, spec)
     if spec.model.load_from and not Path(spec.model.load_from).expanduser().is_dir() and not problems:
         problems.append(f"model.load_from: {spec.model.load_from} does not exist")
     if problems:
@@ -98,10 +103,14 @@ class Trainer:
         self.device = d.device
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
-        self.root, self.model_config = build_sharded(
-            adapter, spec, d, attn_impl, lambda m: LossModel(m, adapter, attn_impl, spec.loss, loss_mode))
+        self.peft = tuning.enabled(spec.peft)
+        save_base = self._save_random_base if self.peft and not spec.model.load_from else None
+        self.root, self.model_config, self.lora_config = build_sharded(
+            adapter, spec, d, attn_impl, lambda m: LossModel(m, adapter, attn_impl, spec.loss, loss_mode),
+            on_base_ready=save_base)
         self.model = self.root.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_counts = tuning.parameter_counts(self.model)
         self.optimizer = build_optimizer(self.params, spec.optim, d.device)
         if loader is None:
             from xtune.data import build_train_loader
@@ -116,7 +125,8 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
-        self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last)
+        # With adapters a checkpoint holds only what trains; the frozen base is reloaded from load_from.
+        self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last, trainable_only=self.peft)
         self.step = 0
         self.bad_streak = 0
         self.skipped_steps = 0
@@ -266,20 +276,46 @@ class Trainer:
         self.last_saved = self.step
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
-        from xtune.engine.export import gather_full_state_dict, write_hf
+        """The HF folder (merged with the adapters when there are some and peft.merge_on_export), and with
+        adapters the PEFT folder <run_dir>/hf_adapter. Returns the folder samples are generated from."""
+        from xtune.engine.export import gather_full_state_dict, write_hf, write_peft
 
         out = Path(out_dir or self.run_dir / "hf")
         full = gather_full_state_dict(self.model)
         error = None
         if self.denv.is_main:
             try:
-                write_hf(self.adapter, full, self.model_config, self.tokenizer, out)
+                if self.peft:
+                    adapter_dir = out.with_name(out.name.replace("hf", "hf_adapter", 1))
+                    write_peft(self.adapter, tuning.with_saved_base(self.spec, self.run_dir), self.lora_config, full, self.model_config, self.tokenizer,
+                               adapter_dir=adapter_dir, merged_dir=out if self.spec.peft.merge_on_export else None,
+                               dtype=self.compute_dtype)
+                    out = out if self.spec.peft.merge_on_export else adapter_dir
+                else:
+                    write_hf(self.adapter, full, self.model_config, self.tokenizer, out)
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
         error = self.denv.broadcast_object(error)
         if error:
             raise XtuneError(f"exporting the model to {out} failed: {error}")
         return out
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        from xtune.engine.parallelize import param_dtype
+
+        return param_dtype(self.spec.parallel, self.device)
+
+    def _save_random_base(self, model, config) -> None:
+        """A random-init base cannot be reloaded: write it once, as a HF folder <run_dir>/base that resume and
+        export load like model.load_from (and that hf_adapter's base_model_name_or_path names)."""
+        from xtune.engine.export import gather_full_state_dict, write_hf
+
+        base = tuning.saved_base_dir(self.run_dir)
+        full = gather_full_state_dict(model)
+        if self.denv.is_main:
+            write_hf(self.adapter, tuning.base_state(full), config, self.tokenizer, base)
+        self.denv.barrier()
 
     # ------------------------------------------------------------------------------------- the loop
 
@@ -300,6 +336,7 @@ class Trainer:
             from xtune.config.io import spec_to_dict
 
             logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
+            logger.message(tuning.describe(*self.param_counts))
             if ckpt is not None:
                 logger.message(f"resumed from {ckpt} at step {self.step}")
         else:
@@ -417,6 +454,10 @@ def train(spec, work_dir=None, **inject) -> dict:
     tokenizer = inject.pop("tokenizer", None)
     if tokenizer is None:
         tokenizer = preflight(spec, adapter, run_dir)
+    resume_from = resolve_resume(spec.train.resume, run_dir)
+    if resume_from is not None:  # an adapter run from random init reloads the base it saved
+        spec = tuning.with_saved_base(spec, resume_from.resolve().parent.parent)
+        adapter.spec = spec.model
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:

@@ -1,0 +1,30 @@
+"""Parameter-efficient tuning: LoRA / DoRA adapters (the `peft` package) on a frozen, optionally NF4 base.
+
+    targets = resolve_targets(model, adapter, spec.peft)     # module names, checked before any weights exist
+    inject(model, adapter, spec.peft)                        # on the meta model, before fully_shard
+    ... shard (quantized bases are FSDP-ignored), materialise, load the base ...
+    quantize_base(model)                                     # QLoRA: frozen base -> NF4, in place
+    init_adapter_weights(model, seed)                        # identical on every rank and layout
+    save_adapter(...) / merge(...)                           # PEFT folder + merged HF weights (export.py)
+"""
+
+from xtune.tuning.base import base_state, saved_base_dir, with_saved_base
+from xtune.tuning.lora import (
+    adapter_state_keys,
+    check_targets,
+    describe,
+    enabled,
+    init_adapter_weights,
+    is_adapter_key,
+    inject,
+    lora_config,
+    parameter_counts,
+    resolve_targets,
+    to_peft_keys,
+)
+
+__all__ = [
+    "base_state", "check_targets", "saved_base_dir", "with_saved_base",
+    "adapter_state_keys", "describe", "enabled", "init_adapter_weights", "inject", "is_adapter_key", "lora_config", "parameter_counts",
+    "resolve_targets", "to_peft_keys",
+]

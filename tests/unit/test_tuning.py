@@ -1,0 +1,231 @@
+"""LoRA / DoRA / QLoRA in one process on a tiny Qwen3 loaded from a Hugging Face folder.
+
+References are independent of xtune's engine: the same folder loaded by transformers and wrapped by peft's own
+`get_peft_model` (which initialises DoRA's magnitude itself), run document by document without packing.
+"""
+
+from __future__ import annotations
+
+import dataclasses as dc
+import sys
+
+import pytest
+import torch
+
+from tests.distributed.tiny import ListLoader, pack, reference_loss, save_tiny_hf
+from xtune.errors import ConfigError
+
+BASE = ["recipe=demo", "model=qwen3_8b", "model.tokenizer=builtin:qwen3_tiny", "train.max_steps=4",
+        "train.global_batch_size=1", "loss.mode=chunk", "sched=constant", "sched.warmup_ratio=0.0",
+        "logging.tensorboard=false", "train.sample_prompts=[]", "data.eval_datasets=[]", "train.eval_every=0",
+        "optim.max_grad_norm=0", "peft.r=4", "peft.alpha=8"]
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "init"
+    save_tiny_hf(folder, seed=11)
+    return folder
+
+
+def spec_of(init_dir, *extra):
+    from xtune.config.compose import load_spec
+
+    return load_spec(BASE + [f"model.load_from={init_dir}"] + list(extra))[1]
+
+
+def trainer_of(spec, run_dir):
+    from xtune.config.schema import ParallelSpec
+    from xtune.engine.distributed import init_distributed
+    from xtune.engine.trainer import Trainer
+    from xtune.models import get_adapter
+
+    adapter = get_adapter(spec.model)
+    denv = init_distributed(ParallelSpec())
+    return Trainer(spec, run_dir, adapter=adapter, tokenizer=adapter.load_tokenizer(), denv=denv,
+                   loader=ListLoader(4, 1, 0, 1, 1, seed=3, cycle=1))
+
+
+@pytest.fixture
+def closing():
+    made = []
+    yield made
+    for tr in made:
+        tr.close()
+
+
+def adapter_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def peft_reference(init_dir, trainer, use_dora=False):
+    """The same folder through transformers + peft's get_peft_model, with the trainer's adapter weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(str(init_dir), attn_implementation="eager").float()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ref = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+    inner = ref.get_base_model()
+    ours = adapter_params(trainer.model)
+    theirs = {n: p for n, p in inner.named_parameters() if "lora_" in n}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 2 * 7 * (3 if use_dora else 2)
+    return ref, inner, ours, theirs
+
+
+def test_lora_trains_only_adapters_and_the_base_stays_bit_identical(init_dir, tmp_path, closing):
+    tr = trainer_of(spec_of(init_dir, "peft=lora", "optim.lr=1e-2"), tmp_path / "run")
+    closing.append(tr)
+    base = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in adapter_params(tr.model).items()}
+    assert base and lora and all(p.requires_grad for p in adapter_params(tr.model).values())
+    # Starts at the base model: B = 0, A non-zero.
+    assert all(torch.count_nonzero(v) == 0 for n, v in lora.items() if "lora_B" in n)
+    assert all(torch.count_nonzero(v) > 0 for n, v in lora.items() if "lora_A" in n)
+    batch = next(tr.loader)
+    losses = [tr.train_step(batch)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    after = dict(tr.model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in base.items()), "a frozen base weight changed"
+    assert all(not torch.equal(after[n], v) for n, v in lora.items()), "an adapter weight did not train"
+    # Optimizer state exists for the adapters alone.
+    with_state = {id(p) for p in tr.optimizer.state}
+    assert with_state == {id(p) for p in adapter_params(tr.model).values()}
+
+
+def test_lora_packed_equals_peft_reference_unpacked(init_dir, tmp_path, closing):
+    """Loss and adapter gradients of one packed row == peft's model on the documents one by one."""
+    tr = trainer_of(spec_of(init_dir, "peft=lora"), tmp_path / "run")
+    closing.append(tr)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero B, so A gets a gradient too
+        for n, p in adapter_params(tr.model).items():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ref, inner, ours, theirs = peft_reference(init_dir, tr)
+    with torch.no_grad():
+        for n, p in theirs.items():
+            p.copy_(ours[n])
+    docs = [d for row in ListLoader(1, 1, 0, 1, 1, seed=9, docs_per_row=4).rows_of_step(0) for d in row]
+    stats = tr.forward_backward([pack(docs)])
+    want = reference_loss(ref, docs)
+    want.backward()
+    assert abs(stats["loss"] - want.item()) < 1e-5
+    for n, p in ours.items():
+        torch.testing.assert_close(p.grad, theirs[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert all(p.grad is None for p in tr.model.parameters() if not p.requires_grad)
+
+
+def test_dora_magnitude_and_forward_equal_peft_dora(init_dir, tmp_path, closing):
+    tr = trainer_of(spec_of(init_dir, "peft=dora"), tmp_path / "run")
+    closing.append(tr)
+    ref, inner, ours, theirs = peft_reference(init_dir, tr, use_dora=True)
+    mags = [n for n in ours if "lora_magnitude_vector" in n]
+    assert len(mags) == 2 * 7
+    for n in mags:  # peft computed its magnitudes from the loaded base weights itself
+        torch.testing.assert_close(ours[n], theirs[n], atol=1e-6, rtol=1e-6, msg=n)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in ours.items():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for n, p in theirs.items():
+            p.copy_(ours[n])
+    ids = torch.randint(0, 96, (1, 20), generator=g)
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = tr.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), ref.disable_adapter():  # the adapters change the output (the check can fail)
+        assert (ref(input_ids=ids).logits - want).abs().max() > 1e-3
+
+
+def test_qlora_base_is_4bit_trains_and_exports(init_dir, tmp_path, closing):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from xtune.tuning.quant import is_nf4, nf4_bytes
+
+    tr = trainer_of(spec_of(init_dir, "peft=qlora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.0", "optim.lr=1e-2"),
+                    tmp_path / "run")
+    closing.append(tr)
+    bases = {n: p for n, p in tr.model.named_parameters() if n.endswith("base_layer.weight")}
+    assert len(bases) == 2 * 7
+    for n, p in bases.items():
+        assert is_nf4(p) and not p.requires_grad, n
+        assert p.quantized_data.dtype == torch.uint8 and p.quantized_data.numel() * 2 == p.numel(), n
+        # 4 bits per value plus the double-quantised block scales: about 0.53 bytes per parameter
+        assert nf4_bytes(p) <= 0.56 * p.numel() + 256, (n, nf4_bytes(p), p.numel())
+    codes = {n: p.quantized_data.clone() for n, p in bases.items()}
+    batch = next(tr.loader)
+    losses = [tr.train_step(batch)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(p.quantized_data, codes[n]) for n, p in bases.items())
+
+    out = tr.export_hf()
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = tr.model(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+    # The merge adds the adapters to the dequantised 4-bit base: the trained model's logits exactly.
+    torch.testing.assert_close(merged, trained, atol=1e-5, rtol=1e-5)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(init_dir)),
+                                           str(tmp_path / "run" / "hf_adapter")).eval()
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    ours = adapter_params(tr.model)
+    assert len(loaded) == len(ours) == 2 * 7 * 2
+    for n, p in loaded.items():
+        torch.testing.assert_close(p, ours[n.removeprefix("base_model.model.")])
+    with torch.no_grad():  # over the full-precision base: close to the 4-bit model, not equal
+        assert (peft_model(input_ids=ids).logits - trained).abs().max() < 0.5
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def test_target_matching_nothing_is_refused_before_any_weight(init_dir, tmp_path):
+    from xtune.engine.trainer import preflight
+    from xtune.models import get_adapter
+
+    spec = spec_of(init_dir, "peft=lora", "peft.target_modules=[qkv_proj,q_proj]")
+    with pytest.raises(ConfigError) as e:
+        preflight(spec, get_adapter(spec.model), tmp_path)
+    msg = str(e.value)
+    assert "peft.target_modules: 'qkv_proj' matches no linear layer" in msg
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in msg
+    assert "'q_proj'" not in msg
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["peft=lora", "peft.r=0"], "peft.r=0: the adapter rank must be > 0"),
+    (["peft=lora", "model.freeze_language=true"], "model.freeze_language=true contradicts adapters"),
+    (["peft=dora", "peft.quantize=nf4"], "peft.method=dora with peft.quantize=nf4 is not supported"),
+    (["peft=none", "peft.quantize=nf4"], "peft.quantize=nf4 needs adapters"),
+])
+def test_peft_config_problems_are_reported_at_compose_time(init_dir, extra, expect):
+    with pytest.raises(ConfigError) as e:
+        spec_of(init_dir, *extra)
+    assert any(expect in p for p in e.value.problems), e.value.problems
+
+
+def test_qlora_without_the_4bit_library_names_the_extra(init_dir, monkeypatch):
+    from xtune.config.validate import validate
+
+    spec = spec_of(init_dir, "peft=qlora")
+    assert not any("xtune[qlora]" in p for p in validate(spec))
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without torchao looks like
+    assert any("pip install 'xtune[qlora]'" in p for p in validate(spec))
+
+
+def test_regex_targets_reach_outside_the_language_model_only_when_asked(init_dir):
+    from xtune.models import get_adapter
+    from xtune.tuning.lora import resolve_targets
+
+    spec = spec_of(init_dir, "peft=lora")
+    adapter = get_adapter(spec.model)
+    with torch.device("meta"):
+        model = adapter.build_model(adapter.build_config(), "sdpa")
+    names, problems = resolve_targets(model, adapter, dc.replace(spec.peft, target_modules=["all-linear"]))
+    assert not problems and len(names) == 14 and "lm_head" not in names
+    names, _ = resolve_targets(model, adapter, dc.replace(spec.peft, target_modules=[r"model\.layers\.1\..*_proj"]))
+    assert names == [n for n in names if n.startswith("model.layers.1.")] and len(names) == 7
