@@ -287,7 +287,8 @@ class Trainer:
             try:
                 if self.peft:
                     adapter_dir = out.with_name(out.name.replace("hf", "hf_adapter", 1))
-                    write_peft(self.adapter, tuning.with_saved_base(self.spec, self.run_dir), self.lora_config, full, self.model_config, self.tokenizer,
+                    spec = tuning.with_saved_base(self.spec, self.run_dir)
+                    write_peft(self.adapter, spec, self.lora_config, full, self.model_config, self.tokenizer,
                                adapter_dir=adapter_dir, merged_dir=out if self.spec.peft.merge_on_export else None,
                                dtype=self.compute_dtype)
                     out = out if self.spec.peft.merge_on_export else adapter_dir

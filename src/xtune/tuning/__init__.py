@@ -3,9 +3,9 @@
     targets = resolve_targets(model, adapter, spec.peft)     # module names, checked before any weights exist
     inject(model, adapter, spec.peft)                        # on the meta model, before fully_shard
     ... shard (quantized bases are FSDP-ignored), materialise, load the base ...
-    quantize_base(model)                                     # QLoRA: frozen base -> NF4, in place
+    quant.quantize_bases(model)                              # QLoRA: frozen base -> NF4, in place
     init_adapter_weights(model, seed)                        # identical on every rank and layout
-    save_adapter(...) / merge(...)                           # PEFT folder + merged HF weights (export.py)
+    engine.export.write_peft(...)                            # PEFT folder + merged HF weights
 """
 
 from xtune.tuning.base import base_state, saved_base_dir, with_saved_base
@@ -24,7 +24,7 @@ from xtune.tuning.lora import (
 )
 
 __all__ = [
-    "base_state", "check_targets", "saved_base_dir", "with_saved_base",
-    "adapter_state_keys", "describe", "enabled", "init_adapter_weights", "inject", "is_adapter_key", "lora_config", "parameter_counts",
-    "resolve_targets", "to_peft_keys",
+    "adapter_state_keys", "base_state", "check_targets", "describe", "enabled", "init_adapter_weights", "inject",
+    "is_adapter_key", "lora_config", "parameter_counts", "resolve_targets", "saved_base_dir", "to_peft_keys",
+    "with_saved_base",
 ]
