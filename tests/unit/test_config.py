@@ -8,7 +8,7 @@ from xtune.config.compose import compose, load_spec, recipe_files, to_spec
 from xtune.config.schema import RunSpec
 from xtune.errors import ConfigError
 
-BIG = {"intern_s1_mini", "qwen3_8b", "qwen3_30b_a3b"}
+BIG = {"intern_s1_mini", "intern_s1_mini_lora", "qwen3_8b", "qwen3_8b_qlora", "qwen3_30b_a3b"}
 
 
 @pytest.mark.parametrize("recipe", sorted(recipe_files()))
@@ -22,6 +22,32 @@ def test_every_recipe_composes_and_validates(recipe, tmp_path):
     assert isinstance(spec, RunSpec)
     assert spec.recipe == recipe
     assert dataclasses.is_dataclass(spec.model) and spec.description
+
+
+@pytest.mark.parametrize("peft", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("recipe", sorted(recipe_files()))
+def test_every_recipe_takes_every_peft_option(recipe, peft, tmp_path):
+    overrides = [f"recipe={recipe}", f"peft={peft}"]
+    if recipe in BIG:
+        overrides.append(f"model.load_from={tmp_path}/weights")
+    spec = to_spec(compose(overrides), check_files=recipe not in BIG)
+    assert spec.peft.method == ("dora" if peft == "dora" else "lora")
+    assert spec.peft.quantize == ("nf4" if peft == "qlora" else "none")
+
+
+def test_qwen3_8b_qlora_has_the_seed_settings(tmp_path):
+    _, spec = load_spec(["recipe=qwen3_8b_qlora", f"model.load_from={tmp_path}"], check_files=False)
+    p = spec.peft
+    assert (p.method, p.quantize, p.r, p.alpha, p.dropout, p.target_modules) == ("lora", "nf4", 64, 16, 0.1,
+                                                                                   ["all-linear"])
+    assert (spec.optim.lr, list(spec.optim.betas), spec.optim.max_grad_norm) == (2e-4, [0.9, 0.999], 1.0)
+    assert (spec.sched.type, spec.sched.warmup_ratio, spec.data.pack_max_length) == ("cosine", 0.03, 2048)
+
+
+def test_intern_s1_mini_lora_keeps_the_reference_freezing(tmp_path):
+    _, spec = load_spec(["recipe=intern_s1_mini_lora", f"model.load_from={tmp_path}"], check_files=False)
+    assert spec.peft.method == "lora" and spec.model.freeze_vision and spec.model.freeze_projector
+    assert [d.sample_ratio for d in spec.data.datasets] == [5.0, 20.0]
 
 
 def test_intern_s1_mini_matches_reference_configuration(tmp_path):
