@@ -30,6 +30,7 @@ CHOICES: Dict[str, tuple] = {
     "parallel.param_dtype": ("auto", "float32", "bfloat16", "float16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),
     "parallel.attn": ("auto", "flash", "sdpa", "eager"),
+    "logging.progress": ("auto", "rich", "plain"),
 }
 
 
@@ -208,7 +209,7 @@ class LoggingSpec:
     # Also log to Weights & Biases (needs `pip install wandb`).
     wandb: bool = False
     wandb_project: str = "xtune"
-    # auto: a rich progress bar on an interactive terminal, plain log lines otherwise.
+    # auto: a rich progress bar on an interactive terminal, plain log lines otherwise; rich or plain force one.
     progress: str = "auto"
 
 
