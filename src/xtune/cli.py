@@ -57,11 +57,11 @@ def sft(
     config_dir: Optional[List[str]] = CONFIG_DIR,
 ):
     """Supervised fine-tuning: compose the recipe and overrides, validate, and train."""
-    from xtune.commands import sft as run_sft
+    from xtune.commands import train_command
 
     code = _guarded(
-        lambda: run_sft(list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
-                        config_dirs=list(config_dir or []))
+        lambda: train_command("sft", list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
+                              config_dirs=list(config_dir or []))
     )
     raise typer.Exit(code or 0)
 

@@ -1,28 +1,20 @@
-"""What the CLI commands do: compose and validate the config, then hand the RunSpec on.
+"""What the CLI commands do: compose and validate the config once, then hand the RunSpec on.
 
-`sft` validates every point of a sweep before Hydra starts any job, so a configuration mistake
-costs seconds, not a queued Slurm job. Hydra's own main then creates the run directories and
-runs the jobs (its launcher plugins work unchanged).
+A training command composes every job with Hydra's compose API and validates it before anything starts,
+so a configuration mistake costs seconds, not a queued Slurm job. A single job then runs here; a sweep
+(-m) goes to Hydra's own main, which creates the sweep's run directories and runs the jobs through its
+launcher plugins.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import shlex
+import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from xtune.errors import ConfigError, XtuneError
-
-_FAILED_JOBS: List[str] = []
-# A user error of a single (non-multirun) job, re-raised after Hydra's main returns: raised inside the
-# task function, Hydra would print it as a traceback and exit 1 instead of our message and exit code.
-_JOB_ERRORS: List[XtuneError] = []
-# The command line as the user typed it (sys.argv is rewritten for Hydra while jobs run).
-_USER_ARGV: List[str] = []
 
 
 def _console(stderr: bool = False):
@@ -31,184 +23,144 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
-# --------------------------------------------------------------------------- launch environment
+# --------------------------------------------------------------------------- training commands
 
 
-def external_launch() -> Optional[str]:
-    """An id shared by all ranks when started by torchrun or Slurm with more than one process."""
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
-        return None
-    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
-        if os.environ.get(var) and os.environ[var] != "none":
-            return os.environ[var]
-    return os.environ.get("MASTER_PORT", "run")
+def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
+                  config_dirs: List[str]) -> int:
+    """`xtune <command> overrides...` for a training command (sft; dpo to come): the command names the primary
+    config, everything else is shared."""
+    from xtune.config.compose import compose_jobs
 
+    if cfg:
+        if cfg not in ("job", "hydra", "all"):
+            raise ConfigError([f"--cfg {cfg}: choose one of job, hydra, all"])
+        return _print_cfg(compose_jobs(command, overrides, config_dirs, multirun=multirun, validate=False), cfg)
 
-def global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    jobs = compose_jobs(command, list(overrides) + _launch_overrides(overrides), config_dirs, multirun=multirun)
+    if dry_run:
+        return _print_plan(jobs)
+    if multirun:
+        return _hydra_multirun(command, overrides, config_dirs)
+    spec = jobs[0].spec
+    run_dir = Path(spec.train.work_dir).expanduser().resolve()
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, work_dir=str(run_dir)))
+    return _run_job(spec, run_dir)
 
 
 def _launch_overrides(overrides: Sequence[str]) -> List[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
-    run_id = external_launch()
-    extra: List[str] = []
-    if run_id is not None:
-        if not any(o.startswith("train.work_dir=") for o in overrides):
-            extra.append(f"train.work_dir=work_dirs/${{recipe}}/run-{run_id}")
-        if global_rank() != 0:
-            extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return extra
+    from xtune.launch_env import launch_env
+
+    run_id = launch_env().run_id
+    if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
+        return [f"train.work_dir=work_dirs/${{recipe}}/run-{run_id}"]
+    return []
 
 
-# --------------------------------------------------------------------------- sft
+def _print_cfg(jobs, which: str) -> int:
+    """Hydra's --cfg: the job's config, its hydra node, or both (unresolved, as Hydra prints them)."""
+    from omegaconf import OmegaConf, open_dict
 
+    from xtune.config.compose import without_hydra
 
-def sft(overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
-        config_dirs: List[str]) -> int:
-    from xtune.config import compose as C
-    from xtune.config.validate import plan
-
-    C.setup(config_dirs)
-    if cfg:
-        if cfg not in ("job", "hydra", "all"):
-            raise ConfigError([f"--cfg {cfg}: choose one of job, hydra, all"])
-        problems = C.check_overrides(overrides, config_dirs)
-        if problems:
-            raise ConfigError(problems)
-        return _hydra_main(C.hydra_overrides(overrides, config_dirs), ["--cfg", cfg] + (["-m"] if multirun else []))
-
-    problems = C.check_overrides(overrides, config_dirs)
-    parsed_sweeps = _sweep_keys(overrides)
-    if parsed_sweeps and not multirun:
-        problems.append(
-            f"{', '.join(parsed_sweeps)}: several values given (a sweep); add -m/--multirun to run one job per value"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-    points = C.sweep_points(overrides) if multirun else [list(overrides)]
-    specs, problems = [], []
-    for point in points:
-        try:
-            specs.append(C.to_spec(C.compose(point, config_dirs)))
-        except ConfigError as e:
-            prefix = f"[{' '.join(point)}] " if len(points) > 1 else ""
-            problems.extend(prefix + p for p in e.problems)
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-
-    if dry_run:
-        out = _console()
-        for point, spec in zip(points, specs):
-            if len(points) > 1:
-                out.print(f"[bold]job[/] {' '.join(point)}")
-            for key, value in plan(spec).items():
-                out.print(f"  [cyan]{key}[/]: {value}")
-        out.print(f"[green]ok[/]: {len(specs)} job(s) valid; nothing was built (--dry-run)")
-        return 0
-
-    args = C.hydra_overrides(list(overrides) + _launch_overrides(overrides), config_dirs)
-    _FAILED_JOBS.clear()
-    _JOB_ERRORS.clear()
-    _USER_ARGV[:] = ["xtune"] + sys.argv[1:]
-    code = _hydra_main(args, ["-m"] if multirun else [])
-    if _JOB_ERRORS:
-        raise _JOB_ERRORS.pop()
-    if _FAILED_JOBS:
-        return 1
-    return code
-
-
-def _sweep_keys(overrides: Sequence[str]) -> List[str]:
-    from xtune.config.compose import _parse
-
-    parsed, _ = _parse(overrides)
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
-
-
-def _hydra_main(overrides: List[str], flags: List[str]) -> int:
-    """Run Hydra's own main (run dirs, multirun, launchers, --cfg) with our task function."""
-    import hydra
-
-    from xtune.config.resources import conf_dir
-
-    main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="sft")(_task)
-    saved = sys.argv
-    sys.argv = ["xtune"] + flags + overrides
-    try:
-        main()
-    finally:
-        sys.argv = saved
+    for job in jobs:
+        cfg = job.cfg
+        if which == "job":
+            cfg = without_hydra(cfg)
+        elif which == "hydra":
+            cfg = OmegaConf.create({"hydra": cfg.hydra})
+        else:
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.hydra.pop("runtime", None)  # paths of this process, not configuration
+        sys.stdout.write(OmegaConf.to_yaml(cfg))
     return 0
 
 
-def _task(cfg) -> None:
-    """One Hydra job: the resolved spec goes to the engine; the run dir is Hydra's output dir."""
+def _print_plan(jobs) -> int:
+    from xtune.config.validate import plan
+
+    out = _console()
+    for job in jobs:
+        if len(jobs) > 1:
+            out.print(f"[bold]job[/] {' '.join(a for a in job.overrides if not a.startswith('hydra.searchpath'))}")
+        for key, value in plan(job.spec).items():
+            out.print(f"  [cyan]{key}[/]: {value}")
+    out.print(f"[green]ok[/]: {len(jobs)} job(s) valid; nothing was built (--dry-run)")
+    return 0
+
+
+def _run_job(spec, run_dir: Path) -> int:
+    """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
+    from xtune.engine.launch import run
+    from xtune.engine.rundir import user_argv
+    from xtune.launch_env import launch_env
+
+    if launch_env().rank == 0:
+        _log_to(run_dir)
+    return run(spec, run_dir, argv=user_argv())
+
+
+def _log_to(run_dir: Path) -> None:
+    """Console and run-dir log file (xtune.log), in the format Hydra's job logging used."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "xtune.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequence[str]) -> int:
+    """A sweep: Hydra owns the process (run dirs, launcher plugins). Every point was validated already.
+
+    Reach-in (hydra-core 1.3.8): `hydra.main` reads its arguments from sys.argv only; `_run_hydra` is what it
+    calls with them parsed, so the command line is handed over without rewriting sys.argv.
+    """
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    from xtune.config.compose import hydra_overrides, primary_config
+    from xtune.config.resources import conf_dir
+
+    failed: List[str] = []
+
+    def task(cfg) -> int:
+        code = sweep_job(cfg)
+        if code:
+            failed.append(str(code))
+        return code
+
+    parser = get_args_parser()
+    args = parser.parse_args(["-m", *hydra_overrides(overrides, config_dirs)])
+    _run_hydra(args=args, args_parser=parser, task_function=task, config_path=str(conf_dir()),
+               config_name=primary_config(command))
+    return 1 if failed else 0
+
+
+def sweep_job(cfg) -> int:
+    """One job of a sweep, run by Hydra's launcher: its run dir is Hydra's output dir. A failed job is
+    reported in one line and the sweep goes on; its exit code is returned."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from xtune.config.compose import to_spec
 
-    hc = HydraConfig.get()
-    work_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
+    work_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = cfg.copy()
         OmegaConf.update(cfg, "train.work_dir", str(work_dir))
-        spec = to_spec(cfg)
-        if global_rank() == 0:
-            write_run_files(spec, work_dir)
         from xtune.engine.launch import run
+        from xtune.engine.rundir import user_argv
 
-        code = run(spec, work_dir)
+        code = run(to_spec(cfg, validate=False), work_dir, argv=user_argv())
     except XtuneError as e:
-        if not multirun:
-            _JOB_ERRORS.append(e)
-            return
-        _FAILED_JOBS.append(str(work_dir))
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): {e}")
-        return
+        return e.exit_code
     if code:
-        if not multirun:
-            raise SystemExit(code)
-        _FAILED_JOBS.append(str(work_dir))
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): workers exited with {code}")
-
-
-def write_run_files(spec, work_dir: Path) -> None:
-    """config.yaml (the resolved spec), cmd.txt (the command line), env.json (versions)."""
-    from xtune.config.io import spec_to_yaml
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.yaml").write_text(spec_to_yaml(spec))
-    argv = _USER_ARGV or ["xtune"] + sys.argv[1:]
-    (work_dir / "cmd.txt").write_text(f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n")
-    (work_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-
-    import xtune
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "xtune": xtune.__version__,
-        "platform": platform.platform(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-    }
-    for name in ("liger_kernel", "flash_attn"):
-        try:
-            module = __import__(name)
-            env[name] = getattr(module, "__version__", "installed")
-        except Exception:
-            env[name] = None
-    return env
+    return code
 
 
 # --------------------------------------------------------------------------- other commands
@@ -240,7 +192,7 @@ def show_config(overrides: List[str], config_dirs: List[str]) -> None:
 
     from xtune.config.compose import compose
 
-    cfg = compose(overrides, config_dirs)
+    cfg = compose(overrides, config_dirs)  # composed only: config show prints what an invalid run would get
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 

@@ -210,3 +210,57 @@ def test_export_command_and_data_inspect(tmp_path):
     out = xtune("data", "inspect", "recipe=demo", f"data.cache_dir={tmp_path}/cache", env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "demo_tasks" in out.stdout and "efficiency" in out.stdout and "<|im_start|>assistant" in out.stdout
+
+
+def _user_config_dir(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "my_tiny.yaml").write_text(
+        "name: my_tiny\nfamily: qwen3\ntokenizer: builtin:qwen3_tiny\n"
+        "arch: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,"
+        " num_key_value_heads: 1, head_dim: 16}\n")
+    (conf / "recipes").mkdir()
+    (conf / "recipes" / "mine.yaml").write_text(
+        "description: my own recipe\ndefaults:\n  - override /model: my_tiny\n  - override /data: demo\n"
+        "  - override /parallel: single\ntrain:\n  global_batch_size: 1\n  micro_batch_size: 1\n")
+    return conf
+
+
+def test_config_dir_adds_recipes_and_groups(tmp_path):
+    conf = _user_config_dir(tmp_path)
+    out = xtune("recipes", "--config-dir", str(conf), env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "mine" in out.stdout and "my own recipe" in out.stdout and "demo" in out.stdout
+    out = xtune("sft", "recipe=mine", "--config-dir", str(conf), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "my_tiny (qwen3, random init)" in out.stdout
+    out = xtune("sft", "recipe=mine", "--dry-run")  # without the folder the recipe is unknown
+    assert out.returncode == 2 and "recipe=mine: no such recipe" in out.stderr
+
+
+def test_bad_cfg_value_exits_2():
+    out = xtune("sft", "recipe=demo", "--cfg", "jobs")
+    assert out.returncode == 2 and "--cfg jobs: choose one of job, hydra, all" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_recipe_file_runs_and_a_failing_sweep_point_exits_1(tmp_path):
+    recipe = tmp_path / "quick.yaml"
+    recipe.write_text("description: from a file\ndefaults:\n  - override /model: qwen3_tiny\n"
+                      "  - override /data: demo\n  - override /parallel: single\n"
+                      "train: {global_batch_size: 1, micro_batch_size: 1, epochs: null, max_steps: 1, eval_every: 0,"
+                      " save_every: 0, sample_prompts: []}\ndata: {eval_datasets: [], pack_max_length: 512}\n")
+    run = tmp_path / "run"
+    out = xtune("sft", f"recipe={recipe}", f"train.work_dir={run}", f"data.cache_dir={tmp_path}/cache", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert _steps(run) == [1] and "recipe: quick" in (run / "config.yaml").read_text()
+    # A sweep whose second point fails at run time (a resume path that is a file, not a checkpoint):
+    # the first point still trains, the failure is one line, the sweep exits 1.
+    sweep = tmp_path / "sweep"
+    bad = tmp_path / "not_a_checkpoint"
+    bad.write_text("x")
+    out = xtune("sft", "-m", f"recipe={recipe}", f"train.resume=auto,{bad}", f"data.cache_dir={tmp_path}/cache",
+                f"hydra.sweep.dir={sweep}", timeout=600)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    assert _steps(sweep / "0") == [1]
+    assert f"job failed ({sweep / '1'})" in out.stderr and "Traceback" not in out.stderr

@@ -35,7 +35,7 @@ def test_moe_aux_loss_is_logged_separately(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("case", ["load_from", "tokenizer", "wandb", "batch"])
+@pytest.mark.parametrize("case", ["load_from", "tokenizer", "wandb"])
 def test_user_errors_before_any_process_group(tmp_path, case):
     from xtune.engine.trainer import train
 
@@ -57,9 +57,6 @@ def test_user_errors_before_any_process_group(tmp_path, case):
             pass
         spec = dc.replace(spec, logging=dc.replace(spec.logging, wandb=True))
         match = "pip install wandb"
-    else:
-        spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=3, micro_batch_size=2))
-        match = "global_batch_size=3"
     with pytest.raises(XtuneError, match=match):
         train(spec, tmp_path / "run")
     assert not torch.distributed.is_initialized()

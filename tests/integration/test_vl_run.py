@@ -139,7 +139,7 @@ def test_one_rank_with_image_the_other_without_does_not_hang(tmp_path):
     # The run really had a step where exactly one rank's micro-batch carried the image.
     spec = spec_from_yaml(run / "config.yaml")
     tok = get_adapter(spec.model).load_tokenizer()
-    loaders = [build_train_loader(spec, tok, dp_rank=r, dp_size=2, rank=1, local_rank=r) for r in range(2)]
+    loaders = [build_train_loader(spec, tok, dp_rank=r, dp_size=2, rank=1) for r in range(2)]
     ranks_with_image = [sum(any(mb.pixel_values is not None for mb in next(ld)) for ld in loaders) for _ in range(2)]
     assert sorted(ranks_with_image) == [0, 1], ranks_with_image
     assert (run / "hf" / "model.safetensors").is_file()

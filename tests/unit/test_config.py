@@ -173,3 +173,62 @@ def test_a_sections_key_at_the_top_level_points_to_its_section(override, hint):
     with pytest.raises(ConfigError) as e:
         compose([override])
     assert f"Did you mean '{hint}'?" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]: give two values in [0, 1)"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9]: give two values"),
+    (["sched.warmup_ratio=1.0"], "sched.warmup_ratio=1.0: must be in [0, 1)"),
+    (["sched.min_lr_ratio=-0.1"], "sched.min_lr_ratio=-0.1: must be in [0, 1]"),
+    (["parallel.ac_ratio=0"], "parallel.ac_ratio=0.0: must be in (0, 1]"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be > 0"),
+    (["data.pack_max_length=-8"], "data.pack_max_length=-8: must be > 0"),
+    (["loss.chunk_size=0"], "loss.chunk_size=0: must be > 0"),
+    (["data.num_workers=-1"], "data.num_workers=-1: must be >= 0"),
+    (["data.datasets.0.sample_ratio=-1"], "data.datasets[0].sample_ratio=-1.0: must be >= 0"),
+    (["data.eval_datasets.0.name=demo_tasks", "data.datasets=[{name: a, path: x}, {name: a, path: y}]"],
+     "data.datasets[1].name=a: names must be unique"),
+    (["data.eval_datasets=[]", "train.eval_every=5"], "train.eval_every=5 but data.eval_datasets is empty"),
+    (["data.datasets=[]"], "data.datasets is empty"),
+    (["model.freeze_vision=true"], "model.freeze_vision=true: model.family=qwen3 has no vision part"),
+])
+def test_each_validation_rule_names_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_spec(["recipe=demo", *overrides], check_files=False)
+    assert fragment in e.value.problems or any(fragment in p for p in e.value.problems), e.value.problems
+
+
+def test_file_rules_name_the_missing_path(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        load_spec(["recipe=demo", f"model.load_from={folder}", f"data.datasets.0.media_root={tmp_path}/media",
+                   f"train.resume={tmp_path}/ckpt"])
+    text = str(e.value)
+    assert f"model.load_from={folder}: no weights there (expected model.safetensors" in text
+    assert f"data.datasets[0] (demo_tasks).media_root={tmp_path}/media: no such folder" in text
+    assert f"train.resume={tmp_path}/ckpt: no such checkpoint folder" in text
+
+
+def test_unparsable_override_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        compose(["recipe=demo", "optim.lr=[1,", "optim.lrr=2"])
+    assert any(p.startswith("cannot parse override 'optim.lr=[1,'") for p in e.value.problems)
+    assert any("optim.lrr=2: unknown key 'lrr'" in p for p in e.value.problems)  # still reported together
+
+
+def test_a_run_composes_once(monkeypatch):
+    """One `xtune sft` job is composed by Hydra exactly once (the error path alone composes again)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    calls = []
+    original = ConfigLoaderImpl.load_configuration
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    from xtune.config.compose import compose_jobs
+
+    jobs = compose_jobs("sft", ["recipe=demo", "optim.lr=0.5"])
+    assert len(calls) == 1 and jobs[0].spec.optim.lr == 0.5
+    jobs = compose_jobs("sft", ["recipe=demo", "optim.lr=0.5,0.25"], multirun=True)
+    assert len(calls) == 3 and [j.spec.optim.lr for j in jobs] == [0.5, 0.25]

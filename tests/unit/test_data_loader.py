@@ -3,6 +3,7 @@
 import io
 import math
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -87,6 +88,27 @@ def test_one_process_builds_the_others_wait(tmp_path):
     built = sorted(q.get(timeout=5) for _ in procs)
     assert built == [False, False, True]
     assert (tmp_path / "entry" / "meta.json").exists() and not (tmp_path / "entry.lock").exists()
+
+
+def _die_while_building(folder, started):
+    def build():
+        started.set()
+        os._exit(9)  # killed in the middle of the build: no cleanup runs
+
+    build_or_load(folder, build)
+
+
+def test_a_killed_builder_does_not_block_the_others(tmp_path):
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    p = ctx.Process(target=_die_while_building, args=(tmp_path / "entry", started))
+    p.start()
+    assert started.wait(30)
+    p.join(30)
+    assert p.exitcode == 9
+    built = build_or_load(tmp_path / "entry", lambda: save_entry(tmp_path / "entry", TokenizedChunk(), {"name": "x"}),
+                          poll_s=0.05, timeout_s=10)  # the dead builder's lock is free at once
+    assert built and (tmp_path / "entry" / "meta.json").exists()
 
 
 def test_loader_is_deterministic_and_resumes_exactly(qwen_tok, two_datasets):

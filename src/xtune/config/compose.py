@@ -4,28 +4,32 @@ Recipes live in `recipes/` (not a Hydra group folder), so each recipe file is re
 Hydra's ConfigStore as an option of the `recipe` group at the global package. The same holds for
 a user's `recipe=./path.yaml` and for `recipes/` folders under `--config-dir` directories.
 
-Before Hydra composes anything, every override is checked against the schema so that all
-mistakes are reported together, each with the key, the value and what is allowed.
+`compose_jobs` is the one path from a command line to validated RunSpecs: the overrides are parsed
+once, each job (one, or one per sweep point) is composed once with Hydra's compose API and validated
+once. Only when Hydra refuses an override are the overrides diagnosed one by one, so that every
+mistake is reported together, each with the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from xtune.config.io import to_frozen, writable_structured
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
-from xtune.config.schema import CHOICES, RunSpec
+from xtune.config.schema import RunSpec
+from xtune.config.validate import check_value, suggest
 from xtune.errors import ConfigError
 
 GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft")
-PRIMARY = "sft"
+# Command -> its primary config in conf/ (a new command, e.g. dpo, adds its line and its conf/<name>.yaml).
+PRIMARY = {"sft": "sft"}
 SCHEMA_NAME = "xtune_schema"
 
 
@@ -55,19 +59,6 @@ def group_options(group: str, config_dirs: Sequence[str] = ()) -> List[str]:
     for root in [conf_dir(), *map(Path, config_dirs)]:
         names.update(f.stem for f in (root / group).glob("*.yaml"))
     return sorted(names)
-
-
-def group_file(group: str, option: str, config_dirs: Sequence[str] = ()) -> Optional[Path]:
-    for root in [*map(Path, reversed(list(config_dirs))), conf_dir()]:
-        f = root / group / f"{option}.yaml"
-        if f.is_file():
-            return f
-    return None
-
-
-def suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 # --------------------------------------------------------------------------- registration
@@ -156,53 +147,31 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
     return f"{key}={given}: {str(error).splitlines()[0]}"
 
 
-def check_value(key: str, value) -> Optional[str]:
-    """Enumerated string fields: the value must be one of the allowed ones."""
-    allowed = CHOICES.get(key)
-    if allowed is None or not isinstance(value, str) or value.startswith("${"):
-        return None
-    if value not in allowed:
-        return f"{key}={value}: not allowed; choose one of {', '.join(allowed)}.{suggest(value, allowed)}"
-    return None
-
-
-def check_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> List[str]:
-    """Every problem in the command-line overrides, each naming the key, the value and what is allowed.
-
-    Group and recipe choices are checked first; key=value overrides are then checked against the
-    config those choices compose to (so list elements such as data.datasets.0.path can be checked),
-    or against the bare schema when a choice is itself wrong.
-    """
-    parsed, problems = _parse(overrides)
+def _choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
+    """Group and recipe choices, checked against the files (no composition needed)."""
+    problems = []
     recipes = recipe_files(config_dirs)
-    choices, values = [], []
     for o in parsed:
         key = o.key_or_group
-        if key.startswith("hydra") or o.is_delete():
+        if o.is_delete() or not (key == "recipe" or key in GROUPS):
             continue
-        (choices if key == "recipe" or key in GROUPS else values).append(o)
-
-    for o in choices:
-        key = o.key_or_group
         options = list(recipes) if key == "recipe" else group_options(key, config_dirs)
         for v in _values(o):
             if key == "recipe" and _recipe_path_override(str(v)):
-                if not Path(v).is_file():
+                if not Path(v).expanduser().is_file():
                     problems.append(f"recipe={v}: no such file")
             elif str(v) not in options:
                 problems.append(f"{key}={v}: no such {key}; choose one of {', '.join(options)}.{suggest(v, options)}")
+    return problems
 
-    base = writable_structured(RunSpec)
-    if not problems and values:
-        first_choices = [f"{o.get_key_element()}={_values(o)[0]}" for o in choices]
-        try:
-            base = _compose_raw(first_choices, config_dirs)
-            OmegaConf.set_struct(base, True)
-        except Exception:
-            pass  # a broken recipe file is reported when composing for real
 
-    for o in values:
+def _value_problems(parsed, base: DictConfig) -> List[str]:
+    """key=value overrides tried one by one on `base`: unknown keys, wrong types, values not allowed."""
+    problems = []
+    for o in parsed:
         key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete() or key == "recipe" or key in GROUPS:
+            continue
         for v in _values(o):
             # Echo the value as typed (1e-4, not 0.0001), except for one point of a sweep.
             shown = v if o.is_sweep_override() else o.input_line.partition("=")[2]
@@ -220,71 +189,122 @@ def check_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -
     return problems
 
 
-def sweep_points(overrides: Sequence[str]) -> List[List[str]]:
-    """Expand sweep overrides (a,b,c / range(...) / choice(...)) into one override list per job."""
-    parsed, problems = _parse(overrides)
-    if problems:
-        raise ConfigError(problems)
+def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> List[str]:
+    """Hydra refused a job's overrides (it stops at the first): find every bad one. The error path only:
+    the values are tried on the config the group and recipe choices compose to."""
+    choices = [a for a in args if a.partition("=")[0] in ("recipe", *GROUPS) or a.startswith("hydra.searchpath")]
+    try:
+        base = _compose_raw(choices, primary)
+        OmegaConf.set_struct(base, True)
+    except Exception:
+        return [hydra_error_message(error)]  # a broken recipe or group file: Hydra's message names it
+    return _value_problems(parsed, base) or [hydra_error_message(error)]
+
+
+def _job_args(parsed, config_dirs: Sequence[str]) -> List[List[str]]:
+    """One Hydra override list per job: sweeps expanded, path recipes registered, user dirs on the search path."""
     axes: List[List[str]] = []
     for o in parsed:
         if o.is_sweep_override():
             axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
-            axes.append([o.input_line])
-    return [list(p) for p in itertools.product(*axes)] if axes else [[]]
+            axes.append([_register_path_recipe(o.input_line)])
+    search = _search_path(config_dirs)
+    return [list(p) + search for p in itertools.product(*axes)]
 
 
-def _register_path_recipes(overrides: Sequence[str]) -> List[str]:
+def _register_path_recipe(text: str) -> str:
     """`recipe=./my.yaml` registers that file under its stem and becomes `recipe=<stem>`."""
-    out = []
-    for text in overrides:
-        key, _, value = text.partition("=")
-        if key.strip() == "recipe" and value and _recipe_path_override(value) and "," not in value:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise ConfigError([f"recipe={value}: no such file"])
-            _store_recipe(path.stem, path.resolve())
-            text = f"recipe={path.stem}"
-        out.append(text)
-    return out
+    key, _, value = text.partition("=")
+    if key.strip() == "recipe" and value and _recipe_path_override(value):
+        path = Path(value).expanduser()
+        _store_recipe(path.stem, path.resolve())
+        return f"recipe={path.stem}"
+    return text
+
+
+def _search_path(config_dirs: Sequence[str]) -> List[str]:
+    if not config_dirs:
+        return []
+    return [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"]
 
 
 def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> List[str]:
-    """The override list handed to Hydra: path recipes registered, user config dirs on the search path."""
-    out = _register_path_recipes(overrides)
-    if config_dirs:
-        paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
-        out.append(f"hydra.searchpath=[{paths}]")
-    return out
+    """The override list handed to Hydra's own main (a sweep): path recipes registered, user dirs searched."""
+    return [_register_path_recipe(o) for o in overrides] + _search_path(config_dirs)
+
+
+def primary_config(command: str) -> str:
+    if command not in PRIMARY:
+        raise ConfigError([f"no configuration for command '{command}'; known: {', '.join(PRIMARY)}"])
+    return PRIMARY[command]
 
 
 # --------------------------------------------------------------------------- compose
 
 
-def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str] = ()) -> DictConfig:
-    """Compose the config (without the hydra node). Raises ConfigError listing every problem."""
+@dataclass(frozen=True)
+class Job:
+    """One job of a command line: its overrides (as given to Hydra), composed config and validated spec."""
+
+    overrides: List[str]
+    cfg: DictConfig
+    spec: Optional[RunSpec]
+
+
+def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+                 multirun: bool = False, validate: bool = True, check_files: bool = True,
+                 world_size: Optional[int] = None) -> List[Job]:
+    """Parse once, compose each job once, validate each once. Raises ConfigError with every problem found.
+
+    `multirun` allows sweeps (one job per point); `validate=False` composes only (for --cfg and config show).
+    """
+    primary = primary_config(command)
     setup(config_dirs)
-    problems = check_overrides(overrides, config_dirs)
+    parsed, problems = _parse(overrides)
+    problems += _choice_problems(parsed, config_dirs)
+    if problems:  # the choices do not compose: try the values on the bare schema
+        problems += _value_problems(parsed, writable_structured(RunSpec))
+    sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        problems.append(f"{', '.join(sweeps)}: several values given (a sweep); add -m/--multirun to run one job per value")
     if problems:
-        raise ConfigError(problems)
-    try:
-        return _compose_raw(overrides, config_dirs)
-    except ConfigError:
-        raise
-    except Exception as e:  # Hydra's own errors: one line each, never a traceback
-        raise ConfigError([hydra_error_message(e)]) from None
+        raise ConfigError(list(dict.fromkeys(problems)))
+
+    jobs, problems = [], []
+    points = _job_args(parsed, config_dirs)
+    for args in points:
+        try:
+            cfg = _compose_raw(args, primary)
+        except Exception as e:
+            raise ConfigError(list(dict.fromkeys(_diagnose(parsed, args, primary, e)))) from None
+        try:
+            spec = to_spec(cfg, check_files=check_files, world_size=world_size) if validate else None
+        except ConfigError as e:
+            user = [a for a in args if not a.startswith("hydra.searchpath")]
+            prefix = f"[{' '.join(user)}] " if len(points) > 1 else ""
+            problems.extend(prefix + p for p in e.problems)
+            continue
+        jobs.append(Job(args, cfg, spec))
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    return jobs
 
 
-def _compose_raw(overrides: Sequence[str], config_dirs: Sequence[str]) -> DictConfig:
+def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), command: str = "sft") -> DictConfig:
+    """Compose one job's config (without the hydra node). Raises ConfigError listing every problem."""
+    return without_hydra(compose_jobs(command, overrides, config_dirs, validate=False)[0].cfg)
+
+
+def _compose_raw(args: Sequence[str], primary: str) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    args = hydra_overrides(overrides, config_dirs)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="xtune"):
-            return hydra_compose(config_name=PRIMARY, overrides=args)
+            return hydra_compose(config_name=primary, overrides=list(args), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
 
@@ -298,14 +318,21 @@ def hydra_error_message(e: BaseException) -> str:
     return " ".join(lines[:4])
 
 
-def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[int] = None) -> RunSpec:
-    """Composed config -> validated RunSpec, or ConfigError with every problem found."""
-    from xtune.config.validate import validate
-
+def without_hydra(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     if "hydra" in cfg:
         with open_dict(cfg):
             cfg.pop("hydra")
+    return cfg
+
+
+def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[int] = None,
+            validate: bool = True) -> RunSpec:
+    """Composed config -> validated RunSpec, or ConfigError with every problem found.
+    `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
+    from xtune.config import validate as rules
+
+    cfg = without_hydra(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([missing_message(k) for k in missing])
@@ -313,7 +340,7 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
         spec = to_frozen(RunSpec, cfg)
     except OmegaConfBaseException as e:
         raise ConfigError([hydra_error_message(e)]) from None
-    problems = validate(spec, check_files=check_files, world_size=world_size)
+    problems = rules.validate(spec, check_files=check_files, world_size=world_size) if validate else []
     if problems:
         raise ConfigError(problems)
     return spec
@@ -330,5 +357,5 @@ def missing_message(key: str) -> str:
 
 
 def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), **kw) -> Tuple[DictConfig, RunSpec]:
-    cfg = compose(overrides, config_dirs)
-    return cfg, to_spec(cfg, **kw)
+    job = compose_jobs("sft", overrides, config_dirs, **kw)[0]
+    return without_hydra(job.cfg), job.spec

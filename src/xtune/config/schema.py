@@ -32,6 +32,7 @@ CHOICES: Dict[str, tuple] = {
     "parallel.attn": ("auto", "flash", "sdpa", "eager"),
     "peft.method": ("none", "lora", "dora"),
     "peft.quantize": ("none", "nf4"),
+    "logging.progress": ("auto", "rich", "plain"),
 }
 
 
@@ -233,7 +234,7 @@ class LoggingSpec:
     # Also log to Weights & Biases (needs `pip install wandb`).
     wandb: bool = False
     wandb_project: str = "xtune"
-    # auto: a rich progress bar on an interactive terminal, plain log lines otherwise.
+    # auto: a rich progress bar on an interactive terminal, plain log lines otherwise; rich or plain force one.
     progress: str = "auto"
 
 

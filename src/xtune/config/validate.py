@@ -7,33 +7,50 @@ caller reports them all together.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
-import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec
+from xtune.launch_env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
+def check_value(key: str, value) -> Optional[str]:
+    """Enumerated string fields: the value must be one of the allowed ones (the one rule; the override
+    diagnosis in compose.py asks it too, so a bad choice is reported beside the other override mistakes)."""
+    allowed = CHOICES.get(key)
+    if allowed is None or not isinstance(value, str) or value.startswith("${"):
+        return None
+    if value not in allowed:
+        return f"{key}={value}: not allowed; choose one of {', '.join(allowed)}.{suggest(value, allowed)}"
+    return None
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
-    for key, allowed in CHOICES.items():
+    for key in CHOICES:
         section, field = key.split(".")
-        value = getattr(getattr(spec, section), field)
-        if value not in allowed:
-            problems.append(f"{key}={value}: not allowed; choose one of {', '.join(allowed)}")
+        msg = check_value(key, getattr(getattr(spec, section), field))
+        if msg:
+            problems.append(msg)
 
 
 def world_size_of(spec: RunSpec, world_size: Optional[int] = None) -> int:
     if world_size:
         return world_size
-    env = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
-    return int(env) if env else spec.parallel.nproc_per_node
+    env = launch_env()
+    return env.world_size if env.launched else spec.parallel.nproc_per_node
 
 
 def tokenizer_dir(m: ModelSpec) -> Optional[Path]:

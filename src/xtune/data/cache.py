@@ -3,8 +3,8 @@
 Key: content hash of every file, hash of the tokenizer (its full serialised vocabulary,
 merges, added tokens), the template and the length / image settings. A cache entry is a
 folder written under a temporary name and renamed into place, so readers never see a partial
-one. In a multi-rank run every rank calls `build_or_load`; the first to create the lock file
-builds, the others poll the filesystem until the entry appears. There is no collective, so no
+one. In a multi-rank run every rank calls `build_or_load`; the first to take the file lock
+builds, the others wait on the lock and then find the entry. There is no collective, so no
 NCCL / gloo timeout while a large dataset is tokenised.
 """
 
@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import socket
-import threading
-import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -26,7 +24,6 @@ import numpy as np
 from xtune.data.types import ImageRef
 
 FORMAT_VERSION = 1
-STALE_LOCK_S = 600.0  # a lock not refreshed for this long belongs to a dead builder
 
 
 def default_cache_dir(cache_dir: Optional[str] = None) -> Path:
@@ -109,49 +106,23 @@ def build_or_load(folder: Path, build: Callable[[], None], poll_s: float = 0.5,
                   timeout_s: Optional[float] = None) -> bool:
     """Make sure the entry `folder` exists; returns True when this process built it.
 
-    `build()` must write the entry with `save_entry`. While it runs, a thread refreshes the
-    lock's mtime so that waiting processes know the builder is alive.
+    `build()` must write the entry with `save_entry`. The lock is filelock's (an OS file lock), so the
+    kernel releases it when its holder dies: a killed builder never leaves the others waiting.
     """
+    from filelock import FileLock, Timeout
+
+    if (folder / "meta.json").exists():
+        return False
     folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = folder.with_name(folder.name + ".lock")
-    start = time.monotonic()
-    while True:
-        if (folder / "meta.json").exists():
-            return False
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-                    lock.unlink(missing_ok=True)  # its builder died without cleaning up
-                    continue
-            except FileNotFoundError:
-                continue
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"waited {timeout_s:.0f}s for another process to build {folder}") from None
-            time.sleep(poll_s)
-            continue
-        try:
-            os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
-            os.close(fd)
-            if (folder / "meta.json").exists():  # finished between our check and our lock
-                return False
-            done = threading.Event()
-            beat = threading.Thread(target=_heartbeat, args=(lock, done), daemon=True)
-            beat.start()
-            try:
+    lock_path = folder.with_name(folder.name + ".lock")
+    lock = FileLock(str(lock_path), timeout=-1 if timeout_s is None else timeout_s)
+    try:
+        with lock.acquire(poll_interval=poll_s):
+            built = not (folder / "meta.json").exists()  # else: built while we waited
+            if built:
                 build()
-            finally:
-                done.set()
-                beat.join()
-            return True
-        finally:
-            lock.unlink(missing_ok=True)
-
-
-def _heartbeat(lock: Path, done: threading.Event) -> None:
-    while not done.wait(STALE_LOCK_S / 10):
-        try:
-            os.utime(lock)
-        except FileNotFoundError:
-            return
+    except Timeout:
+        raise TimeoutError(f"waited {timeout_s:.0f}s for another process to build {folder}") from None
+    # Safe to remove: whoever takes the lock from here on finds meta.json and builds nothing.
+    lock_path.unlink(missing_ok=True)
+    return built

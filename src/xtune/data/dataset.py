@@ -12,7 +12,7 @@ from xtune.data import cache
 from xtune.data.formats import list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
-from xtune.data.types import ImageRef, Sample
+from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
 
 log = logging.getLogger("xtune.data")
 MAX_ERRORS_SHOWN = 5
@@ -51,10 +51,10 @@ class TokenizedDataset:
 
     @property
     def num_trained(self) -> int:
-        return int((np.asarray(self.labels) != -100).sum())
+        return int((np.asarray(self.labels) != IGNORE_INDEX).sum())
 
     def report(self) -> None:
-        """One warning line per kind of loss, as the issue asks."""
+        """One warning line per kind of loss."""
         if self.truncated:
             log.warning("%s: %d sample(s) longer than sample_max_length were truncated", self.name, self.truncated)
         if self.dropped_image_cut:

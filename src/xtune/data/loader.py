@@ -117,16 +117,10 @@ class PackedData:
 class TrainLoader:
     """`next(loader)` -> this rank's micro-batches (list[PackedBatch]) for one optimizer step."""
 
-    def __init__(self, spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0, local_rank: int = 0):
+    def __init__(self, spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0):
+        # The spec is validated (config.validate): global_batch_size is a multiple of dp_size x micro_batch_size.
         train = spec.train
-        if not spec.data.datasets:
-            raise ConfigError(["data.datasets is empty: nothing to train on"])
         per_step = dp_size * train.micro_batch_size
-        if train.global_batch_size % per_step:
-            raise ConfigError([
-                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
-                f"dp_size x micro_batch_size ({dp_size} x {train.micro_batch_size})"
-            ])
         self.data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=rank == 0)
         self.seed = train.seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -198,13 +192,11 @@ class TrainLoader:
         self.step = int(state["step"])
 
 
-def build_train_loader(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0,
-                       local_rank: int = 0) -> TrainLoader:
-    return TrainLoader(spec, tokenizer, dp_rank=dp_rank, dp_size=dp_size, rank=rank, local_rank=local_rank)
+def build_train_loader(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> TrainLoader:
+    return TrainLoader(spec, tokenizer, dp_rank=dp_rank, dp_size=dp_size, rank=rank)
 
 
-def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0,
-                       local_rank: int = 0) -> List[PackedBatch]:
+def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> List[PackedBatch]:
     """This rank's eval micro-batches; every rank gets the same number (padded with empty ones)."""
     if not spec.data.eval_datasets:
         return []

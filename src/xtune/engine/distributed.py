@@ -16,9 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from xtune.errors import ConfigError
-
-_TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
+from xtune.launch_env import launch_env
 
 def launched_env() -> dict | None:
     """Rank/world/local rank when started by torchrun or Slurm (srun), else None.
@@ -26,39 +24,30 @@ def launched_env() -> dict | None:
     Slurm's SLURM_* variables are mapped onto torch's env:// variables so `init_process_group`
     needs nothing else; MASTER_ADDR defaults to the first host of the job.
     """
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE")):
-        return {
-            "rank": int(os.environ["RANK"]),
-            "world_size": int(os.environ["WORLD_SIZE"]),
-            "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-        }
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        env = {
-            "rank": int(os.environ["SLURM_PROCID"]),
-            "world_size": int(os.environ["SLURM_NTASKS"]),
-            "local_rank": int(os.environ.get("SLURM_LOCALID", "0")),
-        }
-        os.environ["RANK"] = str(env["rank"])
-        os.environ["WORLD_SIZE"] = str(env["world_size"])
-        os.environ["LOCAL_RANK"] = str(env["local_rank"])
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+    le = launch_env()
+    if not le.launched:
+        return None
+    env = {"rank": le.rank, "world_size": le.world_size, "local_rank": le.local_rank}
+    if le.launcher == "slurm":
+        os.environ["RANK"] = str(le.rank)
+        os.environ["WORLD_SIZE"] = str(le.world_size)
+        os.environ["LOCAL_RANK"] = str(le.local_rank)
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr(le))
         # A port derived from the job id: concurrent jobs on a shared head node do not collide.
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-        return env
-    return None
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(le.slurm_job_id or "0") % 20000))
+    return env
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if nodelist:
+def _slurm_master_addr(le) -> str:
+    if le.slurm_nodelist:
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10,
-                                 check=False)
+            out = subprocess.run(["scontrol", "show", "hostnames", le.slurm_nodelist], capture_output=True, text=True,
+                                 timeout=10, check=False)
             if out.returncode == 0 and out.stdout.split():
                 return out.stdout.split()[0]
         except (OSError, subprocess.SubprocessError):
             pass
-    return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    return le.slurm_launch_node or "127.0.0.1"
 
 
 @dataclass

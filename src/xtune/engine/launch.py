@@ -15,20 +15,24 @@ import sys
 from pathlib import Path
 
 
-def run(spec, work_dir) -> int:
-    """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts."""
-    from xtune.engine.distributed import launched_env
-    from xtune.engine.trainer import preflight, train, write_config
+def run(spec, work_dir, argv=None) -> int:
+    """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
+    `argv` (the command line as typed) goes to the run dir's cmd.txt."""
+    from xtune.engine.rundir import write_run_files
+    from xtune.engine.trainer import preflight, train
+    from xtune.launch_env import launch_env
 
     run_dir = Path(work_dir).expanduser().resolve()
-    nproc = spec.parallel.nproc_per_node
-    if nproc > 1 and launched_env() is None:
+    env = launch_env()
+    spawn = spec.parallel.nproc_per_node > 1 and not env.launched
+    if spawn:
         from xtune.models import get_adapter
 
         preflight(spec, get_adapter(spec.model), run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(spec, run_dir)
-        return spawn_workers(nproc, run_dir)
+    if env.rank == 0:
+        write_run_files(spec, run_dir, argv)  # before the workers start: they read config.yaml
+    if spawn:
+        return spawn_workers(spec.parallel.nproc_per_node, run_dir)
     train(spec, run_dir)
     return 0
 

@@ -76,7 +76,7 @@ class MetricsLogger:
             self.wandb = wandb.init(project=logging_spec.wandb_project, dir=str(self.run_dir),
                                     name=self.run_dir.name, config=spec_dict, resume="allow")
         mode = logging_spec.progress
-        use_rich = mode in ("rich", "on", "true", True) or (mode == "auto" and self.stream.isatty())
+        use_rich = mode == "rich" or (mode == "auto" and self.stream.isatty())
         self.progress = None
         if use_rich:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -21,29 +20,20 @@ from torch.distributed.tensor import DTensor
 
 from xtune.data.types import PackedBatch
 from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
-from xtune.engine.distributed import DistEnv, init_distributed, launched_env
+from xtune.engine.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.objective import LossModel, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.engine.parallelize import build_sharded
+from xtune.engine.rundir import write_run_files
 from xtune.errors import ConfigError, DataError, XtuneError
 from xtune import tuning
+from xtune.launch_env import launch_env
 
 log = logging.getLogger("xtune.engine")
 
 
 # ----------------------------------------------------------------------------------------- preflight
-
-
-def write_config(spec, run_dir: Path) -> None:
-    """config.yaml makes the run dir self-describing (export and `resume` read it)."""
-    from xtune.config.io import spec_to_yaml
-
-    cfg = run_dir / "config.yaml"
-    if not cfg.exists():
-        tmp = cfg.with_name(".config.yaml.tmp")
-        tmp.write_text(spec_to_yaml(spec))
-        os.replace(tmp, cfg)
 
 
 def preflight(spec, adapter, run_dir: Path):
@@ -61,12 +51,6 @@ def preflight(spec, adapter, run_dir: Path):
         if not Path(ds.path).expanduser().exists():
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
     check_wandb(spec.logging)
-    t = spec.train
-    env = launched_env()
-    world = env["world_size"] if env else spec.parallel.nproc_per_node
-    if t.global_batch_size % (world * t.micro_batch_size):
-        raise ConfigError([(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"{world} ranks x train.micro_batch_size={t.micro_batch_size}")])
     resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
     try:
         return adapter.load_tokenizer()
@@ -96,9 +80,6 @@ class Trainer:
         self.denv = denv or init_distributed(spec.parallel)
         d = self.denv
         t = spec.train
-        if t.global_batch_size % (d.dp_size * t.micro_batch_size):
-            raise ConfigError([(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                                f"data-parallel size {d.dp_size} x train.micro_batch_size={t.micro_batch_size}")])
         self.grad_accum = t.global_batch_size // (d.dp_size * t.micro_batch_size)
         self.device = d.device
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
@@ -115,8 +96,7 @@ class Trainer:
         if loader is None:
             from xtune.data import build_train_loader
 
-            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank,
-                                        local_rank=d.local_rank)
+            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank)
         self.loader = loader
         if eval_batches is None and spec.data.eval_datasets:
             from xtune.data import build_eval_batches
@@ -455,14 +435,13 @@ def train(spec, work_dir=None, **inject) -> dict:
     tokenizer = inject.pop("tokenizer", None)
     if tokenizer is None:
         tokenizer = preflight(spec, adapter, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if launch_env().rank == 0:
+        write_run_files(spec, run_dir)
     resume_from = resolve_resume(spec.train.resume, run_dir)
     if resume_from is not None:  # an adapter run from random init reloads the base it saved
         spec = tuning.with_saved_base(spec, resume_from.resolve().parent.parent)
         adapter.spec = spec.model
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        write_config(spec, run_dir)
     denv = inject.pop("denv", None) or init_distributed(spec.parallel)
     try:
         result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()

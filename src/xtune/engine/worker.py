@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     from xtune.config.io import spec_from_yaml
     from xtune.engine.trainer import train
     from xtune.errors import XtuneError
+    from xtune.launch_env import launch_env
 
     run_dir = Path(args.work_dir)
     try:
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
             # Started by `xtune` itself: the first rank to fail hands its message to the launcher, which
             # prints it once (rank 0 may be killed by torchrun before it gets to print anything).
             _report_error(Path(report), e)
-        elif os.environ.get("RANK", "0") == "0":
+        elif launch_env().rank == 0:
             # Every rank hits the same user error; one message is enough.
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from ..data.multimodal import IMG_CONTEXT
 from .base import ModelAdapter
 
-IMAGE_TOKEN = "<IMG_CONTEXT>"
+IMAGE_TOKEN = IMG_CONTEXT
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
 _S1_ONLY = ("architectures", "auto_map", "transformers_version", "model_type")
 # Older InternVL key prefixes (what transformers' save_pretrained writes) -> the model's, in match order.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config.schema import CHOICES
 from ..errors import XtuneError
 
 
@@ -14,7 +15,7 @@ def _adapters():
     return {a.family: a for a in (Qwen3Adapter, Qwen3MoeAdapter, InternS1Adapter)}
 
 
-FAMILIES = ("qwen3", "qwen3_moe", "intern_s1")
+FAMILIES = CHOICES["model.family"]
 
 
 def get_adapter(model_spec):

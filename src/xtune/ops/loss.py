@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config.schema import CHOICES
+from ..data.types import IGNORE_INDEX
 from ..errors import XtuneError
 
-IGNORE_INDEX = -100
 MODES = CHOICES["loss.mode"]
 
 

@@ -1,0 +1,57 @@
+"""The run directory's own files, written in this one place: config.yaml (the resolved spec: export, resume
+and the spawned workers read it), cmd.txt (the command line) and env.json (versions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> None:
+    """config.yaml unless already there (a resumed run keeps its first one); with `argv`, cmd.txt and env.json."""
+    from xtune.config.io import spec_to_yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        tmp = cfg.with_name(".config.yaml.tmp")  # atomic: a reader never sees half a file
+        tmp.write_text(spec_to_yaml(spec))
+        os.replace(tmp, cfg)
+    if argv is not None:
+        (run_dir / "cmd.txt").write_text(f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n")
+        (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    import xtune
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "xtune": xtune.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    for name in ("liger_kernel", "flash_attn"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", "installed")
+        except Exception:
+            env[name] = None
+    return env
+
+
+def user_argv() -> list:
+    """The command line as typed: `xtune ...` (also under `python -m xtune` and torchrun's `-m xtune`)."""
+    return ["xtune"] + sys.argv[1:]
