@@ -10,6 +10,7 @@ mistakes are reported together, each with the key, the value and what is allowed
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import os
@@ -300,6 +301,7 @@ def hydra_error_message(e: BaseException) -> str:
 
 def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[int] = None) -> RunSpec:
     """Composed config -> validated RunSpec, or ConfigError with every problem found."""
+    from xtune.config.families import resolve_family
     from xtune.config.validate import validate
 
     cfg = cfg.copy()
@@ -313,6 +315,8 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
         spec = to_frozen(RunSpec, cfg)
     except OmegaConfBaseException as e:
         raise ConfigError([hydra_error_message(e)]) from None
+    # model.family: null becomes the family of load_from's model type before anything reads it.
+    spec = dataclasses.replace(spec, model=resolve_family(spec.model))
     problems = validate(spec, check_files=check_files, world_size=world_size)
     if problems:
         raise ConfigError(problems)

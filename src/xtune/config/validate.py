@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from xtune.config.families import family_problems
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec
 
@@ -23,7 +24,7 @@ def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
     for key, allowed in CHOICES.items():
         section, field = key.split(".")
         value = getattr(getattr(spec, section), field)
-        if value not in allowed:
+        if value is not None and value not in allowed:  # null where allowed (model.family) is checked there
             problems.append(f"{key}={value}: not allowed; choose one of {', '.join(allowed)}")
 
 
@@ -143,7 +144,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
 def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
     """What is wrong with the model section; with check_files, also its folders and files.
     The config stage, the model adapters and the engine's preflight all ask this one function."""
-    problems: List[str] = []
+    problems: List[str] = family_problems(m, check_files=check_files)
     if m.family not in VISION_FAMILIES:
         for flag in ("freeze_vision", "freeze_projector"):
             if getattr(m, flag):

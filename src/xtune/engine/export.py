@@ -60,7 +60,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
 
 def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
-    from xtune.engine.parallelize import _DTYPES, _buffer_init
+    from xtune.engine.parallelize import _DTYPES, _buffer_init, retie
 
     config = adapter.build_config()
     with torch.device("meta"):
@@ -70,4 +70,5 @@ def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
     with torch.no_grad():
         init_buffers = _buffer_init(adapter)
         (init_buffers or adapter.init_weights)(model)
+    retie(model)
     return model, config
