@@ -11,7 +11,6 @@ the supported model types, the shipped Qwen3 tiny tokenizer with its chat templa
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from tests.integration.test_model_families import (
-    ROOT, _save_tokenizer, safetensors_of, train_records, xtune_sft)
+    ROOT, _save_tokenizer, assert_trained, safetensors_of, two_rank_args, xtune_sft)
 from xtune.models.tiny import AUTO_TINY
 
 STEPS = 3
@@ -87,16 +86,8 @@ def test_auto_trains_on_two_ranks_and_exports_a_drop_in(model_type, tmp_path):
     assert ("lm_head.weight" in initial) != tied  # transformers writes a tied head once
 
     run = tmp_path / "run"
-    code, out = xtune_sft(
-        ["recipe=demo", "model=auto", f"model.load_from={orig}", "parallel=cpu2", f"train.max_steps={STEPS}",
-         "train.global_batch_size=4", "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.sample_prompts=[]",
-         "data.eval_datasets=[]", "data.pack_max_length=512", "data.sample_max_length=256", "optim.lr=1e-3",
-         "sched=constant", "sched.warmup_ratio=0.0", "logging.tensorboard=false", f"data.cache_dir={tmp_path / 'c'}"],
-        run)
-    assert code == 0, out[-5000:]
-    recs = train_records(run)
-    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
+    code, out = xtune_sft(["model=auto", f"model.load_from={orig}", *two_rank_args(STEPS, tmp_path / "c")], run)
+    assert_trained(run, code, out, STEPS)
     spec = spec_from_yaml(run / "config.yaml")
     assert spec.model.family == "auto" and spec.parallel.nproc_per_node == 2
 
