@@ -53,10 +53,10 @@ def init_model_dir() -> Path:
     return folder
 
 
-def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, steps: int, data_path: str):
+def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, steps: int, data_path: str, family: str = "qwen3"):
     from xtune.config.compose import load_spec
 
-    _, spec = load_spec([
+    _, spec = load_spec([f"model.family={family}",
         "recipe=demo", f"model.load_from={model_dir}", f"model.tokenizer={tok_dir}",
         f"data.datasets.0.path={data_path}", "data.eval_datasets=[]", f"data.cache_dir={CACHE / 'data'}",
         f"data.sample_max_length={ROW}", f"data.pack_max_length={ROW}", "data.pack=soft",
@@ -106,7 +106,8 @@ def work_xtune(a: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["steps"], a["data_path"])
+        spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["steps"], a["data_path"],
+                          a.get("family", "qwen3"))
         xtune.engine.train(spec, run_dir)
         recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r]

@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, loss, pack, data, cli, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, loss, pack, data, cli, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "loss", "train", "gpu")
+ORDER = ("pack", "cli", "data", "loss", "train", "auto", "gpu")
 
 
 def module(name: str):
@@ -56,6 +56,18 @@ def tables(res: dict):
                       f"{s['trained_per_step']:.0f}", f"{s['peak_rss_gb']:.2f}", f"{s['loss_first']:.4f}",
                       f"{s['loss_last3']:.4f}", "" if ratio is None else f"{ratio:.2f}x")
         t.caption = f"target: xtune >= 2x both baselines -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "auto" in b and "error" not in b["auto"]:
+        r = b["auto"]
+        t = Table(title=f"Generic auto family vs tuned qwen3 (bench_train's Qwen3, {r['config']['row']}-token rows, "
+                        f"{r['config']['rounds']} alternating runs x {r['config']['timed_steps']} timed steps)")
+        for c in ("family", "trained tok/s", "s/step", "losses"):
+            t.add_column(c, justify="right" if c != "family" else "left")
+        for name, s in r["systems"].items():
+            t.add_row(name, f"{s['trained_tok_s']:.1f}", f"{s['step_s']:.2f}",
+                      " ".join(f"{x:.4f}" for x in s["losses"]))
+        t.caption = (f"auto / qwen3 tokens/s {r['speed_ratio']:.3f}, max |loss diff| {r['loss_max_abs_diff']:.2e}; "
+                     f"target: >= 0.9 and equal losses -> meets: {_ok(r['meets'])}")
         out.append(t)
     if "loss" in b:
         r = b["loss"]

@@ -153,6 +153,23 @@ def train_records(run_dir: Path) -> list:
     return [r for r in recs if "loss" in r]
 
 
+def two_rank_args(steps: int, cache_dir) -> list:
+    """The demo recipe on 2 ranks for `steps` steps, logging every step, exporting only at the end."""
+    return ["recipe=demo", "parallel=cpu2", f"train.max_steps={steps}", "train.global_batch_size=4",
+            "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.sample_prompts=[]",
+            "data.eval_datasets=[]", "data.pack_max_length=512", "data.sample_max_length=256",
+            "optim.lr=1e-3", "sched=constant", "sched.warmup_ratio=0.0", "logging.tensorboard=false",
+            f"data.cache_dir={cache_dir}"]
+
+
+def assert_trained(run_dir: Path, code: int, out: str, steps: int) -> None:
+    """The run succeeded and logged a finite, positive loss at every step."""
+    assert code == 0, out[-5000:]
+    recs = train_records(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
+
+
 def fixed_inputs(model_name, config_json):
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 4000, (1, 24), generator=g)
@@ -192,18 +209,9 @@ def test_original_layout_trains_on_two_ranks_and_exports_a_drop_in(model_name, t
     # The bundled chat tasks for the language models; the bundled image + text mix for Intern-S1.
     data = ["data=demo_vl"] if model_name == "intern_s1_tiny" else []
     run = tmp_path / "run"
-    code, out = xtune_sft(
-        ["recipe=demo", f"model={model_name}", *data, f"model.load_from={orig}",
-         "model.tokenizer=null", "parallel=cpu2", f"train.max_steps={STEPS}", "train.global_batch_size=4",
-         "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.sample_prompts=[]",
-         "data.eval_datasets=[]", "data.pack_max_length=512", "data.sample_max_length=256",
-         "optim.lr=1e-3", "sched=constant", "sched.warmup_ratio=0.0", "logging.tensorboard=false",
-         f"data.cache_dir={cache_dir}"],
-        run)
-    assert code == 0, out[-5000:]
-    recs = train_records(run)
-    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
+    code, out = xtune_sft([f"model={model_name}", *data, f"model.load_from={orig}", "model.tokenizer=null",
+                           *two_rank_args(STEPS, cache_dir)], run)
+    assert_trained(run, code, out, STEPS)
 
     spec = spec_from_yaml(run / "config.yaml")
     assert spec.parallel.nproc_per_node == 2 and spec.model.load_from == str(orig)

@@ -229,3 +229,40 @@ def test_regex_targets_reach_outside_the_language_model_only_when_asked(init_dir
     assert not problems and len(names) == 14 and "lm_head" not in names
     names, _ = resolve_targets(model, adapter, dc.replace(spec.peft, target_modules=[r"model\.layers\.1\..*_proj"]))
     assert names == [n for n in names if n.startswith("model.layers.1.")] and len(names) == 7
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_lora_on_the_auto_family_equals_peft_all_linear(model_type, tmp_path, closing):
+    """`all-linear` on an `auto` model (tied Llama; Phi-3 with fused qkv / gate_up projections) adapts the same
+    layers as peft's own all-linear, and the packed loss and adapter gradients equal peft's model unpacked."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.test_model_auto import make_auto_original
+    from xtune.config.compose import load_spec
+
+    folder = tmp_path / "orig"
+    make_auto_original(model_type, folder)
+    spec = load_spec(BASE + ["model=auto", f"model.load_from={folder}", "model.tokenizer=null", "peft=lora"])[1]
+    assert spec.model.family == "auto"
+    tr = trainer_of(spec, tmp_path / "run")
+    closing.append(tr)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in adapter_params(tr.model).items():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").float(),
+                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ours, theirs = adapter_params(tr.model), {n: p for n, p in ref.get_base_model().named_parameters() if "lora_" in n}
+    assert sorted(ours) == sorted(theirs) and ours
+    with torch.no_grad():
+        for n, p in theirs.items():
+            p.copy_(ours[n])
+    docs = [d for row in ListLoader(1, 1, 0, 1, 1, seed=4, docs_per_row=3).rows_of_step(0) for d in row]
+    stats = tr.forward_backward([pack(docs)])
+    want = reference_loss(ref, docs)
+    want.backward()
+    assert abs(stats["loss"] - want.item()) < 1e-5
+    for n, p in ours.items():
+        torch.testing.assert_close(p.grad, theirs[n].grad, atol=1e-5, rtol=1e-4, msg=n)

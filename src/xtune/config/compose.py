@@ -12,6 +12,7 @@ mistake is reported together, each with the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -331,6 +332,7 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
     """Composed config -> validated RunSpec, or ConfigError with every problem found.
     `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
     from xtune.config import validate as rules
+    from xtune.config.families import resolve_family
 
     cfg = without_hydra(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -340,6 +342,8 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
         spec = to_frozen(RunSpec, cfg)
     except OmegaConfBaseException as e:
         raise ConfigError([hydra_error_message(e)]) from None
+    # model.family: null becomes the family of load_from's model type before anything reads it.
+    spec = dataclasses.replace(spec, model=resolve_family(spec.model))
     problems = rules.validate(spec, check_files=check_files, world_size=world_size) if validate else []
     if problems:
         raise ConfigError(problems)

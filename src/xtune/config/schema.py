@@ -16,7 +16,7 @@ from omegaconf import MISSING
 # Allowed values of the enumerated string fields. Kept as data so validation, error messages
 # and the generated README table all read the same source.
 CHOICES: Dict[str, tuple] = {
-    "model.family": ("qwen3", "qwen3_moe", "intern_s1"),
+    "model.family": ("auto", "qwen3", "qwen3_moe", "intern_s1"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.pack": ("soft", "bfd", "hard", "none"),
     "data.on_error": ("raise", "skip"),
@@ -42,8 +42,10 @@ class ModelSpec:
 
     # Display name of the model (the model group sets it).
     name: str = "qwen3_tiny"
-    # Architecture family: picks the transformers classes and the weight key maps.
-    family: str = "qwen3"
+    # Architecture family: picks the transformers classes and the weight key maps. auto: any supported
+    # causal LM through transformers' Auto classes; null: from the model_type of load_from's config.json
+    # (or arch.model_type): its tuned family, else auto.
+    family: Optional[str] = None
     # A Hugging Face folder (config.json + safetensors) or null for random init from `arch`.
     load_from: Optional[str] = None
     # A folder with tokenizer files; null means `load_from`. `builtin:NAME` picks one shipped with xtune.

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from xtune.config.families import family_problems
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec
 from xtune.launch_env import launch_env
@@ -41,6 +42,9 @@ def suggest(word: str, options: Iterable[str]) -> str:
 def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
     for key in CHOICES:
         section, field = key.split(".")
+        value = getattr(getattr(spec, section), field)
+        if value is None:  # null where allowed (model.family) is checked there
+            continue
         msg = check_value(key, getattr(getattr(spec, section), field))
         if msg:
             problems.append(msg)
@@ -163,7 +167,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
 def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
     """What is wrong with the model section; with check_files, also its folders and files.
     The config stage, the model adapters and the engine's preflight all ask this one function."""
-    problems: List[str] = []
+    problems: List[str] = family_problems(m, check_files=check_files)
     if m.family not in VISION_FAMILIES:
         for flag in ("freeze_vision", "freeze_projector"):
             if getattr(m, flag):

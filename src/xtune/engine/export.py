@@ -147,7 +147,7 @@ def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
 
 def _build_plain(adapter, spec, attn_impl, peft: bool):
     from xtune import tuning
-    from xtune.engine.parallelize import _DTYPES, _buffer_init
+    from xtune.engine.parallelize import _DTYPES, _buffer_init, retie
 
     config = adapter.build_config()
     with torch.device("meta"):
@@ -158,4 +158,5 @@ def _build_plain(adapter, spec, attn_impl, peft: bool):
     with torch.no_grad():
         init_buffers = _buffer_init(adapter)
         (init_buffers or adapter.init_weights)(model)
+    retie(model)
     return model, config, lora_config

@@ -128,6 +128,7 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
             # HSDP replicas (same shard index), reproducible for a given layout.
             torch.manual_seed(spec.train.seed + 7919 * denv.mesh["shard"].get_local_rank())
             adapter.init_weights(model)
+    retie(model)
     torch.manual_seed(spec.train.seed)
     if spec.model.load_from:
         load_full_weights(adapter, model, spec.model.load_from, denv)
@@ -140,6 +141,16 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
             quantize_bases(model)
         tuning.init_adapter_weights(model, spec.train.seed)
     return root, config, lora_config
+
+
+def retie(model: nn.Module) -> None:
+    """`to_empty` gives each module its own new tensor, so on a plain (unsharded) module a tied output
+    projection stops sharing the input embedding's parameter (FSDP2 keeps one parameter for both).
+    Tie them again where the config says so; a load then fills both (the file has the embedding only)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if tied and out is not None and inp is not None and out.weight is not inp.weight:
+        out.weight = inp.weight
 
 
 def _buffer_init(adapter):

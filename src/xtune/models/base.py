@@ -122,7 +122,7 @@ class ModelAdapter:
             d = _deep_update(original, _plain(dict(self.spec.arch or {})))
         else:
             d = config.to_dict()
-            d["architectures"] = [self.model_cls.__name__]
+            d["architectures"] = [self.model_class(config).__name__]
             d["use_cache"] = True
         if dtype is not None:
             name = str(dtype).replace("torch.", "")
@@ -130,9 +130,13 @@ class ModelAdapter:
         return d
 
     # ----------------------------------------------------------------- model
+    def model_class(self, config) -> Any:
+        """The transformers class built for `config`."""
+        return self.model_cls
+
     def build_model(self, config, attn_impl: str) -> nn.Module:
         dtype = getattr(torch, self.spec.dtype)
-        model = self.model_cls._from_config(config, attn_implementation=attn_impl, dtype=dtype)
+        model = self.model_class(config)._from_config(config, attn_implementation=attn_impl, dtype=dtype)
         model.config.use_cache = False
         return model
 
@@ -178,6 +182,11 @@ class ModelAdapter:
     def output_weight(self, model: nn.Module) -> torch.Tensor:
         return model.get_output_embeddings().weight
 
+    def final_hidden_module(self, model: nn.Module) -> nn.Module:
+        """The module whose output (a tensor, or a model output whose first item is one) is the final
+        hidden state: after the last norm, before the output projection."""
+        return self.language_model(model).norm
+
     # ----------------------------------------------------------------- forward
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
         from ..ops.attention import packed_kwargs
@@ -197,16 +206,16 @@ class ModelAdapter:
 
         The root module's forward is called (not `model.model`) so FSDP2's root hooks unshard the
         embeddings / norm / lm_head; `logits_to_keep` is an empty index so no logits are computed,
-        and the normed hidden states are taken with a forward hook on the final norm.
+        and the normed hidden states are taken with a forward hook on `final_hidden_module`.
         """
         captured: Dict[str, torch.Tensor] = {}
 
         def grab(_module, _inputs, output):
-            captured["h"] = output
+            captured["h"] = output if isinstance(output, torch.Tensor) else output[0]
 
         kwargs = self._forward_kwargs(model, batch, attn_impl)
         extra, hooks = self._extra_forward(model, batch)
-        hooks.append(self.language_model(model).norm.register_forward_hook(grab))
+        hooks.append(self.final_hidden_module(model).register_forward_hook(grab))
         try:
             outputs = model(
                 input_ids=batch.input_ids,

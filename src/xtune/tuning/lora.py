@@ -35,22 +35,17 @@ def enabled(peft_spec) -> bool:
 # ----------------------------------------------------------------------------------------- targets
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    raise ValueError("module not found in model")
-
-
 def linear_layers(model: nn.Module, adapter) -> Tuple[List[str], List[str]]:
-    """(every nn.Linear of the model except the output layer, those inside the language model's blocks)."""
+    """(every nn.Linear of the model except the output layer, those inside the language model's blocks).
+    Blocks come from the family adapter (by module identity), so any decoder layout works."""
     output = model.get_output_embeddings()
-    lm_prefix = _module_name(model, adapter.language_model(model))
+    in_language = {id(m) for m in adapter.language_model(model).modules()}
+    in_blocks = {id(m) for block in adapter.blocks(model) if id(block) in in_language for m in block.modules()}
     everything, language = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not output:
             everything.append(name)
-            if name.startswith(f"{lm_prefix}.layers.") if lm_prefix else name.startswith("layers."):
+            if id(module) in in_blocks:
                 language.append(name)
     return everything, language
 

@@ -1,0 +1,109 @@
+"""`auto`: any supported Hugging Face causal LM through transformers' Auto classes.
+
+Nothing here names a model's modules or parameters: the config comes from `AutoConfig` (the folder's
+`model_type`), the model from `AutoModelForCausalLM`, the decoder from `get_decoder()`, its blocks from
+transformers' `_no_split_modules` (else the decoder's layer list), the final hidden states from the
+decoder's output and the output projection from `get_output_embeddings()`. Blocks are found by module
+class, so they are found the same after peft wraps the linear layers inside them. Weights keep their
+own key names both ways. Which model types may use this family is decided at compose time
+(`config/families.py`: only those proven to pack safely).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import ModelAdapter
+
+
+class AutoAdapter(ModelAdapter):
+    family = "auto"
+    auto_class = "AutoModelForCausalLM"
+
+    def config_from_dict(self, d: Dict[str, Any]):
+        from transformers import AutoConfig
+
+        d = {k: v for k, v in d.items() if k not in ("architectures", "auto_map", "transformers_version")}
+        model_type = d.pop("model_type", None)
+        if not model_type:
+            raise ConfigError(["model.family=auto needs a model_type (load_from's config.json or model.arch.model_type)"])
+        return AutoConfig.for_model(model_type, **d)
+
+    def model_class(self, config) -> Any:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        except KeyError:
+            raise ConfigError([f"model.family=auto: transformers has no causal LM for model_type "
+                               f"{config.model_type}"]) from None
+
+    @torch.no_grad()
+    def reset_buffers(self, model: nn.Module) -> None:
+        # Non-persistent buffers differ per model (Gemma 3 keeps one rotary table per layer type and an
+        # embedding scale); transformers' own init knows them all. It also re-inits the parameters,
+        # which the weights loaded next overwrite (a missing weight is an error there).
+        self.init_weights(model)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.get_decoder()
+
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        """The decoder blocks in forward order: the outermost modules of a class transformers lists in
+        `_no_split_modules` (what accelerate's device maps never split), else the decoder's longest
+        layer list."""
+        decoder = self.language_model(model)
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        found: List[nn.Module] = []
+
+        def walk(module: nn.Module) -> None:
+            for child in module.children():
+                if type(child).__name__ in names:
+                    found.append(child)
+                else:
+                    walk(child)
+
+        walk(decoder)
+        if not found:
+            lists = [c for c in decoder.children() if isinstance(c, nn.ModuleList) and len(c)]
+            found = list(max(lists, key=len)) if lists else []
+        if not found:
+            raise ConfigError([f"model.family=auto: no decoder blocks found in {type(model).__name__} (neither "
+                               f"_no_split_modules nor a layer list in its decoder); it cannot be sharded per block"])
+        return found
+
+    def final_hidden_module(self, model: nn.Module) -> nn.Module:
+        # The decoder's output is its final (normed) hidden state, whatever its last norm is called.
+        return self.language_model(model)
+
+    def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
+        from ..ops.attention import packed_kwargs
+
+        if attn_impl == "eager":
+            # One explicit 4D block mask would be used for every layer and drop sliding windows (Mistral,
+            # Gemma 3, Phi-3). transformers' masking_utils (checked on 5.24) builds each layer's mask itself
+            # from per-document position ids for eager as for sdpa, windows included.
+            return packed_kwargs(batch, "sdpa")
+        return super()._forward_kwargs(model, batch, attn_impl)
+
+    def validate(self) -> List[str]:
+        """The config checks, then the model built on the meta device (no memory) must expose its blocks
+        and an output projection without bias (the chunked loss computes hidden @ weight.T)."""
+        problems = super().validate()
+        if problems:
+            return problems
+        try:
+            config = self.build_config()
+            with torch.device("meta"):
+                model = self.build_model(config, "sdpa")
+            self.blocks(model)
+        except ConfigError as e:
+            return e.problems
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "bias", None) is not None:
+            problems.append(f"model.family=auto: {type(model).__name__} has no output projection without bias")
+        return problems
