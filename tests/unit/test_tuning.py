@@ -194,6 +194,9 @@ def test_target_matching_nothing_is_refused_before_any_weight(init_dir, tmp_path
     assert "peft.target_modules: 'qkv_proj' matches no linear layer" in msg
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in msg
     assert "'q_proj'" not in msg
+    spec = spec_of(init_dir, "peft=lora", "peft.modules_to_save=[embed_tokenz]")
+    with pytest.raises(ConfigError, match="peft.modules_to_save: no module named 'embed_tokenz'"):
+        preflight(spec, get_adapter(spec.model), tmp_path)
 
 
 @pytest.mark.parametrize("extra,expect", [

@@ -87,7 +87,13 @@ def check_targets(adapter, spec) -> List[str]:
         return []
     with torch.device("meta"):
         model = adapter.build_model(adapter.build_config(), "sdpa")
-    return resolve_targets(model, adapter, spec.peft)[1]
+    problems = resolve_targets(model, adapter, spec.peft)[1]
+    names = [n for n, _ in model.named_modules()]
+    for want in spec.peft.modules_to_save:
+        if not any(n == want or n.endswith("." + want) for n in names):
+            problems.append(f"peft.modules_to_save: no module named {want!r} in model {spec.model.name} "
+                            "(e.g. embed_tokens, lm_head)")
+    return problems
 
 
 def lora_config(peft_spec, targets: Iterable[str]):
