@@ -206,6 +206,8 @@ def test_export_command_and_data_inspect(tmp_path):
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)  # same weights as the run's export
     out = xtune("export", str(tmp_path / "nope"), str(tmp_path / "x"))
     assert out.returncode != 0 and "nope" in out.stderr and "Traceback" not in out.stderr
+    out = xtune("export", str(ckpt), str(tmp_path / "x"), "--adapter-only")  # a full run has no adapter
+    assert out.returncode == 2 and "full-parameter run" in out.stderr and "Traceback" not in out.stderr
 
     out = xtune("data", "inspect", "recipe=demo", f"data.cache_dir={tmp_path}/cache", env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
+from tests.distributed.tiny import child_env
 from tests.integration.test_model_families import fixed_inputs, make_original, safetensors_of, xtune_sft
 
 STEPS = 3
@@ -105,8 +110,15 @@ def test_adapters_train_on_two_ranks_and_export_for_peft(model_name, method, tmp
         torch.testing.assert_close(peft_logits, merged_logits, atol=1e-5, rtol=1e-5)
     assert (base_logits - merged_logits).abs().max() > 1e-3
 
+    if (model_name, method) == ("qwen3_tiny", "lora"):  # `xtune export` rebuilds both folders from the checkpoint
+        for flag, folder, name in (("--adapter-only", adapter_dir, "adapter_model.safetensors"),
+                                   ("--merged", hf, "model.safetensors")):
+            res = subprocess.run([sys.executable, "-m", "xtune", "export", str(ckpt), str(tmp_path / flag), flag],
+                                 capture_output=True, text=True, timeout=300, env=child_env())
+            assert res.returncode == 0, res.stderr[-3000:]
+            a, b = load_file(str(tmp_path / flag / name)), load_file(str(folder / name))
+            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), flag
+
 
 def safetensors_of_adapter(folder):
-    from safetensors.torch import load_file
-
     return load_file(str(folder / "adapter_model.safetensors"))

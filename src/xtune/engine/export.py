@@ -41,7 +41,9 @@ def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokeni
     full = dequantize_state(full_state_dict, dtype)
     with torch.device("meta"):
         model = adapter.build_model(config, "sdpa")
-    peft_model = get_peft_model(model, copy.deepcopy(lora_config), low_cpu_mem_usage=True)
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, copy.deepcopy(lora_config), low_cpu_mem_usage=True)
     # Set after wrapping: get_peft_model renames it to the (meta) model's own name_or_path.
     peft_model.peft_config["default"].base_model_name_or_path = str(spec.model.load_from) if spec.model.load_from else None
     inner = peft_model.get_base_model()
@@ -50,7 +52,7 @@ def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokeni
         raise RuntimeError(f"the adapted model lacks {len(missing)} weights, e.g. {missing[:3]}")
 
     def fill_adapter(tmp: Path) -> None:
-        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated is_gradient_checkpointing
+        with warnings.catch_warnings():  # the same question again
             warnings.simplefilter("ignore", FutureWarning)
             peft_model.save_pretrained(str(tmp))
         if tokenizer is not None:
