@@ -60,7 +60,7 @@ def test_adapters_train_on_two_ranks_and_export_for_peft(model_name, method, tmp
     run = tmp_path / "run"
     code, out = xtune_sft(
         ["recipe=demo", f"model={model_name}", *data, f"model.load_from={orig}", "model.tokenizer=null",
-         "parallel=cpu2", f"peft={method}", "peft.r=8", "peft.alpha=16", "peft.dropout=0.0",
+         "parallel=cpu2", f"peft={method}", "peft.r=8", "peft.alpha=16", "peft.dropout=0.0", "peft.modules_to_save=[]",
          f"train.max_steps={STEPS}", "train.global_batch_size=2", "train.save_every=0", f"train.eval_every={STEPS}",
          "train.log_every=1", "train.sample_prompts=[]", "data.pack_max_length=512", "data.sample_max_length=256",
          "optim.lr=1e-2", "sched=constant", "sched.warmup_ratio=0.0", "logging.tensorboard=false",

@@ -11,7 +11,7 @@ import torch
 
 from tests.reliability.helpers import assert_same_losses, last_step, records, run_args, start, xtune
 
-LORA = ["peft=lora", "peft.r=4", "peft.alpha=8", "optim.lr=1e-2"]
+LORA = ["peft=lora", "peft.r=4", "peft.alpha=8", "peft.modules_to_save=[]", "optim.lr=1e-2"]
 
 
 def test_lora_sigkill_then_resume_is_exact(workspace, tmp_path):
