@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config.validate import TOKENIZER_FILES, model_problems, tokenizer_dir
+from ..config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
 from ..errors import XtuneError
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -86,9 +86,18 @@ class ModelAdapter:
             raise XtuneError("no tokenizer: set model.tokenizer (a folder or builtin:NAME) or model.load_from")
         if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise XtuneError(f"tokenizer files missing in {path} (expected one of {', '.join(TOKENIZER_FILES)})")
-        # Original Intern-S1 folders ship their tokenizer as remote code next to the weights the user
-        # pointed us at; trusting it is what loading that folder means.
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True)
+        # Remote code (Intern-S1's tokenizer is a Python class in the model folder) runs only with the
+        # user's consent; the config stage already reported this, the check here guards direct callers.
+        problem = remote_code_problem(self.spec)
+        if problem:
+            raise XtuneError(problem)
+        try:
+            # An explicit bool: None would make transformers ask on stdin.
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                 trust_remote_code=bool(self.spec.trust_remote_code))
+        except ImportError as e:  # the tokenizer's own code needs a package (Intern-S1's: sentencepiece)
+            extra = " (pip install 'xtune[intern_s1]')" if "sentencepiece" in str(e) else ""
+            raise XtuneError(f"the tokenizer in {path} needs a Python package that is not installed{extra}: {e}") from e
 
     # ----------------------------------------------------------------- config
     def original_config_dict(self) -> Optional[Dict[str, Any]]:
