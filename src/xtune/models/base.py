@@ -24,7 +24,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,6 +58,19 @@ def _plain(value):
     if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes))):
         return [_plain(v) for v in value]
     return value
+
+
+class KeyStream:
+    """Original-layout (key, tensor) pairs in, model-layout ones out as soon as they are complete."""
+
+    def __init__(self, convert: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]):
+        self.convert = convert
+
+    def push(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.convert({key: tensor})
+
+    def close(self) -> None:
+        """Raise if something pushed is still incomplete."""
 
 
 class ModelAdapter:
@@ -271,9 +284,41 @@ class ModelAdapter:
         """Model layout -> original layout (identity unless a family overrides it)."""
         return sd
 
+    def key_stream(self, original_keys: List[str]) -> "KeyStream":
+        """Converts the original layout to the model's one (key, tensor) at a time; `original_keys` are all
+        the keys that will be pushed. Families whose map is per key use `to_model_keys` on each."""
+        return KeyStream(self.to_model_keys)
+
+    def iter_hf_state_dict(self, folder) -> Iterator[Dict[str, torch.Tensor]]:
+        """The weights of a Hugging Face folder in the model's key names, one shard file at a time, so
+        that a reader never holds more than one file plus what a family is still assembling (the MoE
+        experts of a layer split over two files). Tensors are views of the mapped files
+        (`SafetensorsView`): copy them before writing to them."""
+        from .safetensors_io import SafetensorsView
+
+        folder = Path(str(folder)).expanduser()
+        files = self._weight_files(folder)
+        for fname, keys in files.items():
+            if not keys:
+                files[fname] = SafetensorsView(folder / fname).keys()
+        stream = self.key_stream([k for keys in files.values() for k in keys])
+        for fname, keys in files.items():
+            f = SafetensorsView(folder / fname)
+            batch: Dict[str, torch.Tensor] = {}
+            for key in keys:
+                if key not in f.header:
+                    raise XtuneError(f"{folder / fname} lacks {key}, which {WEIGHTS_INDEX} puts there")
+                batch.update(stream.push(key, f.get(key)))
+            del f  # the mapping goes when the consumer drops the batch's views
+            yield batch
+        stream.close()
+
     def read_hf_state_dict(self, folder) -> Dict[str, torch.Tensor]:
         """Read a Hugging Face folder (sharded with an index, or one file) into the model's key names."""
-        return self.to_model_keys(self.read_original_state_dict(folder))
+        out: Dict[str, torch.Tensor] = {}
+        for batch in self.iter_hf_state_dict(folder):
+            out.update(batch)
+        return out
 
     # ----------------------------------------------------------------- weights: save
     def _tied_output_key(self, config) -> Optional[str]:
