@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_model_families import train_records
+from tests.integration.test_model_families import train_records, xtune_cli
 from tests.s1_fixture import MODULE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,18 +24,8 @@ DEMO = ROOT / "src" / "xtune" / "assets" / "demo"
 
 
 def _run(args, tmp_path, marker, timeout=180):
-    from tests.distributed.tiny import child_env
-
-    env = child_env({"XTUNE_TEST_REMOTE_CODE_MARKER": str(marker), "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
-    proc = subprocess.Popen([sys.executable, "-m", "xtune", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"xtune did not finish within {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out
+    env = {"XTUNE_TEST_REMOTE_CODE_MARKER": str(marker), "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    return xtune_cli(args, timeout, env)
 
 
 @pytest.fixture
