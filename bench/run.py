@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, loss, pack, data, cli, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, loss, pack, data, slowtok, cli, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "loss", "train", "auto", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "gpu")
 
 
 def module(name: str):
@@ -101,6 +101,16 @@ def tables(res: dict):
             for cap in r["caps"]:
                 t.add_row(f"{name} ({d['samples']} samples, mean {d['mean_len']:.0f})", str(cap),
                           *[f"{d['strategies'][f'{s}@{cap}']['efficiency']:.4f}" for s in r["strategies"]])
+        out.append(t)
+    if "slowtok" in b and "error" not in b["slowtok"]:
+        r = b["slowtok"]
+        t = Table(title=f"Data preparation with a Python (slow) tokenizer like Intern-S1's (test fixture), "
+                        f"{r['records']} chats, {r['tokens']} tokens")
+        for c in ("path", "seconds", "tokens/s"):
+            t.add_column(c, justify="right" if c != "path" else "left")
+        for key, label in (("slow_1", "xtune slow path, 1 process"), ("slow_2", "xtune slow path, 2 processes"),
+                           ("raw", "raw tokenizer.encode, 1 process"), ("fast_1", "xtune fast path (tiny Intern-S1), 1 process")):
+            t.add_row(label, f"{r[key + '_s']:.2f}", f"{r[key + '_tok_s']:.0f}")
         out.append(t)
     if "data" in b and "error" not in b["data"]:
         r = b["data"]

@@ -83,3 +83,19 @@ def run_spec(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s1_tok_dir(tmp_path_factory):
+    """A tokenizer folder like Intern-S1-mini's: remote-code Python tokenizer, SMILES sub-tokenizer (tests/s1_fixture.py)."""
+    pytest.importorskip("sentencepiece")
+    from tests.s1_fixture import build_s1_tokenizer
+
+    return build_s1_tokenizer(tmp_path_factory.mktemp("s1_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def s1_tok(s1_tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(s1_tok_dir, trust_remote_code=True, local_files_only=True)

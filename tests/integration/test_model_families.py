@@ -134,17 +134,22 @@ def safetensors_of(folder: Path) -> dict:
 
 def xtune_sft(args, run_dir: Path, timeout=150):
     """`python -m xtune sft ...` in its own session: a hang is killed (all workers) and reported."""
+    return xtune_cli(["sft", *args, f"train.work_dir={run_dir}"], timeout)
+
+
+def xtune_cli(args, timeout=150, env=None):
+    """`python -m xtune <args>` in its own session (extra environment `env`); returns (exit code, output)."""
     from tests.distributed.tiny import child_env
 
-    cmd = [sys.executable, "-m", "xtune", "sft", *args, f"train.work_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), start_new_session=True, stdout=subprocess.PIPE,
+    cmd = [sys.executable, "-m", "xtune", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"xtune sft did not finish within {timeout}s (hang?):\n{out[-4000:]}")
+        pytest.fail(f"xtune {args[0]} did not finish within {timeout}s (hang?):\n{out[-4000:]}")
     return proc.returncode, out
 
 

@@ -59,6 +59,7 @@ def test_intern_s1_mini_matches_reference_configuration(tmp_path):
     assert (spec.loss.mode, spec.loss.chunk_size) == ("chunk", 1024)
     assert spec.train.global_batch_size == 8 and spec.train.epochs == 2 and spec.train.max_steps is None
     assert spec.model.freeze_vision and spec.model.freeze_projector and not spec.model.freeze_language
+    assert spec.model.trust_remote_code is False  # consent comes from the user, on the command line
 
 
 def test_intern_s1_mini_without_weights_fails_early_naming_load_from():

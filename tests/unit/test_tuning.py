@@ -18,7 +18,7 @@ from xtune.errors import ConfigError
 BASE = ["recipe=demo", "model=qwen3_8b", "model.tokenizer=builtin:qwen3_tiny", "train.max_steps=4",
         "train.global_batch_size=1", "loss.mode=chunk", "sched=constant", "sched.warmup_ratio=0.0",
         "logging.tensorboard=false", "train.sample_prompts=[]", "data.eval_datasets=[]", "train.eval_every=0",
-        "optim.max_grad_norm=0", "peft.r=4", "peft.alpha=8"]
+        "optim.max_grad_norm=0", "peft.r=4", "peft.alpha=8", "peft.modules_to_save=[]"]
 
 
 @pytest.fixture(scope="module")

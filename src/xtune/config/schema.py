@@ -70,6 +70,8 @@ class ModelSpec:
     max_tiles: int = 12
     # Add a downscaled whole-image tile when an image has more than one tile.
     use_thumbnail: bool = True
+    # Run Python code shipped in the model/tokenizer folder (`auto_map`, e.g. Intern-S1's tokenizer); read it first.
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class DataSpec:
     on_error: str = "raise"
     # Chat template used when the tokenizer has none of its own.
     template: str = "auto"
+    # Do not train the empty `<think>...</think>` block the template puts before an answer (XTuner's labels).
+    strip_empty_think: bool = False
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
             problems.append(f"{key}={tok}: no such folder")
     elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"{key}={tok}: no tokenizer files there (expected one of {', '.join(TOKENIZER_FILES)})")
+    else:
+        problems.extend(filter(None, [remote_code_problem(m)]))
     return problems
 
 
@@ -238,6 +240,47 @@ def peft_problems(spec: RunSpec) -> List[str]:
             problems.append("peft.method=dora with peft.quantize=nf4 is not supported: peft's DoRA reads the base "
                             "weight as a plain tensor; use peft.method=lora for QLoRA, or quantize=none for DoRA")
     return problems
+
+
+def remote_code_problem(m: ModelSpec) -> Optional[str]:
+    """The message when the tokenizer folder would run its own Python code and model.trust_remote_code is false."""
+    tok = tokenizer_dir(m)
+    code = None if m.trust_remote_code or tok is None else remote_tokenizer_code(tok)
+    if code is None:
+        return None
+    key = "model.tokenizer" if m.tokenizer else "model.load_from"
+    return (f"{key}={tok}: its tokenizer is remote code: loading it runs {code} (auto_map in "
+            f"tokenizer_config.json). Read that file; to allow it, set model.trust_remote_code=true")
+
+
+def remote_tokenizer_code(folder: Path) -> Optional[Path]:
+    """The .py file AutoTokenizer would import from `folder` (its tokenizer_config.json's auto_map), or None
+    when the folder needs no code of its own. Decided as transformers 5 does (AutoTokenizer.from_pretrained):
+    an `auto_map` AutoTokenizer entry is used unless `tokenizer_class` names a class transformers ships."""
+    import json
+
+    path = folder / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    refs = auto_map if isinstance(auto_map, (list, tuple)) else (auto_map or {}).get("AutoTokenizer")
+    if not refs:
+        return None
+    refs = [refs] if isinstance(refs, str) else refs
+    ref = refs[1] if len(refs) > 1 and refs[1] else refs[0]
+    if not ref:
+        return None
+    cls = cfg.get("tokenizer_class")
+    if cls:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        base = cls.removesuffix("Fast")
+        if tokenizer_class_from_name(base) is not None or tokenizer_class_from_name(base + "Fast") is not None:
+            return None
+    module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
+    return folder / (module.replace(".", "/") + ".py")
 
 
 def _file_problems(spec: RunSpec) -> List[str]:

@@ -47,7 +47,15 @@ def tokenizer_hash(tokenizer) -> str:
     if backend is not None:
         h.update(backend.to_str().encode())
     else:
+        # A Python tokenizer: its vocabulary, and its class and files (code, merges, sentencepiece
+        # models), which decide the tokens as much as the vocabulary does.
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(type(tokenizer).__qualname__.encode())
+        folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+        names = set(getattr(tokenizer, "vocab_files_names", {}).values()) | {"tokenizer_config.json"}
+        if folder.is_dir():
+            for f in sorted(p for p in folder.iterdir() if p.is_file() and (p.name in names or p.suffix == ".py")):
+                h.update(f.name.encode() + file_hash(str(f)).encode())
     h.update(str(tokenizer.eos_token_id).encode())
     return h.hexdigest()
 

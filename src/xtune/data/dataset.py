@@ -76,6 +76,7 @@ def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
         tokens_per_tile=model_spec.tokens_per_tile,
         max_tiles=model_spec.max_tiles,
         use_thumbnail=model_spec.use_thumbnail,
+        strip_empty_think=data_spec.strip_empty_think,
     )
 
 

@@ -9,6 +9,13 @@ everything the template renders for the assistant, the (empty) `<think>\\n\\n</t
 block Qwen3 puts in the last assistant turn is trained: it is what the model must generate
 after `<|im_start|>assistant\\n` to answer without reasoning.
 
+With `data.strip_empty_think` that empty block is left untrained (as XTuner's labels do): the
+ids stay those of the template, the answer's tokens after it are trained. A non-empty think
+block (reasoning) is trained either way.
+
+Python ("slow") tokenizers, such as Intern-S1's remote-code class, take the same path with
+their own encoder (see `slow_tokenize`); tokenizers-backed ones are encoded in batches with offsets.
+
 `pretrain` records bypass the template: their text plus the tokenizer's eos token, all trained.
 Images: each `<IMG_CONTEXT>` placeholder token becomes `<img>` + n x `<IMG_CONTEXT>` + `</img>`
 (never trained); ids around the placeholder are unaffected because these are added tokens.
@@ -17,6 +24,7 @@ Images: each `<IMG_CONTEXT>` placeholder token becomes `<img>` + n x `<IMG_CONTE
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +33,7 @@ import numpy as np
 
 from xtune.data import multimodal
 from xtune.data.formats import Record
+from xtune.data.slow_tokenize import encode_trained, is_slow, token_id
 from xtune.data.templates import Renderer
 from xtune.data.types import IGNORE_INDEX, ImageRef
 from xtune.errors import DataError
@@ -40,6 +49,11 @@ class TokenizeSettings:
     tokens_per_tile: int = 256
     max_tiles: int = 12
     use_thumbnail: bool = True
+    strip_empty_think: bool = False
+
+
+# The empty reasoning block Qwen3-style templates put before an answer without reasoning.
+EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
 
 
 @dataclass
@@ -75,16 +89,16 @@ class TokenizedChunk:
 
 class SampleTokenizer:
     def __init__(self, tokenizer, settings: TokenizeSettings):
-        if getattr(tokenizer, "backend_tokenizer", None) is None:
-            raise DataError("xtune needs a fast (tokenizers-backed) tokenizer")
         self.tok = tokenizer
-        self.backend = tokenizer.backend_tokenizer
+        self.backend = None if is_slow(tokenizer) else tokenizer.backend_tokenizer
         self.s = settings
         self.renderer = Renderer(tokenizer, settings.template)
         # The three ids only (`get_vocab()` would build a dict of the whole vocabulary): None when absent.
-        self.img_ids = tuple(
-            self.backend.token_to_id(t) for t in (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END)
-        )
+        img_tokens = (multimodal.IMG_START, multimodal.IMG_CONTEXT, multimodal.IMG_END)
+        if self.backend is None:
+            self.img_ids = tuple(token_id(tokenizer, t) for t in img_tokens)
+        else:
+            self.img_ids = tuple(self.backend.token_to_id(t) for t in img_tokens)
         self.eos_id = tokenizer.eos_token_id
 
     # -- text ---------------------------------------------------------------------------------
@@ -113,6 +127,9 @@ class SampleTokenizer:
                 start = h + len(header)
                 end = text.find(eot, start)
                 end = len(text) if end < 0 else end + len(eot)
+                if self.s.strip_empty_think:
+                    think = EMPTY_THINK.match(text, start, end)
+                    start = think.end() if think else start
             else:
                 start = text.find(content, cursor) if content else -1
                 if start < 0:
@@ -134,19 +151,23 @@ class SampleTokenizer:
             t, sp = self.text_and_spans(rec)
             texts.append(t)
             spans.append(sp)
+        if self.backend is None:
+            for rec, text, sp in zip(records, texts, spans):
+                ids, trained = encode_trained(self.tok, text, sp, rec.source)
+                self._finish(rec, ids, trained, sp, out)
+            return
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         for rec, enc, sp in zip(records, encodings, spans):
-            self._finish(rec, enc.ids, enc.offsets if sp else (), sp, out)
+            trained = np.zeros(len(enc.ids), dtype=bool)
+            if sp:
+                # token k is trained when its first character lies in a span; offsets are non-decreasing
+                starts = [o[0] for o in enc.offsets]
+                for a, b in sp:
+                    trained[bisect_left(starts, a):bisect_left(starts, b)] = True
+            self._finish(rec, enc.ids, trained, sp, out)
 
-    def _finish(self, rec: Record, ids: List[int], offsets, spans, out: TokenizedChunk) -> None:
+    def _finish(self, rec: Record, ids: List[int], trained: np.ndarray, spans, out: TokenizedChunk) -> None:
         out.records += 1
-        n = len(ids)
-        trained = np.zeros(n, dtype=bool)
-        if spans:
-            # token k is trained when its first character lies in a span; offsets are non-decreasing
-            starts = [o[0] for o in offsets]
-            for a, b in spans:
-                trained[bisect_left(starts, a):bisect_left(starts, b)] = True
         ids = np.array(ids, dtype=np.int64)
         if rec.is_pretrain and self.eos_id is not None:
             ids = np.append(ids, self.eos_id)
@@ -256,6 +277,8 @@ def tokenize_lines(
     return out
 
 
+SLOW_CHUNK_LINES = 64
+
 # Worker-process state: the tokenizer is sent once per worker, not once per chunk.
 _WORKER: Dict[str, object] = {}
 
@@ -292,6 +315,8 @@ def tokenize_files(
     """Tokenise every record of `files` (in file, then line order), in `num_workers` processes."""
     from xtune.data.formats import iter_lines
 
+    if is_slow(tokenizer):  # Python tokenizers are slow: smaller chunks spread one file over the workers
+        chunk_lines = min(chunk_lines, SLOW_CHUNK_LINES)
     jobs = []
     for f in files:
         root = media_root if media_root is not None else os.path.dirname(f)

@@ -159,22 +159,61 @@ def _buffer_init(adapter):
 
 
 def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
-    """Rank 0 reads the HF folder; the weights reach the other ranks' shards by broadcast."""
+    """Rank 0 reads the HF folder one shard file at a time (`adapter.iter_hf_state_dict`); each batch
+    reaches every rank's shards by broadcast before the next file is read, so no rank ever holds the
+    whole checkpoint (nor a second, converted copy of it)."""
     from xtune import tuning
 
-    full = adapter.read_hf_state_dict(folder) if denv.is_main else {}
-    if denv.is_main and tuning.adapter_state_keys(model):
-        full = tuning.to_peft_keys(model.state_dict().keys(), full)
-    result = set_model_state_dict(
-        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    )
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
+    peft_keys = list(model.state_dict().keys()) if denv.is_main and tuning.adapter_state_keys(model) else None
+    batches = None
+    if denv.is_main:  # an adapter without a streaming reader hands over the whole folder as one batch
+        stream = getattr(adapter, "iter_hf_state_dict", None)
+        batches = iter(stream(folder) if stream else [adapter.read_hf_state_dict(folder)])
+    loaded = set()
+    while True:
+        batch, status = {}, "done"
+        if denv.is_main:
+            try:
+                batch = next(batches, None)
+                while batch is not None and not batch:  # a file whose experts complete in the next one
+                    batch = next(batches, None)
+                status = "batch" if batch is not None else "done"
+            except XtuneError as e:  # every rank stops, not only the reader
+                status = f"error: {e}"
+        status = denv.broadcast_object(status)
+        if status.startswith("error: "):
+            raise XtuneError(status[len("error: "):])
+        if status == "done":
+            break
+        if denv.is_main:
+            if peft_keys is not None:
+                batch = tuning.to_peft_keys(peft_keys, batch)
+            loaded.update(batch)
+        set_model_state_dict(model, batch if denv.is_main else {}, options=options)
+        del batch
+        _return_freed_memory()
     tied = _tied_names(model)
-    # Rank 0 is the one that saw the file: its verdict is the one every rank acts on.
-    missing = denv.broadcast_object(sorted(k for k in result.missing_keys
-                                           if k not in tied and not tuning.is_adapter_key(k)))
+    # Rank 0 is the one that saw the files: its verdict is the one every rank acts on.
+    missing = sorted(k for k in model.state_dict() if k not in loaded and k not in tied
+                     and not tuning.is_adapter_key(k)) if denv.is_main else None
+    missing = denv.broadcast_object(missing)
     if missing:
         raise XtuneError(f"{folder} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:5])}")
-    del full
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Once a buffer of a few MB has been
+    freed, glibc's adaptive mmap threshold puts later ones of that size (the fused MoE experts of the
+    next layer) in the heap, where freed chunks stay part of the RSS; trimming after each batch keeps
+    the reader's footprint at what is alive. A no-op where libc has no malloc_trim."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tied_names(model: nn.Module) -> set:

@@ -392,33 +392,11 @@ class Trainer:
 
     def generate_samples(self, hf_dir: Path) -> list:
         """Greedy completions of train.sample_prompts by the exported model (rank 0 only)."""
-        import json
+        from .samples import generate_samples
 
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        cls = getattr(transformers, getattr(self.adapter, "auto_class", "AutoModelForCausalLM"))
-        model = cls.from_pretrained(str(hf_dir)).eval()
-        tok = self.tokenizer
-        out = []
-        for prompt in self.spec.train.sample_prompts:
-            if getattr(tok, "chat_template", None):
-                # enable_thinking=False renders the empty think block, as in the trained answers.
-                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              enable_thinking=False, return_tensors="pt")
-                ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
-            else:
-                ids = tok(prompt, return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.spec.train.sample_max_new_tokens,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-            out.append({"step": self.step, "prompt": prompt, "completion": text})
-            self.logger.message(f"sample> {prompt}\n{text}")
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in out)
-        return out
+        t = self.spec.train
+        return generate_samples(self.adapter, self.tokenizer, hf_dir, t.sample_prompts, t.sample_max_new_tokens,
+                                self.step, self.run_dir / "samples.jsonl", self.logger.message)
 
     def close(self) -> None:
         self.denv.close()

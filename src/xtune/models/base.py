@@ -24,12 +24,12 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..config.validate import TOKENIZER_FILES, model_problems, tokenizer_dir
+from ..config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
 from ..errors import XtuneError
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -60,6 +60,19 @@ def _plain(value):
     return value
 
 
+class KeyStream:
+    """Original-layout (key, tensor) pairs in, model-layout ones out as soon as they are complete."""
+
+    def __init__(self, convert: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]):
+        self.convert = convert
+
+    def push(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.convert({key: tensor})
+
+    def close(self) -> None:
+        """Raise if something pushed is still incomplete."""
+
+
 class ModelAdapter:
     family: str = ""
     auto_class: str = "AutoModelForCausalLM"
@@ -86,9 +99,18 @@ class ModelAdapter:
             raise XtuneError("no tokenizer: set model.tokenizer (a folder or builtin:NAME) or model.load_from")
         if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise XtuneError(f"tokenizer files missing in {path} (expected one of {', '.join(TOKENIZER_FILES)})")
-        # Original Intern-S1 folders ship their tokenizer as remote code next to the weights the user
-        # pointed us at; trusting it is what loading that folder means.
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True)
+        # Remote code (Intern-S1's tokenizer is a Python class in the model folder) runs only with the
+        # user's consent; the config stage already reported this, the check here guards direct callers.
+        problem = remote_code_problem(self.spec)
+        if problem:
+            raise XtuneError(problem)
+        try:
+            # An explicit bool: None would make transformers ask on stdin.
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                 trust_remote_code=bool(self.spec.trust_remote_code))
+        except ImportError as e:  # the tokenizer's own code needs a package (Intern-S1's: sentencepiece)
+            extra = " (pip install 'xtune[intern_s1]')" if "sentencepiece" in str(e) else ""
+            raise XtuneError(f"the tokenizer in {path} needs a Python package that is not installed{extra}: {e}") from e
 
     # ----------------------------------------------------------------- config
     def original_config_dict(self) -> Optional[Dict[str, Any]]:
@@ -271,9 +293,41 @@ class ModelAdapter:
         """Model layout -> original layout (identity unless a family overrides it)."""
         return sd
 
+    def key_stream(self, original_keys: List[str]) -> "KeyStream":
+        """Converts the original layout to the model's one (key, tensor) at a time; `original_keys` are all
+        the keys that will be pushed. Families whose map is per key use `to_model_keys` on each."""
+        return KeyStream(self.to_model_keys)
+
+    def iter_hf_state_dict(self, folder) -> Iterator[Dict[str, torch.Tensor]]:
+        """The weights of a Hugging Face folder in the model's key names, one shard file at a time, so
+        that a reader never holds more than one file plus what a family is still assembling (the MoE
+        experts of a layer split over two files). Tensors are views of the mapped files
+        (`SafetensorsView`): copy them before writing to them."""
+        from .safetensors_io import SafetensorsView
+
+        folder = Path(str(folder)).expanduser()
+        files = self._weight_files(folder)
+        for fname, keys in files.items():
+            if not keys:
+                files[fname] = SafetensorsView(folder / fname).keys()
+        stream = self.key_stream([k for keys in files.values() for k in keys])
+        for fname, keys in files.items():
+            f = SafetensorsView(folder / fname)
+            batch: Dict[str, torch.Tensor] = {}
+            for key in keys:
+                if key not in f.header:
+                    raise XtuneError(f"{folder / fname} lacks {key}, which {WEIGHTS_INDEX} puts there")
+                batch.update(stream.push(key, f.get(key)))
+            del f  # the mapping goes when the consumer drops the batch's views
+            yield batch
+        stream.close()
+
     def read_hf_state_dict(self, folder) -> Dict[str, torch.Tensor]:
         """Read a Hugging Face folder (sharded with an index, or one file) into the model's key names."""
-        return self.to_model_keys(self.read_original_state_dict(folder))
+        out: Dict[str, torch.Tensor] = {}
+        for batch in self.iter_hf_state_dict(folder):
+            out.update(batch)
+        return out
 
     # ----------------------------------------------------------------- weights: save
     def _tied_output_key(self, config) -> Optional[str]:

@@ -9,13 +9,13 @@ them; everything else (attention, router `mlp.gate.weight`, norms) has the same 
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from ..errors import XtuneError
-from .base import ModelAdapter
+from .base import KeyStream, ModelAdapter
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
@@ -28,23 +28,15 @@ class Qwen3MoeAdapter(ModelAdapter):
     config_cls = Qwen3MoeConfig
 
     def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        stream = self.key_stream(list(sd))
         out: Dict[str, torch.Tensor] = {}
-        experts: Dict[str, Dict[str, Dict[int, torch.Tensor]]] = {}
         for key, tensor in sd.items():
-            m = _PER_EXPERT.match(key)
-            if m is None:
-                out[key] = tensor
-            else:
-                experts.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["e"])] = tensor
-        for prefix, projs in experts.items():
-            n = len(projs.get("down_proj", {}))
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                if sorted(projs.get(proj, {})) != list(range(n)):
-                    raise XtuneError(f"checkpoint has an incomplete set of {prefix}.*.{proj} experts")
-            gate_up = [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]], dim=0) for e in range(n)]
-            out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
-            out[f"{prefix}.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
+            out.update(stream.push(key, tensor))
+        stream.close()
         return out
+
+    def key_stream(self, original_keys: List[str]) -> KeyStream:
+        return _ExpertFuser(original_keys)
 
     def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
@@ -74,3 +66,48 @@ class Qwen3MoeAdapter(ModelAdapter):
         if outputs.aux_loss is None or not coef:
             return None
         return coef * outputs.aux_loss.float()
+
+
+class _ExpertFuser(KeyStream):
+    """Per-expert tensors are copied into the layer's fused buffers as they arrive (and freed); a layer's
+    two fused tensors are handed out once all its experts are in. Peak: the layers in progress, not a
+    second copy of the checkpoint."""
+
+    def __init__(self, original_keys: List[str]):
+        seen: Dict[str, Dict[str, set]] = {}
+        for key in original_keys:
+            m = _PER_EXPERT.match(key)
+            if m is not None:
+                seen.setdefault(m["prefix"], {}).setdefault(m["proj"], set()).add(int(m["e"]))
+        self.n: Dict[str, int] = {}
+        self.left: Dict[str, int] = {}
+        for prefix, projs in seen.items():
+            n = len(projs.get("down_proj", ()))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if projs.get(proj, set()) != set(range(n)):
+                    raise XtuneError(f"checkpoint has an incomplete set of {prefix}.*.{proj} experts")
+            self.n[prefix], self.left[prefix] = n, 3 * n
+        self.buffers: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def push(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+        m = _PER_EXPERT.match(key)
+        if m is None:
+            return {key: tensor}
+        prefix, proj, e = m["prefix"], m["proj"], int(m["e"])
+        n, buf = self.n[prefix], self.buffers.setdefault(prefix, {})
+        if proj == "down_proj":
+            buf.setdefault("down", tensor.new_empty((n, *tensor.shape)))[e].copy_(tensor)
+        else:  # gate rows first, then up: [E, 2I, H]
+            rows = tensor.shape[0]
+            fused = buf.setdefault("gate_up", tensor.new_empty((n, 2 * rows, tensor.shape[1])))
+            start = 0 if proj == "gate_proj" else rows
+            fused[e, start:start + rows].copy_(tensor)
+        self.left[prefix] -= 1
+        if self.left[prefix]:
+            return {}
+        done = self.buffers.pop(prefix)
+        return {f"{prefix}.gate_up_proj": done["gate_up"], f"{prefix}.down_proj": done["down"]}
+
+    def close(self) -> None:
+        if self.buffers:
+            raise XtuneError(f"checkpoint has incomplete experts for {', '.join(sorted(self.buffers))}")

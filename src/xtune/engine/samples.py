@@ -1,0 +1,71 @@
+"""End-of-run samples: greedy completions of `train.sample_prompts` by the exported model.
+
+The model is built with transformers' own class for the family (`adapter.model_cls`: Qwen3, Qwen3-MoE,
+InternVL) and the export's weights are read back by the adapter, so an export in Intern-S1's original
+`interns1` layout (whose config names remote code that does not run on transformers 5, and whose
+`auto_map` has no image-text class) generates without running any code from the folder. What is
+generated from is what was written: the export, not the training copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from ..errors import XtuneError
+
+
+def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
+    """The export at `hf_dir` as the family's transformers model (eval mode, KV cache on)."""
+    config = adapter.config_from_dict(json.loads((Path(hf_dir) / "config.json").read_text()))
+    with torch.device("meta"):
+        model = adapter.build_model(config, "sdpa")
+    model.to_empty(device="cpu")
+    adapter.reset_buffers(model)  # rotary inv_freq: not in checkpoints
+    weights = adapter.read_hf_state_dict(hf_dir)
+    result = model.load_state_dict(weights, strict=False)
+    del weights
+    model.tie_weights()
+    tied = adapter._tied_output_key(config)  # an export leaves out the tied lm_head
+    missing = [k for k in result.missing_keys if k != tied]
+    if missing:
+        raise XtuneError(f"{hf_dir} lacks {len(missing)} weights, e.g. {', '.join(missing[:5])}")
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.use_cache = True
+    return model.eval()
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """[1, T] ids of one user turn and the assistant header (plain text without a chat template)."""
+    if getattr(tokenizer, "chat_template", None):
+        # enable_thinking=False renders the empty think block, as in the trained answers.
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            enable_thinking=False, return_tensors="pt")
+        return ids if torch.is_tensor(ids) else ids["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_new_tokens: int, step: int,
+                     out_file: Optional[Path] = None, log: Callable[[str], None] = print) -> list:
+    """Greedy completions of `prompts` by the export at `hf_dir`; appended to `out_file` (JSON lines)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model = load_export(adapter, hf_dir)
+    out = []
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, prompt)
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        out.append({"step": step, "prompt": prompt, "completion": text})
+        log(f"sample> {prompt}\n{text}")
+    if out_file is not None:
+        with open(out_file, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in out)
+    return out
