@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from typing import Dict, Iterable, List, Tuple
 
 import torch
@@ -174,11 +175,12 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
 
     full: Dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
-    for index, module in enumerate(model.modules()):
+    for module in model.modules():
         name = _state_name(names[id(module)])
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             a = module.lora_A[ADAPTER].weight
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            # Seeded by the layer's name: the same values whatever wraps the blocks (checkpointing, FSDP).
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             init_a = torch.empty(a.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(init_a, a=math.sqrt(5), generator=gen)
             full[f"{name}.lora_A.{ADAPTER}.weight"] = init_a.to(a.dtype)
