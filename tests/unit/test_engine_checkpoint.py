@@ -168,20 +168,27 @@ def test_resume_with_other_world_size_is_refused(finished, init_dir, tmp_path):
     assert not torch.distributed.is_initialized()
 
 
-def test_hf_every_exports_during_the_run(init_dir, tmp_path, monkeypatch):
-    from xtune.engine import export
+def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
+    """hf/step-N every N steps (keep_last of them), the final export in hf/ itself; each folder holds the
+    weights of its own step, read back with safetensors against the DCP checkpoint of that step."""
+    from safetensors.torch import load_file
 
-    steps = []
-    real = export.write_hf
+    from xtune.config.io import spec_from_yaml
+    from xtune.engine.checkpoint import load_model_only
+    from xtune.engine.export import build_plain_model
 
-    def spy(adapter, sd, config, tok, out):
-        steps.append(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"])
-        return real(adapter, sd, config, tok, out)
-
-    monkeypatch.setattr(export, "write_hf", spy)
-    run(make_spec(init_dir, steps=4, hf_every=2), tmp_path)
-    assert steps == [2, 4]
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    run(make_spec(init_dir, steps=8, hf_every=2, save_every=2, keep_last=2), tmp_path, steps=8)
+    hf = tmp_path / "hf"
+    assert sorted(p.name for p in hf.iterdir() if p.is_dir()) == ["step-4", "step-6"]  # step-2 pruned
+    weights = {name: load_file(str(hf / name / "model.safetensors")) for name in ("step-4", "step-6", ".")}
+    for step, name in ((6, "step-6"), (8, ".")):
+        model, _ = build_plain_model(TinyAdapter(), spec_from_yaml(tmp_path / "config.yaml"))
+        load_model_only(tmp_path / "checkpoints" / f"step-{step}", model)
+        want = model.state_dict()
+        assert all(torch.equal(weights[name][k], want[k]) for k in weights[name]), name
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(weights["step-4"][key], weights["step-6"][key])
+    assert not torch.equal(weights["step-6"][key], weights["."][key])
 
 
 def test_bf16_mixed_precision_single_process(init_dir, tmp_path):

@@ -18,13 +18,19 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict:
 
 
 def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | Path) -> Path:
-    """Write via a sibling temp folder and swap it in, so `out_dir` is never half-written."""
+    """Write via a sibling temp folder and swap it in, so `out_dir` is never half-written.
+
+    The periodic exports `out_dir/step-N` (train.hf_every) that a previous version of `out_dir` holds are
+    carried over into the new one: the final export replaces the model files, not the history.
+    """
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     adapter.save_hf(full_state_dict, config, tokenizer, tmp)
     if out.exists():
+        for _, sub in step_exports(out):
+            os.rename(sub, tmp / sub.name)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
@@ -33,6 +39,21 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | P
     else:
         os.rename(tmp, out)
     return out
+
+
+def step_exports(hf_root: Path) -> list:
+    """(step, folder) of the periodic exports `hf_root/step-N`, oldest first."""
+    if not hf_root.is_dir():
+        return []
+    return sorted((int(p.name[5:]), p) for p in hf_root.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def prune_step_exports(hf_root: Path, keep_last: int) -> None:
+    """train.keep_last applies to the periodic exports as to checkpoints (<= 0 keeps all)."""
+    if keep_last > 0:
+        for _, old in step_exports(hf_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None) -> Path:

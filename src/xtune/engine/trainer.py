@@ -266,7 +266,7 @@ class Trainer:
         self.last_saved = self.step
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
-        from xtune.engine.export import gather_full_state_dict, write_hf
+        from xtune.engine.export import gather_full_state_dict, prune_step_exports, write_hf
 
         out = Path(out_dir or self.run_dir / "hf")
         full = gather_full_state_dict(self.model)
@@ -274,6 +274,8 @@ class Trainer:
         if self.denv.is_main:
             try:
                 write_hf(self.adapter, full, self.model_config, self.tokenizer, out)
+                if out.parent == self.run_dir / "hf":  # a periodic hf/step-N export
+                    prune_step_exports(out.parent, self.spec.train.keep_last)
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
         error = self.denv.broadcast_object(error)
@@ -335,7 +337,7 @@ class Trainer:
                 if (t.save_every and self.step % t.save_every == 0) or stop:
                     self.save()
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
-                    self.export_hf()
+                    self.export_hf(self.run_dir / "hf" / f"step-{self.step}")
                 if stop:
                     logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
                     result["stopped_early"] = True
