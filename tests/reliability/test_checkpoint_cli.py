@@ -37,7 +37,7 @@ def damage_truncated_shard(ck):
 ROWS = [
     ("partial_by_path", damage_no_marker, "{run}/checkpoints/step-%d" % STEPS,
      ["checkpoint {ck} is incomplete (no meta.json)", "delete it or resume from an earlier one"]),
-    ("truncated_shard", damage_truncated_shard, "auto", ["checkpoint {ck} could not be loaded"]),
+    ("truncated_shard", damage_truncated_shard, "auto", ["checkpoint {ck} is corrupt: __0_0.distcp has", "truncated"]),
 ]
 
 

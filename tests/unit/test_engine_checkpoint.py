@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage):
     elif damage == "no_dcp_metadata":
         (ck / ".metadata").unlink()
     else:
-        (ck / "extra-rank0.pt").unlink()
+        (ck / "state.json").unlink()
     with pytest.raises(CheckpointError, match="step-4"):
         resolve_resume("auto", run_dir)
     with pytest.raises(CheckpointError, match="step-4"):
@@ -162,7 +162,6 @@ def test_resume_with_other_world_size_is_refused(finished, init_dir, tmp_path):
     ck = run_dir / "checkpoints" / "step-4"
     meta = json.loads((ck / "meta.json").read_text())
     (ck / "meta.json").write_text(json.dumps(dict(meta, world_size=2)))
-    shutil.copy(ck / "extra-rank0.pt", ck / "extra-rank1.pt")
     with pytest.raises(CheckpointError, match="written by 2 ranks"):
         run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
     assert not torch.distributed.is_initialized()
@@ -212,3 +211,108 @@ def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
             denv.close()
     assert losses["float32"] != losses["bfloat16"]
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * losses["float32"]
+
+
+# ----------------------------------------------------------------------------------------- integrity
+
+
+def _region(ck, prefix):
+    """(file, offset) of the first byte of a tensor whose key starts with `prefix` in a DCP shard, read from
+    DCP's own metadata (so the test damages exactly the model's or the optimizer's bytes)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(ck)).read_metadata()
+    for index, info in md.storage_data.items():
+        if index.fqn.startswith(prefix) and info.length > 64:
+            return ck / info.relative_path, info.offset + info.length // 2
+    raise AssertionError(prefix)
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["model_shard", "optim_shard", "state", "truncated"])
+def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage):
+    from xtune.engine.export import export_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    if damage in ("model_shard", "optim_shard"):
+        path, offset = _region(ck, "model." if damage == "model_shard" else "optim.")
+        flip(path, offset)
+        why = "does not match its sha256"
+    elif damage == "state":
+        path = ck / "state.json"
+        path.write_text(path.read_text().replace('"step": 4', '"step": 5'))  # same size, other bytes
+        why = "does not match its sha256"
+    else:
+        path = max(ck.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        path.write_bytes(path.read_bytes()[:-100])
+        why = "truncated"
+    name = path.name
+    with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}.*{why}"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not torch.distributed.is_initialized()
+    assert max(json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}"):
+        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter())
+    assert not (tmp_path / "hf").exists()
+
+
+def _legacy(ck):
+    """Turn a checkpoint into one of an older xtune: per-rank pickled extra state (with the RNG states it
+    kept: torch's tensor, python's tuple, numpy's array), no checksums in the marker."""
+    import random
+
+    import numpy as np
+
+    state = json.loads((ck / "state.json").read_text())
+    state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.save(state, ck / "extra-rank0.pt")
+    (ck / "state.json").unlink()
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["files"], meta["layout"]
+    (ck / "meta.json").write_text(json.dumps(meta))
+
+
+def test_older_checkpoint_without_checksums_resumes_with_a_warning(finished, init_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run(make_spec(init_dir, steps=6, save_every=2, keep_last=3), reference, steps=6)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")
+    (run_dir / "checkpoints" / "latest").write_text("step-4\n")
+    _legacy(run_dir / "checkpoints" / "step-4")
+    with pytest.warns(UserWarning, match="has no checksums"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
+               if "loss" in line] for d in (reference, run_dir)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_loading_never_runs_code_from_a_checkpoint(finished, init_dir, tmp_path):
+    """An old-style extra state file crafted to run a command when unpickled is refused, and nothing runs."""
+    import pickle
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    shutil.copy(ck / "state.json", tmp_path / "state.json")
+    _legacy(ck)
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    state = json.loads((run_dir.parent / "state.json").read_text())
+    state["counters"]["evil"] = Evil()
+    with open(ck / "extra-rank0.pt", "wb") as f:
+        pickle.dump(state, f, protocol=2)  # torch.save's protocol
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="extra-rank0.pt holds objects other than"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not canary.exists()

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from xtune.data.types import PackedBatch
-from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
+from xtune.engine.checkpoint import Checkpointer, resolve_resume
 from xtune.engine.distributed import DistEnv, init_distributed, launched_env
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.objective import LossModel, weight_sum
@@ -69,6 +69,12 @@ def preflight(spec, adapter, run_dir: Path):
         raise
     except (OSError, ValueError) as e:
         raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
+
+
+def derived_seed(seed: int, step: int, index: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -158,7 +164,11 @@ class Trainer:
         n_micro = len(micro_batches)
         # Accumulated on the device: no host sync per micro-batch, one all_reduce per step.
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for mb in micro_batches:
+        first = d.rank * n_micro  # this rank's first micro-batch in the global batch
+        for j, mb in enumerate(micro_batches):
+            # Randomness (dropout) is a function of (seed, step, micro-batch): nothing to checkpoint, and
+            # the same on any number of ranks that splits the global batch into the same micro-batches.
+            torch.manual_seed(derived_seed(self.spec.train.seed, self.step, first + j))
             ce_sum, aux = self.root(mb.to(self.device))
             loss = ce_sum.float() / w_total
             objective = loss * d.dp_size
@@ -242,16 +252,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------- state
 
     def extra_state(self) -> dict:
+        """The run's global state (JSON): nothing in it depends on the number of ranks or their layout."""
         return {
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": rng_state(),
             "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
                          "tokens_seen": self.tokens_seen},
         }
 
+    def layout(self) -> dict:
+        d, t = self.denv, self.spec.train
+        return {"world_size": d.world_size, "dp_size": d.dp_size, "replicate_degree": self.spec.parallel.replicate_degree,
+                "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
+                "global_batch_size": t.global_batch_size}
+
     def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.extra_state())
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.extra_state(), self.layout())
         self.last_saved = self.step
         return path
 
@@ -259,7 +275,6 @@ class Trainer:
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.loader.load_state_dict(extra["loader"])
-        set_rng_state(extra["rng"])
         c = extra["counters"]
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
