@@ -20,20 +20,29 @@ def run(spec, work_dir) -> int:
     from xtune.engine.distributed import launched_env
     from xtune.engine.trainer import preflight, train, write_config
 
+    from xtune.engine.runlock import lock_run_dir
+    from xtune.engine.watchdog import die_with_parent
+
     run_dir = Path(work_dir).expanduser().resolve()
     nproc = spec.parallel.nproc_per_node
-    if nproc > 1 and launched_env() is None:
+    if launched_env() is not None:
+        die_with_parent()  # one rank of an external torchrun/srun: stop when its agent dies
+    elif nproc > 1:
         from xtune.models import get_adapter
 
         preflight(spec, get_adapter(spec.model), run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(spec, run_dir)
-        return spawn_workers(nproc, run_dir)
+        lock = lock_run_dir(run_dir)
+        try:
+            write_config(spec, run_dir)
+            return spawn_workers(nproc, run_dir, lock)
+        finally:
+            if lock is not None:
+                lock.release()
     train(spec, run_dir)
     return 0
 
 
-def spawn_workers(nproc: int, run_dir: Path) -> int:
+def spawn_workers(nproc: int, run_dir: Path, lock=None) -> int:
     # xtune.engine.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
     cmd = [sys.executable, "-m", "xtune.engine.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
@@ -43,7 +52,15 @@ def spawn_workers(nproc: int, run_dir: Path) -> int:
     env["XTUNE_WORKER_ERROR_FILE"] = str(report)
     # torchrun would set 1 anyway, with a warning; say it explicitly.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env)
+    fds = ()
+    if lock is not None:
+        # torchrun inherits the lock (it stays held until the last process of the run is gone) and the
+        # workers know it is held for them.
+        from xtune.engine.runlock import HELD_ENV
+
+        env[HELD_ENV] = str(run_dir)
+        fds = (lock.fd,)
+    proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
     stopped = []
 
     # Forward SIGTERM/SIGINT to torchrun, which passes them on to the workers; they finish the

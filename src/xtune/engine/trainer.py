@@ -436,13 +436,22 @@ def train(spec, work_dir=None, **inject) -> dict:
         tokenizer = preflight(spec, adapter, run_dir)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
     if rank == 0:
-        write_config(spec, run_dir)
-    denv = inject.pop("denv", None) or init_distributed(spec.parallel)
+        from xtune.engine.runlock import lock_run_dir
+
+        lock = lock_run_dir(run_dir)  # one writer per run directory (exit 2 if another run holds it)
     try:
-        result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
-        # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
-        denv.barrier()
-        return result
+        if rank == 0:
+            write_config(spec, run_dir)
+        denv = inject.pop("denv", None) or init_distributed(spec.parallel)
+        try:
+            result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+            # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
+            denv.barrier()
+            return result
+        finally:
+            denv.close()
     finally:
-        denv.close()
+        if lock is not None:
+            lock.release()

@@ -13,6 +13,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", required=True)
     args = parser.parse_args(argv)
 
+    from xtune.engine.watchdog import die_with_parent
+
+    die_with_parent()  # a worker never outlives its torchrun agent
+
     from xtune.config.io import spec_from_yaml
     from xtune.engine.trainer import train
     from xtune.errors import XtuneError
