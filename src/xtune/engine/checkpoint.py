@@ -331,11 +331,7 @@ class Checkpointer:
     def load(self, ckpt: Path, model, optimizer) -> dict:
         """Verify, load model+optimizer (resharded as needed) and return the run's global state."""
         meta = read_marker(ckpt)
-        if meta["world_size"] != self.denv.world_size:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written by {meta['world_size']} ranks, this run has "
-                f"{self.denv.world_size}: the data loader and RNG state are per rank, so resume with the same "
-                f"number of processes (the weights alone can be exported with `xtune export`)")
+        # Any number of ranks: DCP reshards the weights and the optimizer, and the run state is global.
         self.verify(ckpt, meta)
         try:
             run_state = read_state(ckpt, meta)  # first: it is small and the likelier to be refused

@@ -71,6 +71,18 @@ def preflight(spec, adapter, run_dir: Path):
         raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
 
 
+def describe_layout(layout: dict) -> str:
+    n = layout["world_size"]
+    text = f"{n} rank{'s' if n != 1 else ''}"
+    if layout.get("replicate_degree", 1) > 1:
+        rep = layout["replicate_degree"]
+        text += f" (HSDP {rep} replicas x {n // rep} shards)"
+    if "grad_accum" in layout:
+        text += (f" x {layout['grad_accum']} micro-batches of {layout['micro_batch_size']} rows"
+                 f" = global batch {layout['global_batch_size']}")
+    return text
+
+
 def derived_seed(seed: int, step: int, index: int) -> int:
     import numpy as np
 
@@ -271,7 +283,12 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def resume(self, ckpt: Path) -> None:
+    def resume(self, ckpt: Path) -> str:
+        """Load `ckpt` (written on any number of ranks); returns a line on the old and new layout."""
+        from xtune.engine.checkpoint import read_marker
+
+        meta = read_marker(ckpt)
+        saved = meta.get("layout") or {"world_size": meta["world_size"]}
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.loader.load_state_dict(extra["loader"])
@@ -279,6 +296,7 @@ class Trainer:
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
         self.last_saved = self.step
+        return f"layout: saved by {describe_layout(saved)}; now {describe_layout(self.layout())}"
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
         from xtune.engine.export import gather_full_state_dict, prune_step_exports, write_hf
@@ -308,8 +326,7 @@ class Trainer:
     def fit(self) -> dict:
         spec, t, d = self.spec, self.spec.train, self.denv
         ckpt = resolve_resume(t.resume, self.run_dir)
-        if ckpt is not None:
-            self.resume(ckpt)
+        layout_note = self.resume(ckpt) if ckpt is not None else None
         metrics_path = self.run_dir / "metrics.jsonl"
         if d.is_main:
             # The run dir holds the whole history; a resumed run restarts at its checkpoint's step.
@@ -319,6 +336,7 @@ class Trainer:
             logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
             if ckpt is not None:
                 logger.message(f"resumed from {ckpt} at step {self.step}")
+                logger.message(layout_note)
         else:
             logger = NullLogger()
         self.logger = logger
