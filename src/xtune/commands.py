@@ -181,7 +181,8 @@ def write_run_files(spec, work_dir: Path) -> None:
     from xtune.config.io import spec_to_yaml
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "config.yaml").write_text(spec_to_yaml(spec))
+    if not (spec.train.resume and (work_dir / "config.yaml").exists()):  # a resume keeps it (see write_config)
+        (work_dir / "config.yaml").write_text(spec_to_yaml(spec))
     argv = _USER_ARGV or ["xtune"] + sys.argv[1:]
     (work_dir / "cmd.txt").write_text(f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n")
     (work_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")

@@ -305,3 +305,35 @@ def test_loading_never_runs_code_from_a_checkpoint(finished, init_dir, tmp_path)
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="extra-rank0.pt holds objects other than"):
         run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
     assert not canary.exists()
+
+
+# ----------------------------------------------------------------------------------------- changed config
+
+
+def test_resume_with_longer_max_steps_and_new_lr_rebuilds_the_schedule(init_dir, tmp_path, capsys):
+    """A run that ended at its max_steps=6 resumed with max_steps=8 and a new lr: the diff is printed key
+    by key and steps 7-8 use the cosine schedule rebuilt for 8 steps at the new peak (computed here from
+    the formula), not the old schedule's floor; config.yaml keeps the first run's spec."""
+    import math
+
+    from xtune.config.io import spec_from_yaml
+    from xtune.config.schema import SchedSpec
+
+    def spec(steps, lr, **kw):
+        s = make_spec(init_dir, steps=steps, save_every=2, **kw)
+        return dc.replace(s, optim=OptimSpec(lr=lr), sched=SchedSpec(type="cosine", warmup_ratio=0.0,
+                                                                       min_lr_ratio=0.1))
+
+    run(spec(6, 1e-2), tmp_path, steps=6)
+    run(spec(8, 2e-2, resume="auto"), tmp_path, steps=8)
+    out = capsys.readouterr().out
+    assert "optim.lr: 0.01 -> 0.02 (the LR schedule is rebuilt)" in out
+    assert "train.max_steps: 6 -> 8 (the LR schedule is rebuilt)" in out
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
+    assert lrs[6] == pytest.approx(1e-2 * 0.1)  # the first run ended at its floor
+    want = {s + 1: 2e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 7))) for s in (6, 7)}
+    assert lrs[7] == pytest.approx(want[7], rel=1e-12) and lrs[8] == pytest.approx(want[8], rel=1e-12)
+    assert f"step 7 uses lr {want[7]:.6g}" in out
+    assert spec_from_yaml(tmp_path / "config.yaml").optim.lr == 1e-2
+    assert spec_from_yaml(tmp_path / "config.step-6.yaml").optim.lr == 2e-2

@@ -33,8 +33,7 @@ def run(spec, work_dir) -> int:
         preflight(spec, get_adapter(spec.model), run_dir)
         lock = lock_run_dir(run_dir)
         try:
-            write_config(spec, run_dir)
-            return spawn_workers(nproc, run_dir, lock)
+            return spawn_workers(nproc, run_dir, lock, write_config(spec, run_dir))
         finally:
             if lock is not None:
                 lock.release()
@@ -42,10 +41,12 @@ def run(spec, work_dir) -> int:
     return 0
 
 
-def spawn_workers(nproc: int, run_dir: Path, lock=None) -> int:
+def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = None) -> int:
     # xtune.engine.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
     cmd = [sys.executable, "-m", "xtune.engine.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     env = dict(os.environ)
     report = run_dir / ".worker-error.json"
     report.unlink(missing_ok=True)

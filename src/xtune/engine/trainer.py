@@ -20,6 +20,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from xtune.data.types import PackedBatch
+from xtune.config.io import spec_to_dict
 from xtune.engine.checkpoint import Checkpointer, resolve_resume
 from xtune.engine.distributed import DistEnv, init_distributed, launched_env
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
@@ -34,15 +35,44 @@ log = logging.getLogger("xtune.engine")
 # ----------------------------------------------------------------------------------------- preflight
 
 
-def write_config(spec, run_dir: Path) -> None:
-    """config.yaml makes the run dir self-describing (export and `resume` read it)."""
+def write_config(spec, run_dir: Path) -> Path:
+    """config.yaml makes the run dir self-describing (export reads it). A resumed run keeps it and writes
+    its own resolved spec to config.step-N.yaml (N: the step it resumes from), so no run's config is lost.
+    Returns the file written: the config of this launch."""
     from xtune.config.io import spec_to_yaml
 
     cfg = run_dir / "config.yaml"
-    if not cfg.exists():
-        tmp = cfg.with_name(".config.yaml.tmp")
-        tmp.write_text(spec_to_yaml(spec))
-        os.replace(tmp, cfg)
+    step = resume_step(spec, run_dir) if cfg.exists() else None
+    if step is not None:
+        cfg = run_dir / f"config.step-{step}.yaml"
+    tmp = cfg.with_name(f".{cfg.name}.tmp")
+    tmp.write_text(spec_to_yaml(spec))
+    os.replace(tmp, cfg)
+    return cfg
+
+
+def resume_step(spec, run_dir: Path) -> int | None:
+    from xtune.engine.checkpoint import read_marker
+
+    ckpt = resolve_resume(spec.train.resume, run_dir)
+    return None if ckpt is None else read_marker(ckpt)["step"]
+
+
+def check_resume_config(spec, ckpt: Path | None):
+    """Changes against the checkpoint's own spec; ConfigError (exit 2) for keys that cannot change."""
+    from xtune.engine.checkpoint import read_marker, read_state
+    from xtune.engine.resume_config import compare, refusal
+
+    if ckpt is None:
+        return None
+    meta = read_marker(ckpt)
+    saved = read_state(ckpt, meta).get("spec") if "files" in meta else None
+    if saved is None:  # an older checkpoint: it did not keep its spec
+        return None
+    changes = compare(saved, spec)
+    if changes.refused:
+        raise ConfigError(refusal(ckpt, changes))
+    return changes
 
 
 def preflight(spec, adapter, run_dir: Path):
@@ -62,7 +92,8 @@ def preflight(spec, adapter, run_dir: Path):
     if t.global_batch_size % (world * t.micro_batch_size):
         raise ConfigError([(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                             f"{world} ranks x train.micro_batch_size={t.micro_batch_size}")])
-    resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
+    # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
+    check_resume_config(spec, resolve_resume(spec.train.resume, run_dir))
     try:
         return adapter.load_tokenizer()
     except XtuneError:
@@ -134,6 +165,8 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
+        # This spec's optimizer settings, which a resume with a changed optim/sched section re-applies.
+        self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last)
         self.step = 0
         self.bad_streak = 0
@@ -270,6 +303,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
                          "tokens_seen": self.tokens_seen},
+            "spec": spec_to_dict(self.spec),
         }
 
     def layout(self) -> dict:
@@ -283,10 +317,11 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def resume(self, ckpt: Path) -> str:
-        """Load `ckpt` (written on any number of ranks); returns a line on the old and new layout."""
+    def resume(self, ckpt: Path) -> list:
+        """Load `ckpt` (written on any number of ranks); returns the lines that say what changed."""
         from xtune.engine.checkpoint import read_marker
 
+        changes = check_resume_config(self.spec, ckpt)
         meta = read_marker(ckpt)
         saved = meta.get("layout") or {"world_size": meta["world_size"]}
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
@@ -296,7 +331,26 @@ class Trainer:
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
         self.last_saved = self.step
-        return f"layout: saved by {describe_layout(saved)}; now {describe_layout(self.layout())}"
+        notes = [f"layout: saved by {describe_layout(saved)}; now {describe_layout(self.layout())}"]
+        if changes and changes.lines:
+            notes += ["changed since the checkpoint:"] + [f"  {line}" for line in changes.lines]
+            if changes.schedule or changes.optim:
+                notes.append(self.apply_new_schedule())
+        return notes
+
+    def apply_new_schedule(self) -> str:
+        """The optimizer settings of this spec replace the checkpoint's, and the LR continues on the
+        schedule rebuilt for this spec's total from the current step (the moments are kept)."""
+        sch = self.scheduler
+        for group, fresh in zip(self.optimizer.param_groups, self.fresh_groups):
+            group.update({k: v for k, v in fresh.items() if k != "lr"})
+        sch.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["lr"] = base * factor(self.step)
+        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # torch 2.13: what get_last_lr() reads
+        lr = self.optimizer.param_groups[0]["lr"]
+        return (f"schedule rebuilt: {self.spec.sched.type} with peak lr {sch.base_lrs[0]:g} over {self.total_steps} "
+                f"steps; step {self.step + 1} uses lr {lr:.6g}")
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
         from xtune.engine.export import gather_full_state_dict, prune_step_exports, write_hf
@@ -326,17 +380,16 @@ class Trainer:
     def fit(self) -> dict:
         spec, t, d = self.spec, self.spec.train, self.denv
         ckpt = resolve_resume(t.resume, self.run_dir)
-        layout_note = self.resume(ckpt) if ckpt is not None else None
+        resume_notes = self.resume(ckpt) if ckpt is not None else []
         metrics_path = self.run_dir / "metrics.jsonl"
         if d.is_main:
             # The run dir holds the whole history; a resumed run restarts at its checkpoint's step.
             truncate_history(metrics_path, self.step)
-            from xtune.config.io import spec_to_dict
-
             logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
             if ckpt is not None:
                 logger.message(f"resumed from {ckpt} at step {self.step}")
-                logger.message(layout_note)
+                for line in resume_notes:
+                    logger.message(line)
         else:
             logger = NullLogger()
         self.logger = logger
