@@ -192,7 +192,7 @@ class TrainSpec:
     work_dir: str = ""
     # 0 saves only at the end.
     save_every: int = 0
-    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
+    # Checkpoints (and hf/step-N exports) kept on disk; older ones are deleted after a newer one is complete.
     keep_last: int = 2
     # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
     resume: Optional[str] = None
