@@ -12,6 +12,7 @@ tensors from the seed and loads them through `set_model_state_dict`, so 1x4 and 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import zlib
@@ -19,6 +20,8 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger("xtune.tuning")
 
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 ALL_LINEAR = "all-linear"
@@ -119,6 +122,13 @@ def inject(model: nn.Module, adapter, peft_spec):
         raise ConfigError(problems)
     config = lora_config(peft_spec, targets)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+    m = adapter.spec
+    if hasattr(adapter, "vision_layers") and not (m.freeze_vision and m.freeze_projector):
+        # peft freezes everything but the adapters; a full vision tower beside them would have to travel in
+        # hf_adapter as a second copy (modules_to_save). Say so rather than train less than the flags suggest.
+        log.warning("with adapters the vision tower and projector stay frozen (model.freeze_vision/"
+                    "freeze_projector=false are ignored); adapt their linear layers with a regex in "
+                    "peft.target_modules, e.g. '.*vision_tower.*attention.*proj'")
     return config
 
 
