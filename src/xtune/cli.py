@@ -66,6 +66,24 @@ def sft(
     raise typer.Exit(code or 0)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def dpo(
+    overrides: Optional[List[str]] = OVERRIDES,
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Run one job per point of the sweep."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Preference tuning (DPO, IPO, SimPO, ORPO; see pref.*) on chosen/rejected pairs: compose, validate, train."""
+    from xtune.commands import train_command
+
+    code = _guarded(
+        lambda: train_command("dpo", list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
+                              config_dirs=list(config_dir or []))
+    )
+    raise typer.Exit(code or 0)
+
+
 @app.command()
 def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
     """List the recipes: model, data and a one-line description."""
