@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -137,12 +137,3 @@ def labels_of(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
     labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
     return labels
-
-
-def pair_limits(data_spec) -> Tuple[int, int]:
-    return int(data_spec.sample_max_length), int(data_spec.pack_max_length)
-
-
-def describe_pair(sources: List[str], k: int) -> Optional[str]:
-    """Which pair half sample k is (for inspection)."""
-    return f"{sources[k]} ({'chosen' if k % 2 == 0 else 'rejected'})"
