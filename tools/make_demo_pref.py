@@ -6,7 +6,7 @@
 
 Each pair asks one of the demo's short tasks; the chosen answer is right, the rejected one is wrong in a
 way a tiny model can learn to tell apart: a wrong fact (capitals, fruit colours), a wrong sum, words left
-unreversed or not capitalised, or an unhelpful refusal. Both of TRL's conversational forms appear: explicit
+not capitalised, or an unhelpful refusal. Both of TRL's conversational forms appear: explicit
 prompt (`prompt`, `chosen`, `rejected`) and implicit prompt (two full conversations sharing their start),
 some with a system prompt. Everything comes from `random.Random(SEED)`.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from make_demo_data import CAPITALS, DEFAULT_OUT, FRUITS, WORDS
 
 SEED = 20250101
-N_TRAIN = 480
+N_TRAIN = 320
 N_EVAL = 48
 REFUSALS = ("I cannot help with that.", "I don't know.", "Sorry, I am not able to answer.")
 SYSTEMS = (None, None, "You are a helpful assistant.")
@@ -60,8 +60,9 @@ def _refuse(r):
     return q, good, r.choice(REFUSALS)
 
 
-# A wrong sum is off by a little: too subtle for the demo's budget, so sums only meet refusals.
-TASKS = (_capital, _fruit, _reverse, _upper, _refuse, _refuse)
+# A wrong sum is off by a little and unreversed words need the order compared: too subtle for the demo's
+# budget, so those questions only meet refusals.
+TASKS = (_capital, _fruit, _upper, _refuse, _refuse)
 
 
 def make_pair(r: random.Random, i: int, split: str) -> dict:
