@@ -24,9 +24,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from xtune.data.formats import Record, parse_record
+from xtune.data.formats import Record, load_line, parse_record
 from xtune.data.types import IGNORE_INDEX
-from xtune.errors import DataError
 
 
 @dataclass
@@ -58,15 +57,7 @@ def _empty(messages: List[Dict[str, Any]]) -> bool:
 
 def parse_pair(file: str, lineno: int, line: str) -> PreferencePair:
     """One JSONL line -> a pair, or DataError naming file:line and the problem."""
-    where = f"{file}:{lineno}"
-
-    def fail(msg: str) -> DataError:
-        return DataError(f"{where}: {msg}")
-
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    where, obj, fail = load_line(file, lineno, line)
     if not isinstance(obj, dict):
         raise fail("a preference record must be an object with 'chosen' and 'rejected'")
     for key in ("chosen", "rejected"):
