@@ -41,11 +41,12 @@ def suggest(word: str, options: Iterable[str]) -> str:
 
 def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
     for key in CHOICES:
-        section, field = key.split(".")
-        value = getattr(getattr(spec, section), field)
+        value = spec
+        for part in key.split("."):
+            value = getattr(value, part)
         if value is None:  # null where allowed (model.family) is checked there
             continue
-        msg = check_value(key, getattr(getattr(spec, section), field))
+        msg = check_value(key, value)
         if msg:
             problems.append(msg)
 
@@ -146,6 +147,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
 
     problems.extend(model_problems(m, check_files=check_files))
     problems.extend(peft_problems(spec))
+    problems.extend(pref_problems(spec))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
@@ -211,6 +213,34 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
 
 # Target names that select layers of the language model (plain names and all-linear), as against regexes.
 _PLAIN_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def pref_problems(spec: RunSpec) -> List[str]:
+    """The pref section and what preference data needs of the data section (dpo runs only)."""
+    if spec.method != "dpo":
+        return []
+    from xtune.methods.preference import needs_reference
+
+    q, d, problems = spec.pref, spec.data, []
+    if q.beta is not None and q.beta <= 0:
+        problems.append(f"pref.beta={q.beta}: must be > 0 (or null for the paper's value)")
+    if not 0.0 <= q.label_smoothing < 0.5:
+        problems.append(f"pref.label_smoothing={q.label_smoothing}: must be in [0, 0.5)")
+    if q.label_smoothing and q.loss not in ("dpo", "simpo"):
+        problems.append(f"pref.label_smoothing={q.label_smoothing}: only the dpo and simpo losses use it, "
+                        f"not pref.loss={q.loss}")
+    if q.orpo_lambda < 0:
+        problems.append(f"pref.orpo_lambda={q.orpo_lambda}: must be >= 0")
+    if q.reference != "auto" and q.loss in CHOICES["pref.loss"] and (q.reference == "init") != needs_reference(q.loss):
+        need = "init" if needs_reference(q.loss) else "none"
+        problems.append(f"pref.reference={q.reference}: pref.loss={q.loss} needs reference {need} (or auto)")
+    if d.pack == "hard":
+        problems.append("data.pack=hard cuts documents, but a preference pair must stay whole in one row: "
+                        "use data.pack=soft, bfd or none")
+    if d.sample_max_length * 2 > d.pack_max_length:
+        problems.append(f"data.sample_max_length={d.sample_max_length}: a pair (two documents) must fit in one row "
+                        f"of data.pack_max_length={d.pack_max_length}; give at most {d.pack_max_length // 2}")
+    return problems
 
 
 def peft_problems(spec: RunSpec) -> List[str]:

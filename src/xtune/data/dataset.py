@@ -33,6 +33,12 @@ class TokenizedDataset:
     dropped_no_loss: int
     errors: List[str]
     built: bool  # tokenised by this process (False: read from the cache)
+    group: int = 1  # samples per item: 2 for preference pairs (chosen, rejected), else 1
+
+    @property
+    def num_items(self) -> int:
+        """What the mix draws from: samples, or pairs of samples."""
+        return len(self) // self.group
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -56,7 +62,9 @@ class TokenizedDataset:
     def report(self) -> None:
         """One warning line per kind of loss."""
         if self.truncated:
-            log.warning("%s: %d sample(s) longer than sample_max_length were truncated", self.name, self.truncated)
+            what = "pair(s) longer than sample_max_length / pack_max_length" if self.group == 2 else \
+                "sample(s) longer than sample_max_length"
+            log.warning("%s: %d %s were truncated", self.name, self.truncated, what)
         if self.dropped_image_cut:
             log.warning("%s: %d multimodal sample(s) dropped: truncation would cut image tokens",
                         self.name, self.dropped_image_cut)
@@ -68,7 +76,7 @@ class TokenizedDataset:
                         self.name, len(self.errors), shown)
 
 
-def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
+def tokenize_settings(tokenizer, data_spec, model_spec, preference: bool = False) -> TokenizeSettings:
     return TokenizeSettings(
         template=resolve_template(tokenizer, data_spec.template, model_spec.family),
         sample_max_length=data_spec.sample_max_length,
@@ -77,14 +85,17 @@ def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
         max_tiles=model_spec.max_tiles,
         use_thumbnail=model_spec.use_thumbnail,
         strip_empty_think=data_spec.strip_empty_think,
+        preference=preference,
+        pair_max_length=data_spec.pack_max_length if preference else 0,
     )
 
 
 def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest: Optional[str] = None,
-                 verbose: bool = True) -> TokenizedDataset:
-    """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache."""
+                 verbose: bool = True, preference: bool = False) -> TokenizedDataset:
+    """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache. `preference`: the records are
+    preference pairs, stored as two consecutive samples each (chosen, rejected)."""
     files = list_files(ds_spec.path)
-    settings = tokenize_settings(tokenizer, data_spec, model_spec)
+    settings = tokenize_settings(tokenizer, data_spec, model_spec, preference)
     digest = tokenizer_digest or cache.tokenizer_hash(tokenizer)
     key = cache.cache_key(files, digest, settings, ds_spec.media_root, data_spec.on_error)
     folder = cache.default_cache_dir(data_spec.cache_dir) / key
@@ -104,7 +115,7 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],
         images=e["images"], sources=e["sources"], records=e["records"], truncated=e["truncated"],
         dropped_image_cut=e["dropped_image_cut"], dropped_no_loss=e["dropped_no_loss"], errors=e["errors"],
-        built=built,
+        built=built, group=2 if preference else 1,
     )
     if verbose:
         ds.report()

@@ -69,17 +69,22 @@ def iter_lines(file: str) -> Iterator[Tuple[int, str]]:
         raise DataError(f"{file}:0: empty file (no records)")
 
 
-def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
-    """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
+def load_line(file: str, lineno: int, line: str):
+    """(where, the decoded JSON value, fail) of one line; `fail(msg)` makes a DataError naming file:line."""
     where = f"{file}:{lineno}"
 
     def fail(msg: str) -> DataError:
         return DataError(f"{where}: {msg}")
 
     try:
-        obj = json.loads(line)
+        return where, json.loads(line), fail
     except json.JSONDecodeError as e:
         raise fail(f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
+    """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
+    where, obj, fail = load_line(file, lineno, line)
     meta: Dict[str, Any] = {}
     if isinstance(obj, dict):
         if "messages" not in obj:

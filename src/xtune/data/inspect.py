@@ -77,9 +77,13 @@ def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_i
     )
     if s.samples:
         k = min(sample_index, s.samples - 1)
-        ids, labels, images = data.item(k)
         d, i = data.items[k]
-        console.print(f"sample {data.datasets[d].sources[i]} ({len(ids)} tokens, {len(images)} image(s)); "
-                      "[bold green]trained[/bold green] / [dim]not trained[/dim]:")
-        console.print(render_sample(tokenizer, ids, labels))
+        # A preference pair is two documents: chosen, then rejected (the prompt untrained in both).
+        for half in range(data.group):
+            ids, labels, images = data.item(k * data.group + half)
+            source = data.datasets[d].sources[i * data.group + half]
+            what = ("chosen ", "rejected ")[half] if data.group == 2 else ""
+            console.print(f"{what}sample {source} ({len(ids)} tokens, {len(images)} image(s)); "
+                          "[bold green]trained[/bold green] / [dim]not trained[/dim]:")
+            console.print(render_sample(tokenizer, ids, labels))
     return data

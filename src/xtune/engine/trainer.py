@@ -23,7 +23,6 @@ from xtune.config.io import spec_to_dict
 from xtune.engine.checkpoint import Checkpointer, resolve_resume
 from xtune.engine.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
-from xtune.engine.objective import LossModel, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
@@ -122,10 +121,13 @@ class Trainer:
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         self.peft = tuning.enabled(spec.peft)
+        from xtune.methods import get_method
+
+        self.method = get_method(spec)  # what sft and dpo do differently (the loss and its preparation)
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not getattr(adapter.spec, "load_from", None) else None
         self.root, self.model_config, self.lora_config = build_sharded(
-            adapter, spec, d, attn_impl, lambda m: LossModel(m, adapter, attn_impl, spec.loss, loss_mode),
+            adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, attn_impl, loss_mode),
             on_base_ready=save_base)
         self.model = self.root.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -153,6 +155,7 @@ class Trainer:
         self.tokens_seen = 0
         self.stop_requested = False
         self.last_saved = None
+        self.eval_metrics: dict = {}
 
     def _total_steps(self) -> int:
         t = self.spec.train
@@ -179,22 +182,23 @@ class Trainer:
         FSDP averages gradients over ranks; multiplying by dp_size turns that into the sum.
         """
         d = self.denv
-        red = self.spec.loss.reduction
-        local = [sum(weight_sum(mb, red) for mb in micro_batches),
+        local = [sum(self.method.normaliser(mb) for mb in micro_batches),
                  sum(mb.num_tokens for mb in micro_batches),
                  sum(mb.num_trained for mb in micro_batches)]
         w_total, n_tokens, n_trained = d.all_reduce_sum(local).tolist()
         w_total = w_total if w_total > 0 else 1.0  # no trained token anywhere: zero loss, zero grads
         n_micro = len(micro_batches)
         # Accumulated on the device: no host sync per micro-batch, one all_reduce per step.
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        acc = torch.zeros(2 + len(self.method.stat_names), dtype=torch.float64, device=self.device)
         first = d.rank * n_micro  # this rank's first micro-batch in the global batch
         for j, mb in enumerate(micro_batches):
             # Randomness (dropout) is a function of (seed, step, micro-batch): nothing to checkpoint, and
             # the same on any number of ranks that splits the global batch into the same micro-batches.
             torch.manual_seed(derived_seed(self.spec.train.seed, self.step, first + j))
-            ce_sum, aux = self.root(mb.to(self.device))
-            loss = ce_sum.float() / w_total
+            loss_sum, aux, stats = self.method.forward(self.root, mb.to(self.device))
+            if stats is not None:
+                acc[2:] += stats.detach().double()
+            loss = loss_sum.float() / w_total
             objective = loss * d.dp_size
             if aux is not None:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
@@ -204,9 +208,9 @@ class Trainer:
             acc[0] += loss.detach().double()
         acc = acc.to(d.comm_device)
         torch.distributed.all_reduce(acc)
-        loss, aux_sum = acc.tolist()
+        loss, aux_sum, *stats = acc.tolist()
         return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.dp_size), "tokens": int(n_tokens),
-                "trained_tokens": int(n_trained)}
+                "trained_tokens": int(n_trained), "method": self.method.metrics(stats, w_total)}
 
     def grad_norm(self) -> float:
         """Clip to optim.max_grad_norm (<= 0: no clipping) and return the global norm before clipping.
@@ -252,6 +256,7 @@ class Trainer:
         rec = {"step": self.step, "loss": stats["loss"], "lr": lr, "grad_norm": gnorm,
                "tokens_per_s": stats["tokens"] / dt, "trained_tokens_per_s": stats["trained_tokens"] / dt,
                "tokens_seen": self.tokens_seen, "step_time_s": dt, "memory_gb": memory_gb(self.device)}
+        rec.update(stats["method"])
         if stats["aux_loss"]:
             rec["aux_loss"] = stats["aux_loss"]
         if skipped:
@@ -261,16 +266,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Eval loss with the same packing and normalisation as training (every rank has the same count)."""
+        """Eval loss with the same packing and normalisation as training (every rank has the same count).
+        The method's eval statistics (`eval_` + their names) are left in `self.eval_metrics`."""
         d = self.denv
-        red = self.spec.loss.reduction
-        w_total = d.all_reduce_sum([sum(weight_sum(mb, red) for mb in self.eval_batches)])[0].item()
-        ce = 0.0
+        n = len(self.method.stat_names)
+        local = torch.zeros(2 + n, dtype=torch.float64)
+        local[0] = sum(self.method.normaliser(mb) for mb in self.eval_batches)
         for mb in self.eval_batches:
-            ce += float(self.root(mb.to(self.device))[0])
+            loss_sum, _, stats = self.method.forward(self.root, mb.to(self.device), split="eval")
+            local[1] += float(loss_sum)
+            if stats is not None:
+                local[2:] += stats.double().cpu()
         if hasattr(self.root, "reshard"):  # FSDP root: free the parameters kept unsharded by eval
             self.root.reshard()
-        total = d.all_reduce_sum([ce])[0].item()
+        w_total, total, *stats = d.all_reduce_sum(local.tolist()).tolist()
+        self.eval_metrics = {f"eval_{k}": v for k, v in self.method.metrics(stats, w_total).items()}
         return total / w_total if w_total > 0 else float("nan")
 
     # ------------------------------------------------------------------------------------- state
@@ -390,6 +400,7 @@ class Trainer:
     def fit(self) -> dict:
         spec, t, d = self.spec, self.spec.train, self.denv
         ckpt = resolve_resume(t.resume, self.run_dir)
+        self.method.prepare(self)  # with the initial weights (a resumed run reads what it stored)
         resume_notes = self.resume(ckpt) if ckpt is not None else []
         metrics_path = self.run_dir / "metrics.jsonl"
         if d.is_main:
@@ -415,7 +426,7 @@ class Trainer:
             if self.step == 0 and self.eval_batches and t.eval_every:
                 # The untrained model's eval loss: the reference every later eval is read against.
                 eval_loss = self.evaluate()
-                logger.log({"step": 0, "eval_loss": eval_loss})
+                logger.log({"step": 0, "eval_loss": eval_loss, **self.eval_metrics})
             while self.step < self.total_steps:
                 try:
                     micro = next(self.loader)
@@ -430,7 +441,7 @@ class Trainer:
                     logger.log(rec)
                 if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                     eval_loss = self.evaluate()
-                    logger.log({"step": self.step, "eval_loss": eval_loss})
+                    logger.log({"step": self.step, "eval_loss": eval_loss, **self.eval_metrics})
                 if (t.save_every and self.step % t.save_every == 0) or stop:
                     self.save()
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
