@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -13,6 +14,7 @@ from xtune.data.formats import list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
+from xtune.errors import DataError
 
 log = logging.getLogger("xtune.data")
 MAX_ERRORS_SHOWN = 5
@@ -98,7 +100,12 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         )
         cache.save_entry(folder, chunk, {"name": ds_spec.name, "files": files})
 
-    built = cache.build_or_load(folder, build)
+    try:
+        built = cache.build_or_load(folder, build)
+    except OSError as e:  # the cache folder: no permission, read-only, or the disk filled up while writing
+        full = "; the disk is full: free space or put the cache elsewhere" if e.errno == errno.ENOSPC else ""
+        raise DataError(f"data.cache_dir: cannot write the tokenised data to {folder.parent} "
+                        f"({e.strerror}: {e.filename}){full} (data.cache_dir or XTUNE_CACHE)") from None
     e = cache.load_entry(folder)
     ds = TokenizedDataset(
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],

@@ -12,11 +12,12 @@ are read only when a batch is built (`load_tiles`).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMG_START = "<img>"
 IMG_END = "</img>"
@@ -58,6 +59,36 @@ def image_size_of(path: str) -> Tuple[int, int]:
     """(width, height) from the file header; PIL does not decode the pixels for this."""
     with Image.open(path) as im:
         return im.size
+
+
+# The last bytes of a complete file, for the formats whose end is marked: a file cut short (an interrupted
+# copy or download) passes the header read, and would fail only when its pixels are decoded in training.
+_END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+_TAIL_BYTES = 1024
+
+
+def probe_image(path: str, wh: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(width, height) of an image after cheap checks, without decoding it: the header (PIL's `Image.open`
+    reads only that), the end marker of PNG / JPEG files, and the record's `image_wh` against the header.
+    Raises ValueError saying what is wrong (the caller adds where)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"image {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            fmt, actual = im.format, im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some bad headers
+        raise ValueError(f"image {path} is not a readable image ({e})") from None
+    marker = _END_MARKERS.get(fmt)
+    if marker is not None:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TAIL_BYTES))
+            if marker not in f.read():
+                raise ValueError(f"image {path} is truncated ({fmt} without its end marker, {size} bytes)")
+    if wh is not None and tuple(wh) != tuple(actual):
+        raise ValueError(f"image {path} is {actual[0]}x{actual[1]} but the record's image_wh says "
+                         f"{wh[0]}x{wh[1]}; fix or remove image_wh")
+    return actual
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

@@ -53,11 +53,17 @@ def preflight(spec, adapter, run_dir: Path):
     check_wandb(spec.logging)
     resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
     try:
-        return adapter.load_tokenizer()
+        tokenizer = adapter.load_tokenizer()
     except XtuneError:
         raise
     except (OSError, ValueError) as e:
         raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
+    from xtune.config.validate import vocab_problem
+
+    problem = vocab_problem(spec.model, tokenizer)
+    if problem:
+        raise ConfigError([problem])
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------- trainer

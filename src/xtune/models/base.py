@@ -258,9 +258,12 @@ class ModelAdapter:
             raise XtuneError(f"model weights: {folder} is not a folder")
         index = folder / WEIGHTS_INDEX
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (ValueError, AttributeError) as e:  # cut short, or not the index's JSON object
+                raise XtuneError(f"{index}: not a valid safetensors index ({e}); copy or download it again") from None
+            if not weight_map or not isinstance(weight_map, dict):
                 raise XtuneError(f"{index} has no weight_map")
             files: Dict[str, List[str]] = {}
             for key, fname in weight_map.items():
