@@ -10,7 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from xtune.data import cache
-from xtune.data.formats import list_files
+from xtune.data.formats import count_kinds, list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
@@ -66,8 +66,9 @@ class TokenizedDataset:
             log.warning("%s: %d sample(s) dropped: no trained token", self.name, self.dropped_no_loss)
         if self.errors:
             shown = "; ".join(self.errors[:MAX_ERRORS_SHOWN])
-            log.warning("%s: %d bad record(s) skipped (data.on_error=skip), first: %s",
-                        self.name, len(self.errors), shown)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in count_kinds(self.errors).items())
+            log.warning("%s: %d bad record(s) skipped (data.on_error=skip): %s; first: %s",
+                        self.name, len(self.errors), kinds, shown)
 
 
 def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:

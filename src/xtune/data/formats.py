@@ -46,6 +46,34 @@ class Record:
         return self.messages[0]["role"] == "pretrain"
 
 
+# Kinds of skipped records (data.on_error=skip), told apart by the messages this module and the tokeniser
+# write: (kind, a fragment only that kind's messages contain), first match wins.
+SKIP_KINDS = (
+    ("encoding", ": not UTF-8"),
+    ("json", ": malformed JSON"),
+    ("unsupported part", "input is not supported yet"),
+    ("image", "image"),
+    ("chat template", "the chat template"),
+)
+
+
+def skip_kind(message: str) -> str:
+    """The kind of a skipped record's message: encoding, json, unsupported part, image, chat template or record."""
+    for kind, fragment in SKIP_KINDS:
+        if fragment in message:
+            return kind
+    return "record"
+
+
+def count_kinds(messages: List[str]) -> Dict[str, int]:
+    """{kind: count} over skipped records' messages, most frequent first."""
+    counts: Dict[str, int] = {}
+    for m in messages:
+        k = skip_kind(m)
+        counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def list_files(path: str) -> List[str]:
     """A file, or every *.jsonl below a folder (sorted, so the order never depends on the filesystem)."""
     p = Path(path).expanduser()
