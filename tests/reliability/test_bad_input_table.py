@@ -85,7 +85,7 @@ def image_row(write_image, **extra):
         img = t / ("pic" + IMAGE.suffix)
         write_image(img)
         f = write_lines(t / "bad.jsonl", GOOD[:2] + [image_msg(1, img, **extra)])
-        return quick_run(t, f"data.datasets=[{{name:x,path:{f}}}]"), {"f": f, "img": img}
+        return quick_run(t, f"data.datasets=[{{name:x,path:{f}}}]", "model=intern_s1_tiny"), {"f": f, "img": img}
     return setup
 
 
@@ -132,14 +132,14 @@ def model_folder(tmp_path_factory):
     return path
 
 
-def model_row(damage, family="qwen3", tokenizer="builtin:qwen3_tiny"):
+def model_row(damage, family="qwen3", tokenizer="builtin:qwen3_tiny", model="auto"):
     """The demo data with `model.load_from` = a copy of the tiny folder that `damage(folder)` broke."""
     def setup(t, model_folder):
         m = t / "model"
         shutil.copytree(model_folder, m)
         damage(m)
         f = write_lines(t / "ok.jsonl", GOOD[:4])
-        extra = [f"model.load_from={m}", "model.arch=null", f"model.family={family}", f"model.tokenizer={tokenizer}"]
+        extra = [f"model={model}", f"model.load_from={m}", f"model.family={family}", f"model.tokenizer={tokenizer}"]
         return quick_run(t, f"data.datasets=[{{name:x,path:{f}}}]", *extra), {"m": m}
     setup.needs_model = True
     return setup
@@ -330,6 +330,8 @@ ROWS = [
     ("safetensors_cut_in_header", model_row(lambda m: cut(first_shard(m), lambda n: 40)), ["{m}/model-", "truncated"]),
     ("safetensors_too_short", model_row(lambda m: cut(first_shard(m), lambda n: 3)),
      ["{m}/model-", "not a safetensors file (too short: 3 bytes)"]),
+    ("arch_contradicts_config", model_row(lambda m: None, model="qwen3_tiny"),
+     ["the model config ({m}/config.json with model.arch) is invalid", "num_hidden_layers"]),
     ("no_weights", model_row(lambda m: [p.unlink() for p in m.glob("model*")]), ["model.load_from={m}: no weights there"]),
     ("tokenizer_json_corrupt", model_row(break_tokenizer_json, tokenizer="null"),
      ["could not load the tokenizer ({m})"]),

@@ -132,7 +132,14 @@ class ModelAdapter:
         arch = _plain(dict(self.spec.arch or {}))
         original = self.original_config_dict()
         merged = _deep_update(original, arch) if original is not None else arch
-        config = self.config_from_dict(merged)
+        # transformers 5 validates configs with huggingface_hub's strict dataclasses (huggingface_hub 1.x).
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            config = self.config_from_dict(merged)
+        except (ValueError, TypeError, StrictDataclassError) as e:  # values that contradict each other
+            where = f"{self.spec.load_from}/config.json with model.arch" if original is not None else "model.arch"
+            raise XtuneError(f"the model config ({where}) is invalid: {e}") from None
         config.use_cache = False
         return config
 
