@@ -67,10 +67,11 @@ _END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
 _TAIL_BYTES = 1024
 
 
-def probe_image(path: str, wh: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+def probe_image(path: str) -> Tuple[int, int]:
     """(width, height) of an image after cheap checks, without decoding it: the header (PIL's `Image.open`
-    reads only that), the end marker of PNG / JPEG files, and the record's `image_wh` against the header.
-    Raises ValueError saying what is wrong (the caller adds where)."""
+    reads only that) and the end marker of PNG / JPEG files. Raises ValueError saying what is wrong (the
+    caller adds where). A record's `image_wh` is not compared: XTuner-format data often gives another size
+    than the file's (the shared reference data does), and tokens and tiles both follow `image_wh`."""
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"image {path} is empty (0 bytes)")
@@ -85,9 +86,6 @@ def probe_image(path: str, wh: Optional[Tuple[int, int]] = None) -> Tuple[int, i
             f.seek(max(0, size - _TAIL_BYTES))
             if marker not in f.read():
                 raise ValueError(f"image {path} is truncated ({fmt} without its end marker, {size} bytes)")
-    if wh is not None and tuple(wh) != tuple(actual):
-        raise ValueError(f"image {path} is {actual[0]}x{actual[1]} but the record's image_wh says "
-                         f"{wh[0]}x{wh[1]}; fix or remove image_wh")
     return actual
 
 

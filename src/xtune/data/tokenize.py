@@ -215,9 +215,10 @@ class SampleTokenizer:
         pieces_ids, pieces_tr, images, prev, pos = [], [], [], 0, 0
         for k, img in zip(where, rec.images):
             try:  # a header read per image, so a bad one stops the run now, not when its batch comes
-                w, h = multimodal.probe_image(img.path, img.wh)
+                size = multimodal.probe_image(img.path)
             except ValueError as e:
                 raise DataError(f"{rec.source}: {e}") from None
+            w, h = img.wh or size
             tiles = multimodal.num_tiles(w, h, s.image_size, s.max_tiles, s.use_thumbnail)
             block = np.concatenate([[start_id], np.full(tiles * s.tokens_per_tile, ctx_id), [end_id]])
             pieces_ids += [ids[prev:k], block]
