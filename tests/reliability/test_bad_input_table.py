@@ -12,6 +12,7 @@ message must appear exactly once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -216,6 +217,58 @@ def biggest_shard(ck):
     return max(ck.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
 
+class _FillingFile:
+    """A file opened for writing whose writes fail with ENOSPC once the shared byte budget is spent."""
+
+    def __init__(self, f, budget: list):
+        self._f, self._budget = f, budget
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self._budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget[0] -= n
+        return self._f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextlib.contextmanager
+def disk_fills_under(folder, budget_bytes: int):
+    """The disk fills up for files written under `folder` (fault injected at the OS boundary: `open`)."""
+    import builtins
+
+    real, budget = builtins.open, [budget_bytes]
+
+    def filling_open(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and "w" in mode and str(file).startswith(str(folder)):
+            return _FillingFile(f, budget)
+        return f
+
+    builtins.open = filling_open
+    try:
+        yield
+    finally:
+        builtins.open = real
+
+
+def with_fault(setup, fault):
+    setup.fault = fault
+    return setup
+
+
+def cache_fills_up(t):
+    return disk_fills_under(t / "cache", 64)
+
+
 def ok_data(t):
     write_lines(t / "ok.jsonl", GOOD[:4])
 
@@ -258,6 +311,9 @@ ROWS = [
      ["data.cache_dir: cannot write the tokenised data to {t}/afile/cache", "Not a directory"]),
     ("cache_dir_permission", config_row("data.cache_dir=/sys/xtune-bad-cache", files=ok_data),
      ["data.cache_dir: cannot write the tokenised data to /sys/xtune-bad-cache", "Operation not permitted"]),
+    ("disk_full_while_caching", with_fault(config_row(files=ok_data), cache_fills_up),
+     ["data.cache_dir: cannot write the tokenised data to {t}/cache (No space left on device)",
+      "the disk is full"]),
     # -- data: file:line (byte offset for encoding), the message index, what to do
     ("not_utf8", data_row(GOOD[:2] + [b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'] + GOOD[2:4]),
      ["{f}:3: not UTF-8: byte 0xe9 at byte offset", "save the file as UTF-8"]),
@@ -358,7 +414,8 @@ def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, set
         args, names = setup(t, request.getfixturevalue("checkpoint_run"))
     else:
         args, names = setup(t)
-    out = xtune_here(*args)
+    with getattr(setup, "fault", lambda t: contextlib.nullcontext())(t):
+        out = xtune_here(*args)
     said = out.stdout + out.stderr
     assert "Traceback" not in said, said[-4000:]
     # CheckpointError exits 1 today (errors.py; the checkpoint work owns it): the table follows it.
@@ -368,6 +425,8 @@ def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, set
     for frag in fragments:
         assert frag.format(t=t, **names) in message, (frag.format(t=t, **names), out.stderr[-3000:])
     assert "error:" in out.stderr
+    if getattr(setup, "fault", None):  # the half-written cache entry is gone: the next run starts clean
+        assert not [p for p in (t / "cache").rglob("*") if ".tmp-" in p.name]
 
 
 # -- the same errors on 2 ranks: `xtune sft` starts torchrun; the message is printed exactly once -------------

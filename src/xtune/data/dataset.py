@@ -105,8 +105,9 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         built = cache.build_or_load(folder, build)
     except OSError as e:  # the cache folder: no permission, read-only, or the disk filled up while writing
         full = "; the disk is full: free space or put the cache elsewhere" if e.errno == errno.ENOSPC else ""
+        what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         raise DataError(f"data.cache_dir: cannot write the tokenised data to {folder.parent} "
-                        f"({e.strerror}: {e.filename}){full} (data.cache_dir or XTUNE_CACHE)") from None
+                        f"({what}){full} (data.cache_dir or XTUNE_CACHE)") from None
     e = cache.load_entry(folder)
     ds = TokenizedDataset(
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],
