@@ -33,8 +33,11 @@ CONFIG_DIR = typer.Option(
 
 def _fail(error: BaseException) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+    # The message is text, not markup: "[width, height]" in it must print as it is.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True,
+                               soft_wrap=True)
     raise typer.Exit(getattr(error, "exit_code", 2))
 
 

@@ -98,7 +98,11 @@ def _run_job(spec, run_dir: Path) -> int:
     from xtune.launch_env import launch_env
 
     if launch_env().rank == 0:
-        _log_to(run_dir)
+        try:
+            _log_to(run_dir)
+        except OSError as e:  # the first write to the run dir: read-only, no permission, a file in the way
+            raise XtuneError(f"train.work_dir={run_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                             "choose a writable folder") from None
     return run(spec, run_dir, argv=user_argv())
 
 

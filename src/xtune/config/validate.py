@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from xtune.config.families import family_problems
+from xtune.config.families import family_problems, folder_config
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec
 from xtune.launch_env import launch_env
@@ -191,6 +191,12 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
             problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
         elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
             problems.append(f"model.load_from={m.load_from}: no weights there (expected {' or '.join(WEIGHTS_FILES)})")
+        else:
+            for name in ("config.json", WEIGHTS_FILES[1]):
+                bad = _json_problem(folder / name)
+                if bad:
+                    problems.append(f"model.load_from={m.load_from}: {name} is not valid JSON ({bad}); "
+                                    "copy or download it again")
     tok = tokenizer_dir(m)
     key = "model.tokenizer" if m.tokenizer else "model.load_from"
     if tok is None and m.arch:
@@ -311,6 +317,36 @@ def remote_tokenizer_code(folder: Path) -> Optional[Path]:
             return None
     module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
     return folder / (module.replace(".", "/") + ".py")
+
+
+def _json_problem(path: Path) -> Optional[str]:
+    """Why `path` (when it exists) is not a JSON object, with the line and column; None when it is one."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return f"{e.msg} at line {e.lineno} column {e.colno}"
+    except (OSError, UnicodeDecodeError) as e:
+        return str(e)
+    return None if isinstance(obj, dict) else "not a JSON object"
+
+
+def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
+    """The tokenizer's largest id must be a row of the model's embedding (vocab_size of load_from's
+    config.json, else of model.arch); checked once the tokenizer is loaded, before the model is built."""
+    cfg = {**(folder_config(m.load_from) or {}), **dict(m.arch or {})}
+    vocab = cfg.get("vocab_size") or dict(cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int):
+        return None
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest < vocab:
+        return None
+    where = f"{m.load_from}/config.json" if m.load_from else "model.arch"
+    return (f"model vocab_size {vocab} ({where}) is smaller than the tokenizer's largest id {largest} "
+            f"({tokenizer_dir(m)}): use the model's own tokenizer, or a model whose vocabulary covers it")
 
 
 def _file_problems(spec: RunSpec) -> List[str]:

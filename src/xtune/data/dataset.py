@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -9,10 +10,11 @@ from typing import List, Optional
 import numpy as np
 
 from xtune.data import cache
-from xtune.data.formats import list_files
+from xtune.data.formats import count_kinds, list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
+from xtune.errors import DataError
 
 log = logging.getLogger("xtune.data")
 MAX_ERRORS_SHOWN = 5
@@ -72,8 +74,9 @@ class TokenizedDataset:
             log.warning("%s: %d sample(s) dropped: no trained token", self.name, self.dropped_no_loss)
         if self.errors:
             shown = "; ".join(self.errors[:MAX_ERRORS_SHOWN])
-            log.warning("%s: %d bad record(s) skipped (data.on_error=skip), first: %s",
-                        self.name, len(self.errors), shown)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in count_kinds(self.errors).items())
+            log.warning("%s: %d bad record(s) skipped (data.on_error=skip): %s; first: %s",
+                        self.name, len(self.errors), kinds, shown)
 
 
 def tokenize_settings(tokenizer, data_spec, model_spec, preference: bool = False) -> TokenizeSettings:
@@ -109,7 +112,13 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         )
         cache.save_entry(folder, chunk, {"name": ds_spec.name, "files": files})
 
-    built = cache.build_or_load(folder, build)
+    try:
+        built = cache.build_or_load(folder, build)
+    except OSError as e:  # the cache folder: no permission, read-only, or the disk filled up while writing
+        full = "; the disk is full: free space or put the cache elsewhere" if e.errno == errno.ENOSPC else ""
+        what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise DataError(f"data.cache_dir: cannot write the tokenised data to {folder.parent} "
+                        f"({what}){full} (data.cache_dir or XTUNE_CACHE)") from None
     e = cache.load_entry(folder)
     ds = TokenizedDataset(
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],

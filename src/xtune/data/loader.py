@@ -22,6 +22,7 @@ import torch
 from xtune.data import cache
 from xtune.data.batch import collate, image_tiles_fn
 from xtune.data.dataset import TokenizedDataset, load_dataset
+from xtune.data.formats import count_kinds
 from xtune.data.mix import mix
 from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
 from xtune.data.types import PackedBatch
@@ -55,7 +56,8 @@ def dataset_stats(ds: TokenizedDataset) -> Dict:
     return dict(
         name=ds.name, files=len(ds.files), records=ds.records, samples=len(ds), tokens=ds.num_tokens,
         trained_tokens=ds.num_trained, truncated=ds.truncated, dropped_image_cut=ds.dropped_image_cut,
-        dropped_no_loss=ds.dropped_no_loss, skipped=len(ds.errors), errors=ds.errors[:5],
+        dropped_no_loss=ds.dropped_no_loss, skipped=len(ds.errors), skipped_kinds=count_kinds(ds.errors),
+        errors=ds.errors[:5],
     )
 
 

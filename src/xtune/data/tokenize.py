@@ -117,7 +117,10 @@ class SampleTokenizer:
                 text += c
                 pos += len(c)
             return text, spans
-        text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+        try:
+            text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+        except DataError as e:
+            raise DataError(f"{rec.source}: {e}") from None
         header, eot = self.renderer.header, self.renderer.eot
         spans, cursor = [], 0
         for i, (m, flag) in enumerate(zip(msgs, rec.loss)):
@@ -249,7 +252,11 @@ class SampleTokenizer:
         s = self.s
         pieces_ids, pieces_tr, images, prev, pos = [], [], [], 0, 0
         for k, img in zip(where, rec.images):
-            w, h = img.wh or multimodal.image_size_of(img.path)
+            try:  # a header read per image, so a bad one stops the run now, not when its batch comes
+                size = multimodal.probe_image(img.path)
+            except ValueError as e:
+                raise DataError(f"{rec.source}: {e}") from None
+            w, h = img.wh or size
             tiles = multimodal.num_tiles(w, h, s.image_size, s.max_tiles, s.use_thumbnail)
             block = np.concatenate([[start_id], np.full(tiles * s.tokens_per_tile, ctx_id), [end_id]])
             pieces_ids += [ids[prev:k], block]

@@ -71,11 +71,17 @@ def preflight(spec, adapter, run_dir: Path):
     # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
     check_resume_config(spec, resolve_resume(spec.train.resume, run_dir))
     try:
-        return adapter.load_tokenizer()
+        tokenizer = adapter.load_tokenizer()
     except XtuneError:
         raise
     except (OSError, ValueError) as e:
         raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
+    from xtune.config.validate import vocab_problem
+
+    problem = vocab_problem(spec.model, tokenizer)
+    if problem:
+        raise ConfigError([problem])
+    return tokenizer
 
 
 def describe_layout(layout: dict) -> str:
