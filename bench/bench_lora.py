@@ -27,9 +27,10 @@ BLOCKS = dict(ARCH, vocab_size=4096, hidden_size=512, intermediate_size=1536, nu
 SHAPES = {"embed": (None, ARCH), "blocks": (ROOT / "src" / "xtune" / "assets" / "tokenizers" / "qwen3_tiny", BLOCKS)}
 SYSTEMS = {
     "xtune_full": dict(system="xtune"),
-    "xtune_lora": dict(system="xtune", overrides=["peft=lora", f"peft.r={R}", f"peft.alpha={2 * R}"]),
+    "xtune_lora": dict(system="xtune", overrides=["peft=lora", f"peft.r={R}", f"peft.alpha={2 * R}",
+                                                  "peft.modules_to_save=[]"]),
     "xtune_qlora": dict(system="xtune", overrides=["peft=qlora", f"peft.r={R}", f"peft.alpha={2 * R}",
-                                                   "peft.dropout=0.0"]),
+                                                   "peft.dropout=0.0", "peft.modules_to_save=[]"]),
     "peft_hf_trainer": dict(system="hf", lora_r=R),
 }
 
