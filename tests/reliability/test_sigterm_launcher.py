@@ -3,11 +3,9 @@ workers, which finish the step, save a checkpoint and exit; xtune exits 0 and th
 (here on one rank: checkpoints reshard)."""
 
 import signal
-import subprocess
-import sys
 import time
 
-from tests.reliability.helpers import ROOT, checkpoint_state, env, last_step, records, run_args, xtune
+from tests.reliability.helpers import checkpoint_state, last_step, records, run_args, start_logged, wait_for_step, xtune
 from tests.reliability.test_orphans_and_lock import workers_of
 
 
@@ -16,15 +14,9 @@ def test_sigterm_to_the_launcher_stops_cleanly_with_a_checkpoint_then_resumes(wo
     args = run_args(workspace["data"], workspace["cache"], run, "parallel.nproc_per_node=2",
                     "train.global_batch_size=2", "train.max_steps=100000", "train.save_every=0")
     log = tmp_path / "out.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "xtune", *map(str, args)], cwd=ROOT, env=env(),
-                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_logged(args, log)
     try:
-        deadline = time.time() + 180
-        while last_step(run) < 2:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "the run never reached step 2"
-            time.sleep(0.05)
+        wait_for_step(run, proc, log, 2)
         assert checkpoint_state(run)["complete"] == []  # save_every=0: only the stop can save
         proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` or a scheduler does
         code = proc.wait(timeout=120)
