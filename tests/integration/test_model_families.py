@@ -268,6 +268,18 @@ def test_original_layout_trains_on_two_ranks_and_exports_a_drop_in(model_name, t
         before = init_model.eval()(**inputs).logits
     assert (before - got).abs().max().item() > 1e-3
 
+    # 4. `xtune export` of the checkpoint (in this process, no process group) rebuilds the run's hf/.
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "exported")])
+    assert res.exit_code == 0, res.output
+    again = safetensors_of(tmp_path / "exported")
+    assert sorted(again) == sorted(exported) and all(torch.equal(again[k], exported[k]) for k in exported)
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted(p.name for p in hf.iterdir())
+    assert json.loads((tmp_path / "exported" / "config.json").read_text()) == cfg
+
 
 def test_intern_s1_reads_and_rewrites_transformers_own_internvl_folder(tmp_path):
     """transformers' InternVL `save_pretrained` writes the older key names (`language_model.model.*`,

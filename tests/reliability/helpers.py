@@ -37,6 +37,25 @@ def start(*args) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def start_logged(args, log: Path) -> subprocess.Popen:
+    """The CLI in its own session, its output in the file `log` (not a pipe: orphaned workers would hold
+    a pipe open)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "xtune", *map(str, args)], cwd=ROOT, env=env(),
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, log: Path, step: int, timeout: float = 180) -> None:
+    """Until the run has logged `step`; fails with the log's tail if the process ends or time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    while last_step(run_dir) < step:
+        assert proc.poll() is None, Path(log).read_text()[-3000:]
+        assert time.time() < deadline, f"the run never reached step {step}"
+        time.sleep(0.05)
+
+
 def write_chat_data(path: Path, n: int = 40) -> Path:
     """The first `n` records of the bundled demo chat data (real records, real tokenizer)."""
     lines = (DEMO / "train.jsonl").read_text().splitlines()[:n]

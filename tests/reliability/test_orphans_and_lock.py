@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.reliability.helpers import ROOT, env, last_step, run_args, xtune
+from tests.reliability.helpers import ROOT, env, run_args, start_logged, wait_for_step, xtune
 
 
 def workers_of(run: Path) -> list:
@@ -44,15 +44,9 @@ def test_sigkill_of_the_launcher_stops_every_worker_and_a_second_run_is_refused(
     args = run_args(workspace["data"], workspace["cache"], run, "parallel.nproc_per_node=2", "train.global_batch_size=2",
                     "train.max_steps=100000", "train.save_every=5")
     log = tmp_path / "out.log"
-    with open(log, "w") as out:  # not a pipe: orphaned workers would hold it open
-        proc = subprocess.Popen([sys.executable, "-m", "xtune", *map(str, args)], cwd=ROOT, env=env(),
-                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_logged(args, log)
     try:
-        deadline = time.time() + 180
-        while last_step(run) < 3:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "the run never reached step 3"
-            time.sleep(0.05)
+        wait_for_step(run, proc, log, 3)
         assert len(workers_of(run)) == 2
 
         second = xtune(*args, timeout=90)

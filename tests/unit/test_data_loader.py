@@ -185,15 +185,47 @@ def test_multimodal_batch_has_matching_pixels(intern_tok, resource_dir, run_spec
         assert n_ctx == mb.pixel_values.shape[0] * 4
 
 
-def test_inspect_prints_counts_efficiency_and_sample(qwen_tok, two_datasets):
+def test_inspect_prints_counts_efficiency_and_sample(qwen_tok, write_jsonl, run_spec):
+    """Every number printed is checked against counts made here with plain apply_chat_template."""
+    import re
+
+    import numpy as np
+
     from xtune.data.inspect import inspect_data
 
+    records = {"a": conversations(40, "a"), "b": conversations(25, "b")}
+    paths = {name: write_jsonl(f"{name}.jsonl", recs) for name, recs in records.items()}
+    spec = run_spec([("a", paths["a"]), ("b", paths["b"], {"sample_ratio": 2.0})],
+                    train=dict(global_batch_size=4, micro_batch_size=1, seed=3), pack_max_length=96, sample_max_length=96)
     buf = io.StringIO()
-    console = Console(file=buf, width=120, force_terminal=False)
-    data = inspect_data(two_datasets(), qwen_tok, console)
+    inspect_data(spec, qwen_tok, Console(file=buf, width=120, force_terminal=False))
     out = buf.getvalue()
-    assert "efficiency" in out and f"{100 * data.stats.packing_efficiency:.1f}%" in out
-    assert "a.jsonl" in out and "Answer" in out and " 40 " in out
+
+    def render(msgs, **kw):
+        return qwen_tok.apply_chat_template(msgs, tokenize=True, return_dict=False, **kw)
+
+    lengths, trained = {}, {}
+    for name, recs in records.items():
+        lengths[name] = [len(render(r["messages"])) for r in recs]
+        # trained: the last assistant turn after its generation prompt, without the newline after <|im_end|>
+        trained[name] = sum(len(render(r["messages"])) - len(render(r["messages"][:-1], add_generation_prompt=True)) - 1
+                            for r in recs)
+        n = len(recs)
+        row = rf"│ {name}\s+│\s+{n} │\s+{n} │\s+{sum(lengths[name])} │\s+{trained[name]} │\s+0 │\s+0 │\s+0 │"
+        assert re.search(row, out), (row, out)
+        section = out.split(f"{name} sample lengths (tokens):\n")[1]
+        printed = [int(line.split()[-1]) for line in section.splitlines()[:10]]
+        assert printed == np.histogram(lengths[name], bins=10)[0].tolist()
+    m = re.search(r"(\d+) samples -> (\d+) rows of 96 tokens, efficiency ([\d.]+)%", out)
+    assert m, out
+    samples, rows, eff = int(m[1]), int(m[2]), m[3]
+    real = sum(lengths["a"]) + 2 * sum(lengths["b"])  # b is seen twice (sample_ratio 2)
+    assert samples == 40 + 2 * 25 and rows * 96 >= real and eff == f"{100 * real / (rows * 96):.1f}"
+    m = re.search(r"sample \S+/(\w)\.jsonl:(\d+) \((\d+) tokens, 0 image\(s\)\)", out)
+    assert m, out
+    name, line = m[1], int(m[2])
+    assert int(m[3]) == lengths[name][line - 1]
+    assert records[name][line - 1]["messages"][1]["content"].strip() in out.split(m[0])[1]
 
 
 def test_render_sample_marks_trained_and_image_tokens(intern_tok):

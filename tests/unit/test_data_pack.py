@@ -61,21 +61,37 @@ def test_soft_keeps_order_and_fills_gaps_from_the_window():
 
 
 def test_bfd_beats_naive_order():
-    lengths = [70, 30, 70, 30, 60, 40]
-    assert len(pack("bfd", lengths, 100)) == 3
-    assert len(pack("soft", lengths, 100, lookahead=1)) >= 3
+    # In order, best fit needs 3 rows ([40, 40], [60], [60]); longest first pairs each 60 with a 40: 2 rows.
+    lengths = [40, 40, 60, 60]
+    rows = pack("bfd", lengths, 100)
+    check_cover(rows, lengths, 100)
+    assert sorted(sorted(lengths[i] for i, _, _ in r) for r in rows) == [[40, 60], [40, 60]]
+    assert len(pack("soft", lengths, 100, lookahead=1)) == 3
 
 
-def test_hard_never_splits_image_blocks():
-    lengths = [50, 80]
-    blocks = {1: [(20, 60)]}  # item 1 has an image block at tokens 20..60
-    rows = pack("hard", lengths, 64, image_blocks=blocks)
-    check_cover(rows, lengths, 64)
-    # row 0: item 0 (50) + item 1 [0, 14) would cut nothing; the next cut at 64 would split the block
+def check_blocks_whole(rows, blocks):
+    """Each image block lies inside one piece: no piece boundary falls strictly inside a block."""
     for row in rows:
         for i, s, e in row:
-            if i == 1:
-                assert not (s < 20 < e < 60) and not (20 < s < 60)
+            for a, b in blocks.get(i, ()):
+                assert not (a < s < b) and not (a < e < b), (i, s, e, a, b)
+
+
+@pytest.mark.parametrize("lengths,blocks,expected", [
+    # a plain cut at 64 would fall at token 14 of item 1, inside its block [10, 30)
+    ([50, 80], {1: [(10, 30)]}, [[(0, 0, 50), (1, 0, 10)], [(1, 10, 74)], [(1, 74, 80)]]),
+    # the first cut (token 14 of item 1) passes its block [5, 12); the second plain cut, at token 78,
+    # would fall inside its block [70, 90)
+    ([50, 100], {1: [(5, 12), (70, 90)]}, [[(0, 0, 50), (1, 0, 14)], [(1, 14, 70)], [(1, 70, 100)]]),
+])
+def test_hard_never_splits_image_blocks(lengths, blocks, expected):
+    naive = pack("hard", lengths, 64)
+    with pytest.raises(AssertionError):  # the lengths are such that a plain cut splits a block
+        check_blocks_whole(naive, blocks)
+    rows = pack("hard", lengths, 64, image_blocks=blocks)
+    check_cover(rows, lengths, 64)
+    check_blocks_whole(rows, blocks)
+    assert rows == expected  # the cut moves to just before the block; the row ends early
 
 
 def test_sample_longer_than_row_rejected():

@@ -63,10 +63,13 @@ def test_ids_equal_apply_chat_template(k, tok_name, request):
 
 def test_ids_equal_apply_chat_template_on_resource_files(qwen_tok, resource_dir):
     for name in ("mllm_sft_text_example_data.jsonl", "openai_sft.jsonl"):
-        lines = (resource_dir / name).read_text().splitlines()[:40]
+        lines = [line for line in (resource_dir / name).read_text().splitlines() if line.strip()]
         settings = TokenizeSettings(resolve_template(qwen_tok), 10**6)
         out = tokenize_files(qwen_tok, settings, [str(resource_dir / name)], None)
-        for line, ids in zip(lines, out.ids):
+        # every record became one sample (none skipped or dropped), in line order
+        assert out.records == len(lines) == len(out.ids) > 100 and not out.errors and not out.dropped_no_loss
+        assert [s.rsplit(":", 1)[1] for s in out.sources] == [str(i) for i in range(1, len(lines) + 1)]
+        for line, ids in zip(lines[:40], out.ids):
             obj = json.loads(line)
             msgs = obj["messages"] if isinstance(obj, dict) else obj
             assert ids.tolist() == list(qwen_tok.apply_chat_template(msgs, tokenize=True, return_dict=False))

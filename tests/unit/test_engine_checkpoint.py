@@ -52,8 +52,14 @@ def test_layout_and_auto_resume_target(finished):
     assert {"metrics.jsonl", "config.yaml", "hf", "checkpoints"} <= {p.name for p in finished.iterdir()}
 
 
-@pytest.mark.parametrize("damage", ["no_marker", "garbage_marker", "incomplete_flag", "no_dcp_metadata", "no_extra"])
-def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage):
+@pytest.mark.parametrize("damage,reason", [
+    ("no_marker", r"step-4 is incomplete \(no meta\.json\): the save was interrupted"),
+    ("garbage_marker", r"step-4 has an unreadable meta\.json \(Expecting property name"),
+    ("incomplete_flag", r"step-4 is not marked complete"),
+    ("no_dcp_metadata", r"step-4 is corrupt: missing \.metadata$"),
+    ("no_state", r"step-4 is corrupt: missing state\.json$"),
+], ids=lambda v: v if "step-4" not in v else "")
+def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage, reason):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     ck = run_dir / "checkpoints" / "step-4"
@@ -68,9 +74,9 @@ def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage):
         (ck / ".metadata").unlink()
     else:
         (ck / "state.json").unlink()
-    with pytest.raises(CheckpointError, match="step-4"):
+    with pytest.raises(CheckpointError, match=reason):
         resolve_resume("auto", run_dir)
-    with pytest.raises(CheckpointError, match="step-4"):
+    with pytest.raises(CheckpointError, match=reason):
         resolve_resume(str(ck), run_dir)
 
 

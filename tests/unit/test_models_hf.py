@@ -127,12 +127,17 @@ def test_intern_s1_original_layout_round_trip(tmp_path):
     with torch.no_grad():  # transformers' InternVL class on the original folder's weights
         assert (model(**inputs).logits - reloaded(**inputs).logits).abs().max().item() <= 1e-5
 
-    out = s1.save_hf(reloaded.state_dict(), cfg, s1.load_tokenizer(), tmp_path / "export")
+    # shifted so that an export copying the source folder's weights cannot pass
+    trained = {k: v + 1 if v.is_floating_point() else v for k, v in reloaded.state_dict().items()}
+    out = s1.save_hf(trained, cfg, s1.load_tokenizer(), tmp_path / "export")
     written = json.loads((out / "config.json").read_text())
     assert written["model_type"] == "interns1" and written["vision_config"]["model_type"] == "interns1_vision"
     assert written["auto_map"]["AutoConfig"] == "configuration_interns1.InternS1Config"
     assert (out / "configuration_interns1.py").is_file()  # remote code travels with the export
-    assert sorted(s1.read_original_state_dict(out)) == sorted(s1.read_original_state_dict(src))
+    orig, back = s1.read_original_state_dict(src), s1.read_original_state_dict(out)
+    assert sorted(back) == sorted(orig)  # the original key names
+    for k in orig:  # and each tensor is the model's, in its dtype
+        assert back[k].dtype == orig[k].dtype and torch.equal(back[k], orig[k] + 1 if orig[k].is_floating_point() else orig[k]), k
 
 
 def test_meta_init_is_deterministic_and_buffers_reset():

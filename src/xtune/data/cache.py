@@ -1,7 +1,8 @@
 """On-disk cache of tokenised datasets, and the lock that lets one process build it.
 
-Key: content hash of every file, hash of the tokenizer (its full serialised vocabulary,
-merges, added tokens), the template and the length / image settings. A cache entry is a
+Key: content hash of every file (hashed once per version of a file, see `content_hash`), hash of
+the tokenizer (its full serialised vocabulary, merges, added tokens), the template and the length /
+image settings. A cache entry is a
 folder written under a temporary name and renamed into place, so readers never see a partial
 one. In a multi-rank run every rank calls `build_or_load`; the first to take the file lock
 builds, the others wait on the lock and then find the entry. There is no collective, so no
@@ -60,11 +61,52 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(files: List[str], tokenizer_digest: str, settings, media_root: Optional[str], on_error: str) -> str:
+def _stat_key(st: os.stat_result) -> list:
+    # ctime and inode too: a copy that keeps the mtime (cp -p, rsync -a) or a file renamed into place
+    # still changes them, and the user cannot set either.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def content_hash(path: str, memo_dir: Optional[Path]) -> str:
+    """sha256 of a data file, hashed once per version of the file: the hash is stored under `memo_dir`
+    with the file's (size, mtime, ctime, inode), and read back while those are unchanged. Processes that
+    start together (every rank of a run) wait on one lock per file while the first hashes it."""
+    if memo_dir is None:
+        return file_hash(path)
+    from filelock import FileLock
+
+    real = os.path.realpath(path)
+    memo = memo_dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+
+    def stored() -> Optional[str]:
+        try:
+            m = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            return None
+        return m.get("sha256") if m.get("path") == real and m.get("stat") == _stat_key(os.stat(real)) else None
+
+    digest = stored()
+    if digest is not None:
+        return digest
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(memo) + ".lock"):
+        digest = stored()  # hashed by another process while this one waited
+        if digest is None:
+            before = _stat_key(os.stat(real))  # a change while hashing leaves a stale stat: hashed again
+            digest = file_hash(real)
+            tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"path": real, "stat": before, "sha256": digest}))
+            os.replace(tmp, memo)
+    return digest
+
+
+def cache_key(files: List[str], tokenizer_digest: str, settings, media_root: Optional[str], on_error: str,
+              memo_dir: Optional[Path] = None) -> str:
+    """The entry's name: content hashes of the files (see `content_hash`), the tokenizer and settings."""
     h = hashlib.sha256()
     h.update(f"xtune-data-v{FORMAT_VERSION}".encode())
     for f in files:
-        h.update(file_hash(f).encode())
+        h.update(content_hash(f, memo_dir).encode())
     h.update(tokenizer_digest.encode())
     h.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
     h.update(f"{media_root}|{on_error}".encode())

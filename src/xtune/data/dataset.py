@@ -100,8 +100,9 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
     files = list_files(ds_spec.path)
     settings = tokenize_settings(tokenizer, data_spec, model_spec, preference)
     digest = tokenizer_digest or cache.tokenizer_hash(tokenizer)
-    key = cache.cache_key(files, digest, settings, ds_spec.media_root, data_spec.on_error)
-    folder = cache.default_cache_dir(data_spec.cache_dir) / key
+    root = cache.default_cache_dir(data_spec.cache_dir)
+    key = cache.cache_key(files, digest, settings, ds_spec.media_root, data_spec.on_error, memo_dir=root / "files")
+    folder = root / key
 
     def build():
         if verbose:

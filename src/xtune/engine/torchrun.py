@@ -4,6 +4,8 @@
 data record, a damaged checkpoint, a failed save) writes its message to $XTUNE_WORKER_ERROR_FILE; torchrun
 then kills the other ranks and raises ChildFailedError, whose traceback would bury that message. Here it
 ends quietly instead and the launcher prints the worker's message; any other failure keeps torchrun's report.
+A SIGTERM/SIGINT forwarded by `xtune` (the workers got it too, and stop after a checkpoint) also ends
+quietly: torchrun turns it into a SignalException whose traceback is noise; the launcher says what happened.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class _QuietWhenReported(logging.Filter):
 
 
 def main() -> None:
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -42,6 +45,8 @@ def main() -> None:
         if _reported():
             sys.exit(1)
         raise
+    except SignalException as e:
+        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":
