@@ -29,6 +29,10 @@ class DataError(XtuneError):
 
 
 class CheckpointError(XtuneError):
-    """A missing, partial or corrupted checkpoint, or a save that could not complete."""
+    """A missing, partial or corrupted checkpoint: bad input the user fixes by choosing another one."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that could not complete (e.g. a full disk): the run stops, the previous checkpoint is intact."""
 
     exit_code = 1

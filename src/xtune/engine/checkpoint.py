@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from xtune.errors import CheckpointError
+from xtune.errors import CheckpointError, CheckpointSaveError
 
 log = logging.getLogger("xtune.engine")
 
@@ -311,7 +311,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else None
             kept = f"; the previous checkpoint {self.root / prev} is intact" if prev else ""
-            raise CheckpointError(f"saving checkpoint step {step} under {self.root} failed: {bad[0]}{kept}"
+            raise CheckpointSaveError(f"saving checkpoint step {step} under {self.root} failed: {bad[0]}{kept}"
                                   f"{_space_hint(self.root, prev)}")
 
     def _prune(self) -> None:
