@@ -126,6 +126,17 @@ class Trainer:
         self.device = d.device
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
+        # Data first: a bad record or image stops the run before any model is built.
+        if loader is None:
+            from xtune.data import build_train_loader
+
+            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank)
+        self.loader = loader
+        if eval_batches is None and spec.data.eval_datasets:
+            from xtune.data import build_eval_batches
+
+            eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size)
+        self.eval_batches = eval_batches or []
         self.peft = tuning.enabled(spec.peft)
         from xtune.methods import get_method
 
@@ -139,16 +150,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_counts = tuning.parameter_counts(self.model)
         self.optimizer = build_optimizer(self.params, spec.optim, d.device)
-        if loader is None:
-            from xtune.data import build_train_loader
-
-            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank)
-        self.loader = loader
-        if eval_batches is None and spec.data.eval_datasets:
-            from xtune.data import build_eval_batches
-
-            eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size)
-        self.eval_batches = eval_batches or []
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
         # This spec's optimizer settings, which a resume with a changed optim/sched section re-applies.
