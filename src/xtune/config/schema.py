@@ -21,7 +21,7 @@ CHOICES: Dict[str, tuple] = {
     "data.pack": ("soft", "bfd", "hard", "none"),
     "data.on_error": ("raise", "skip"),
     "data.template": ("auto", "qwen3", "intern_s1"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "sgd", "muon", "adamw_8bit"),
     "optim.impl": ("auto", "fused", "foreach", "for"),
     "sched.type": ("cosine", "linear", "constant"),
     "loss.mode": ("auto", "chunk", "liger", "eager"),
@@ -117,7 +117,8 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    # Optimizer (AdamW with decoupled weight decay).
+    # adamw (decoupled weight decay); sgd (momentum, nesterov); muon: torch.optim.Muon on the hidden 2-D matrices,
+    # AdamW on embeddings, lm_head, norms, biases; adamw_8bit: bitsandbytes' 8-bit AdamW (one process, unsharded).
     name: str = "adamw"
     # Peak learning rate.
     lr: float = 2e-5
@@ -129,6 +130,10 @@ class OptimSpec:
     max_grad_norm: float = 1.0
     # AdamW kernel: auto picks fused where the parameters allow it, else foreach.
     impl: str = "auto"
+    # Momentum of sgd and muon (0 for plain SGD).
+    momentum: float = 0.9
+    # Nesterov momentum (sgd with momentum > 0, muon).
+    nesterov: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set
 from xtune.engine.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.objective import LossModel, weight_sum
-from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
 from xtune.errors import ConfigError, DataError, XtuneError
@@ -92,7 +92,8 @@ class Trainer:
         self.model = self.root.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_counts = tuning.parameter_counts(self.model)
-        self.optimizer = build_optimizer(self.params, spec.optim, d.device)
+        self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                                         spec.optim, d.device, io_param_ids(self.model))
         if loader is None:
             from xtune.data import build_train_loader
 
