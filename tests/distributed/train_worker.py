@@ -51,6 +51,7 @@ def main():
     p.add_argument("--optim", default="adamw")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--param-dtype", default="auto")
+    p.add_argument("--nan-at-call", type=int, default=None, help="rank 0's forward call whose hidden states become NaN")
     a = p.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     spec = RunSpec(
@@ -65,7 +66,7 @@ def main():
     )
     loader = SignallingLoader(a.steps, 4, rank, world, 4 // world // 1, seed=11, sleep=a.sleep, cycle=2,
                               sigterm_at=a.sigterm_at)
-    result = train(spec, a.run_dir, adapter=TinyAdapter(), tokenizer=None, loader=loader)
+    result = train(spec, a.run_dir, adapter=TinyAdapter(nan_at_steps=[a.nan_at_call] if a.nan_at_call is not None and rank == 0 else []), tokenizer=None, loader=loader)
     if rank == 0:
         print("RESULT", result, flush=True)
     from xtune.engine.worker import _exit

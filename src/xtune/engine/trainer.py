@@ -106,6 +106,9 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
+        # fp16 compute: dynamic loss scaling (inf/nan found on any rank skips the step on all of them).
+        self.scaler = make_scaler(d) if self.compute_dtype == torch.float16 else None
+        self.overflow_steps = 0
         # With adapters a checkpoint holds only what trains; the frozen base is reloaded from load_from.
         self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last, trainable_only=self.peft)
         self.step = 0
@@ -157,7 +160,7 @@ class Trainer:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
                 objective = objective + aux.float() / n_micro
                 acc[1] += aux.detach().double()
-            objective.backward()
+            (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             acc[0] += loss.detach().double()
         acc = acc.to(d.comm_device)
         torch.distributed.all_reduce(acc)
@@ -178,19 +181,49 @@ class Trainer:
         return float(norm)
 
     def optimizer_step(self) -> tuple:
+        if self.scaler is not None:
+            return self.scaled_optimizer_step()
         gnorm = self.grad_norm()
         skipped = not math.isfinite(gnorm)
         if skipped:
             # Never let inf/nan reach the weights or Adam's moments: drop this step's gradients.
             self.skipped_steps += 1
             self.bad_streak += 1
-            if self.bad_streak >= self.spec.train.max_bad_steps:
-                raise XtuneError(
-                    f"{self.bad_streak} steps in a row had a non-finite gradient norm (last at step {self.step + 1}); "
-                    "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
-                    f"(train.max_bad_steps={self.spec.train.max_bad_steps})")
+            self._too_many_bad_steps()
         else:
             self.optimizer.step()
+            self.bad_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        return gnorm, skipped
+
+    def _too_many_bad_steps(self) -> None:
+        if self.bad_streak >= self.spec.train.max_bad_steps:
+            raise XtuneError(
+                f"{self.bad_streak} steps in a row had a non-finite gradient norm (last at step {self.step + 1}); "
+                "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
+                f"(train.max_bad_steps={self.spec.train.max_bad_steps})")
+
+    def scaled_optimizer_step(self) -> tuple:
+        """fp16: unscale (all ranks agree on inf/nan), clip, step unless it overflowed, update the scale.
+
+        An overflow is the scaler's normal way of finding its scale: it is skipped and counted
+        (overflow_steps) but only counts towards train.max_bad_steps once the scale has fallen below 1,
+        where the gradients themselves are non-finite."""
+        self.scaler.unscale_(self.optimizer)
+        gnorm = self.grad_norm()
+        skipped = not math.isfinite(gnorm)
+        self.step_scale = float(self.scaler.get_scale())
+        # Our own step rather than scaler.step: that one hands found_inf to fused AdamW, whose CPU kernel
+        # rejects its shape (torch 2.13); unscale_ already recorded found_inf for update().
+        if not skipped:
+            self.optimizer.step()
+        self.scaler.update()
+        if skipped:
+            self.skipped_steps += 1
+            self.overflow_steps += 1
+            self.bad_streak = self.bad_streak + 1 if self.step_scale < 1.0 else 0
+            self._too_many_bad_steps()
+        else:
             self.bad_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm, skipped
@@ -211,6 +244,9 @@ class Trainer:
                "tokens_seen": self.tokens_seen, "step_time_s": dt, "memory_gb": memory_gb(self.device)}
         if stats["aux_loss"]:
             rec["aux_loss"] = stats["aux_loss"]
+        if self.scaler is not None:
+            rec["loss_scale"] = self.step_scale  # the scale this step's backward used
+            rec["overflow_steps"] = self.overflow_steps
         if skipped:
             rec["skipped"] = True
             rec["skipped_steps"] = self.skipped_steps
@@ -234,11 +270,12 @@ class Trainer:
 
     def extra_state(self) -> dict:
         return {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
-                         "tokens_seen": self.tokens_seen},
+                         "tokens_seen": self.tokens_seen, "overflow_steps": self.overflow_steps},
         }
 
     def save(self) -> Path:
@@ -249,11 +286,14 @@ class Trainer:
     def resume(self, ckpt: Path) -> None:
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
         self.loader.load_state_dict(extra["loader"])
         set_rng_state(extra["rng"])
         c = extra["counters"]
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
+        self.overflow_steps = c.get("overflow_steps", 0)
         self.last_saved = self.step
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
@@ -401,6 +441,14 @@ class Trainer:
 
     def close(self) -> None:
         self.denv.close()
+
+
+def make_scaler(denv):
+    """torch's ShardedGradScaler: works on FSDP2's DTensor gradient shards and all-reduces the inf/nan flag
+    over the default group, so every rank skips the same steps."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device=denv.device.type)
 
 
 def train(spec, work_dir=None, **inject) -> dict:
