@@ -211,6 +211,9 @@ class TrainSpec:
     max_bad_steps: int = 5
     # Prompts generated from the exported model at the end of a run (printed and logged).
     sample_prompts: List[str] = field(default_factory=list)
+    # Also generate the sample prompts from the live model every N steps (0: only at the end); samples.jsonl
+    # (with step), the log and TensorBoard text.
+    sample_every: int = 0
     # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
 

@@ -101,6 +101,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         ("train.save_every", t.save_every),
         ("train.eval_every", t.eval_every),
         ("train.hf_every", t.hf_every),
+        ("train.sample_every", t.sample_every),
         ("data.num_workers", d.num_workers),
         ("optim.weight_decay", o.weight_decay),
         ("optim.max_grad_norm", o.max_grad_norm),

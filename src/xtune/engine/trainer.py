@@ -391,6 +391,8 @@ class Trainer:
                 if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                     eval_loss = self.evaluate()
                     logger.log({"step": self.step, "eval_loss": eval_loss})
+                if t.sample_every and t.sample_prompts and self.step % t.sample_every == 0 and not done and not stop:
+                    self.live_samples()
                 if (t.save_every and self.step % t.save_every == 0) or stop:
                     self.save()
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
@@ -437,7 +439,24 @@ class Trainer:
 
         t = self.spec.train
         return generate_samples(self.adapter, self.tokenizer, hf_dir, t.sample_prompts, t.sample_max_new_tokens,
-                                self.step, self.run_dir / "samples.jsonl", self.logger.message)
+                                self.step, self.run_dir / "samples.jsonl", self.logger.message, self.logger.text)
+
+    def live_samples(self) -> None:
+        """Samples from the model as it is now (train.sample_every). Collective: every rank gathers the full weights
+        into a temporary export (merged with the adapters, in the family's layout: export_hf), then rank 0 builds
+        a plain model from it and generates, the same path as the end-of-run samples."""
+        import shutil
+
+        tmp = self.run_dir / ".samples-hf"
+        try:
+            hf_dir = self.export_hf(tmp)
+            if self.denv.is_main:
+                self.generate_samples(hf_dir)
+        finally:
+            if self.denv.is_main:
+                for d in (tmp, tmp.with_name(".samples-hf_adapter")):
+                    shutil.rmtree(d, ignore_errors=True)
+        self.denv.barrier()
 
     def close(self) -> None:
         self.denv.close()
