@@ -76,12 +76,18 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One JSONL dataset (a file or a folder of *.jsonl) and its share of the mix."""
+    """One dataset (files, a save_to_disk folder or a hub id) and its share of the mix."""
 
     # Name used in logs, metrics and `xtune data inspect`.
     name: str = MISSING
-    # A .jsonl file, or a folder (every *.jsonl below it).
+    # A .jsonl / .json / .parquet / .arrow file, a folder of them, a datasets.save_to_disk folder, or
+    # hf://org/name[:split] (datasets.load_dataset; offline from the local HF cache).
     path: str = MISSING
+    # auto (detected from the first record, shown in the log and data inspect), messages, alpaca
+    # (instruction/input/output/system), sharegpt (conversations of from/value), text (every token trained).
+    format: str = "auto"
+    # Field renames, xtune's name: the dataset's, e.g. {messages: dialog}.
+    columns: Dict[str, str] = field(default_factory=dict)
     # Integer part repeats the dataset, the fraction takes a seeded random subset.
     sample_ratio: float = 1.0
     # Folder that image paths are relative to; null means the dataset file's folder.

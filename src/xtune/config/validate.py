@@ -308,13 +308,18 @@ def remote_tokenizer_code(folder: Path) -> Optional[Path]:
     return folder / (module.replace(".", "/") + ".py")
 
 
+DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")
+
+
 def _file_problems(spec: RunSpec) -> List[str]:
     problems: List[str] = []
     d, t = spec.data, spec.train
     for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
         for i, ds in enumerate(items):
-            if not Path(ds.path).expanduser().exists():
+            if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
                 problems.append(f"{group}[{i}] ({ds.name}).path={ds.path}: no such file or folder")
+            if ds.format not in DATASET_FORMATS:
+                problems.append(f"{group}[{i}] ({ds.name}).format={ds.format}: choose one of {', '.join(DATASET_FORMATS)}")
             if ds.media_root is not None and not Path(ds.media_root).expanduser().is_dir():
                 problems.append(f"{group}[{i}] ({ds.name}).media_root={ds.media_root}: no such folder")
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().exists():

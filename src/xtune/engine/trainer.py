@@ -48,7 +48,7 @@ def preflight(spec, adapter, run_dir: Path):
     if problems:
         raise ConfigError(problems)
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
-        if not Path(ds.path).expanduser().exists():
+        if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
     check_wandb(spec.logging)
     resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
