@@ -86,8 +86,9 @@ class DatasetSpec:
     # auto (detected from the first record, shown in the log and data inspect), messages, alpaca
     # (instruction/input/output/system), sharegpt (conversations of from/value), text (every token trained).
     format: str = "auto"
-    # Field renames, xtune's name: the dataset's, e.g. {messages: dialog}.
-    columns: Dict[str, str] = field(default_factory=dict)
+    # Field renames, xtune's name: the dataset's, e.g. {messages: dialog}. (null, not {}, as the default: a
+    # default_factory inside a list item fails to compose in a submitit job process, omegaconf 2.3.)
+    columns: Optional[Dict[str, str]] = None
     # Integer part repeats the dataset, the fraction takes a seeded random subset.
     sample_ratio: float = 1.0
     # Folder that image paths are relative to; null means the dataset file's folder.

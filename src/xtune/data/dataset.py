@@ -86,7 +86,7 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
                  verbose: bool = True) -> TokenizedDataset:
     """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache."""
     files = list_files(ds_spec.path)
-    columns = dict(ds_spec.columns)
+    columns = dict(ds_spec.columns or {})
     fmt = resolve_format(ds_spec.format, columns, files[0], next(iter_file(files[0])))
     if verbose:
         log.info("%s: format %s%s", ds_spec.name, fmt, " (auto-detected)" if ds_spec.format == "auto" else "")
