@@ -38,25 +38,26 @@ LR = 1e-3
 SEED = 42
 
 
-def init_model_dir() -> Path:
+def init_model_dir(arch: dict = ARCH) -> Path:
     """One random init, saved once and loaded by every system."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    folder = CACHE / f"qwen3_h{ARCH['hidden_size']}_l{ARCH['num_hidden_layers']}_v{ARCH['vocab_size']}_init"
+    folder = CACHE / f"qwen3_h{arch['hidden_size']}_l{arch['num_hidden_layers']}_v{arch['vocab_size']}_init"
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(**ARCH))
+        model = Qwen3ForCausalLM(Qwen3Config(**arch))
         tmp = folder.with_name(folder.name + ".tmp")
         model.save_pretrained(tmp)
         tmp.rename(folder)
     return folder
 
 
-def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, steps: int, data_path: str, family: str = "qwen3"):
+def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, steps: int, data_path: str, family: str = "qwen3",
+               extra=()):
     from xtune.config.compose import load_spec
 
-    _, spec = load_spec([f"model.family={family}",
+    _, spec = load_spec([f"model.family={family}", *extra,
         "recipe=demo", f"model.load_from={model_dir}", f"model.tokenizer={tok_dir}",
         f"data.datasets.0.path={data_path}", "data.eval_datasets=[]", f"data.cache_dir={CACHE / 'data'}",
         f"data.sample_max_length={ROW}", f"data.pack_max_length={ROW}", "data.pack=soft",
@@ -72,16 +73,19 @@ def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, steps: int, data_
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, arch={}))
 
 
-def prepare(quick: bool) -> dict:
-    """Tokenise once with xtune's data stage (warms its cache) and write the samples for the baselines."""
-    from qwen_tok import qwen3_tokenizer_dir
+def prepare(quick: bool, tok_dir: Path | None = None, arch: dict = ARCH) -> dict:
+    """Tokenise once with xtune's data stage (warms its cache) and write the samples for the baselines.
+    Default: the real Qwen3 tokenizer and the bench model; bench_lora also runs a block-heavy shape."""
     from transformers import AutoTokenizer
 
     from xtune.data.dataset import load_dataset
     from xtune.data.pack import efficiency, pack
 
-    tok_dir = qwen3_tokenizer_dir()
-    model_dir = init_model_dir()
+    if tok_dir is None:
+        from qwen_tok import qwen3_tokenizer_dir
+
+        tok_dir = qwen3_tokenizer_dir()
+    model_dir = init_model_dir(arch)
     data_path = str(ROOT / "src" / "xtune" / "assets" / "demo" / "train.jsonl")
     spec = xtune_spec(tok_dir, model_dir, Path(tempfile.gettempdir()), 1, data_path)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -93,7 +97,7 @@ def prepare(quick: bool) -> dict:
         samples.append({"input_ids": s.input_ids, "labels": [-100] + s.labels[:-1]})
     lengths = [len(s["input_ids"]) for s in samples]
     rows = pack("soft", lengths, ROW)
-    path = CACHE / "train_samples.json"
+    path = CACHE / f"train_samples_{Path(tok_dir).name}.json"
     path.write_text(json.dumps(samples))
     return dict(tok_dir=str(tok_dir), model_dir=str(model_dir), data_path=data_path, samples_path=str(path),
                 samples=len(samples), tokens=sum(lengths), samples_per_row=len(samples) / len(rows),
@@ -107,7 +111,7 @@ def work_xtune(a: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["steps"], a["data_path"],
-                          a.get("family", "qwen3"))
+                          a.get("family", "qwen3"), a.get("overrides", ()))
         xtune.engine.train(spec, run_dir)
         recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r]
@@ -130,6 +134,10 @@ def _hf_run(a: dict, trl: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(a["tok_dir"])
     model = AutoModelForCausalLM.from_pretrained(a["model_dir"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
+    if a.get("lora_r"):  # bench_lora's baseline: peft's LoRA inside HF Trainer
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=a["lora_r"], lora_alpha=2 * a["lora_r"], target_modules="all-linear"))
     samples = json.loads(Path(a["samples_path"]).read_text())
     common = dict(per_device_train_batch_size=a["batch_size"], max_steps=a["steps"], learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,

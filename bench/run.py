@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, loss, pack, data, slowtok, cli, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "gpu")
 
 
 def module(name: str):
@@ -102,6 +102,28 @@ def tables(res: dict):
                 t.add_row(f"{name} ({d['samples']} samples, mean {d['mean_len']:.0f})", str(cap),
                           *[f"{d['strategies'][f'{s}@{cap}']['efficiency']:.4f}" for s in r["strategies"]])
         out.append(t)
+    if "lora" in b and "error" not in b["lora"]:
+        r = b["lora"]
+        for shape, sh in r["shapes"].items():
+            t = Table(title=f"LoRA r {r['config']['r']} (all-linear) vs full fine-tuning vs peft + HF Trainer, shape "
+                            f"'{shape}' (hidden {sh['arch']['hidden_size']}, {sh['arch']['num_hidden_layers']} layers, "
+                            f"vocab {sh['arch']['vocab_size']}); memory = peak RSS of the process")
+            for c in ("system", "trainable params", "trained tok/s", "s/step", "peak RSS GB", "loss step 1",
+                      "loss last 3"):
+                t.add_column(c, justify="right" if c != "system" else "left")
+            for name, s in sh["systems"].items():
+                if "error" in s:
+                    t.add_row(name, f"[red]{s['error'][:80]}[/red]")
+                    continue
+                t.add_row(name, f"{s['trainable']:,} of {s['total']:,}", f"{s['trained_tok_s']:.1f}",
+                          f"{s['step_s']:.2f}", f"{s['peak_rss_gb']:.2f}", f"{s['loss_first']:.4f}",
+                          f"{s['loss_last3']:.4f}")
+            q = sh["ratios"]
+            if q:
+                t.caption = (f"LoRA memory {q['lora_memory_vs_full']:.2f}x full (QLoRA {q['qlora_memory_vs_full']:.2f}x), "
+                             f"xtune LoRA {q['lora_speed_vs_peft_hf']:.2f}x peft + HF Trainer tok/s; targets <= 0.6x "
+                             f"(blocks shape) and >= 1.5x -> meets: {_ok(sh['meets'])}")
+            out.append(t)
     if "slowtok" in b and "error" not in b["slowtok"]:
         r = b["slowtok"]
         t = Table(title=f"Data preparation with a Python (slow) tokenizer like Intern-S1's (test fixture), "

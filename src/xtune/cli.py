@@ -33,8 +33,11 @@ CONFIG_DIR = typer.Option(
 
 def _fail(error: BaseException) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+    # The message is text, not markup: "[width, height]" in it must print as it is.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True,
+                               soft_wrap=True)
     raise typer.Exit(getattr(error, "exit_code", 2))
 
 
@@ -48,22 +51,32 @@ def _guarded(fn):
         _fail(e)
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def sft(
-    overrides: Optional[List[str]] = OVERRIDES,
-    multirun: bool = typer.Option(False, "--multirun", "-m", help="Run one job per point of the sweep."),
-    cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
-    config_dir: Optional[List[str]] = CONFIG_DIR,
-):
-    """Supervised fine-tuning: compose the recipe and overrides, validate, and train."""
-    from xtune.commands import train_command
+def _training_command(name: str, doc: str):
+    """Register `xtune <name>`: the training commands differ only in the primary config they compose."""
 
-    code = _guarded(
-        lambda: train_command("sft", list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
-                              config_dirs=list(config_dir or []))
-    )
-    raise typer.Exit(code or 0)
+    def command(
+        overrides: Optional[List[str]] = OVERRIDES,
+        multirun: bool = typer.Option(False, "--multirun", "-m", help="Run one job per point of the sweep."),
+        cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
+        config_dir: Optional[List[str]] = CONFIG_DIR,
+    ):
+        from xtune.commands import train_command
+
+        code = _guarded(
+            lambda: train_command(name, list(overrides or []), multirun=multirun, cfg=cfg, dry_run=dry_run,
+                                  config_dirs=list(config_dir or []))
+        )
+        raise typer.Exit(code or 0)
+
+    command.__doc__ = doc
+    command.__name__ = name
+    return app.command(name=name, context_settings={"allow_extra_args": False})(command)
+
+
+sft = _training_command("sft", "Supervised fine-tuning: compose the recipe and overrides, validate, and train.")
+dpo = _training_command("dpo", "Preference tuning (DPO, IPO, SimPO, ORPO; see pref.*) on chosen/rejected pairs: "
+                               "compose, validate, and train.")
 
 
 @app.command()

@@ -28,7 +28,7 @@ def _console(stderr: bool = False):
 
 def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
                   config_dirs: List[str]) -> int:
-    """`xtune <command> overrides...` for a training command (sft; dpo to come): the command names the primary
+    """`xtune <command> overrides...` for a training command (sft, dpo): the command names the primary
     config, everything else is shared."""
     from xtune.config.compose import compose_jobs
 
@@ -98,7 +98,11 @@ def _run_job(spec, run_dir: Path) -> int:
     from xtune.launch_env import launch_env
 
     if launch_env().rank == 0:
-        _log_to(run_dir)
+        try:
+            _log_to(run_dir)
+        except OSError as e:  # the first write to the run dir: read-only, no permission, a file in the way
+            raise XtuneError(f"train.work_dir={run_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                             "choose a writable folder") from None
     return run(spec, run_dir, argv=user_argv())
 
 

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import ListLoader, TinyAdapter, pack
-from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec
+from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
 from xtune.engine.distributed import init_distributed
 from xtune.engine.trainer import Trainer
 
@@ -26,8 +26,47 @@ def full_grads(model):
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
+        if g is None:  # frozen (adapter runs): no gradient at all
+            continue
         out[name.replace("_checkpoint_wrapped_module.", "")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
     return out
+
+
+class LoraTinyAdapter(TinyAdapter):
+    """The test adapter plus what adapter injection asks of a family: the language model and a name."""
+
+    spec = ModelSpec(name="tiny")
+
+    def language_model(self, model):
+        return model.model
+
+
+LORA = PeftSpec(method="lora", r=4, alpha=8.0)
+
+
+def lora_layout(init_dir, out_dir, name, parallel, micro_of_rank):
+    """One global batch through adapters on every linear layer; B is set to seeded non-zero values (the same on
+    every rank and layout) so A gets a gradient too. Saves the loss, adapter gradients and adapter weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=parallel, peft=LORA,
+                   loss=LossSpec(mode="chunk", chunk_size=7), train=TrainSpec(global_batch_size=4, max_steps=1))
+    denv = init_distributed(parallel)
+    trainer = Trainer(spec, out_dir, adapter=LoraTinyAdapter(), tokenizer=None,
+                      loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
+    g = torch.Generator().manual_seed(17)
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
+    b = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in sorted(full.items()) if ".lora_B." in k}
+    set_model_state_dict(trainer.model, b, options=StateDictOptions(full_state_dict=True, strict=False))
+    weights = {k: v.clone() for k, v in get_model_state_dict(
+        trainer.model, options=StateDictOptions(full_state_dict=True)).items() if ".lora_" in k}
+    rows = ListLoader(1, 4, 0, 1, 1, seed=5).rows_of_step(0)
+    stats = trainer.forward_backward(micro_of_rank(rows, denv.rank))
+    result = {"loss": stats["loss"], "grads": full_grads(trainer.model), "weights": weights}
+    if denv.is_main:
+        torch.save(result, Path(out_dir) / f"lora-{name}.pt")
+    denv.barrier()
+    return denv
 
 
 def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
@@ -108,10 +147,12 @@ def main():
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         d = run_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
         run_layout(init_dir, out_dir, "1x1", ParallelSpec(), lambda rows, r: [pack([d for row in rows for d in row])])
+        lora_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
     else:
         two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]
         d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
+        lora_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True), two)
         random_init_check(out_dir)
         freeze_check(init_dir, out_dir)
     d.close()

@@ -26,8 +26,10 @@ from tests.distributed.tiny import child_env
 from tests.integration.test_model_families import fixed_inputs, make_original, safetensors_of, xtune_sft
 
 STEPS = 3
-CASES = [("qwen3_tiny", "lora"), ("qwen3_moe_tiny", "lora"), ("intern_s1_tiny", "lora"), ("qwen3_tiny", "dora"),
-         ("qwen3_tiny", "qlora")]
+# DoRA on 2 ranks is marked slow: tests/unit/test_tuning.py proves DoRA against peft's own DoRA, and the
+# LoRA cases here the same FSDP2 path (DoRA differs only in the collective magnitude init).
+CASES = [("qwen3_tiny", "lora"), ("qwen3_moe_tiny", "lora"), ("intern_s1_tiny", "lora"),
+         pytest.param("qwen3_tiny", "dora", marks=pytest.mark.slow), ("qwen3_tiny", "qlora")]
 
 
 @pytest.fixture(scope="module")

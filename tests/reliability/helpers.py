@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +97,38 @@ def assert_same_losses(reference: list, got: list) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in reference], "each step exactly once, in order"
     for a, b in zip(reference, got):
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+
+
+# -- bad-input tables (test_bad_inputs.py, test_bad_input_table.py) ---------------------------------------------
+GOOD = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:12]]
+IMAGE = next(p for p in sorted((DEMO / "images").iterdir()) if p.suffix in (".png", ".jpg"))
+
+
+def quick_run(tmp_path, *extra):
+    """A one-step run on tiny packed rows: a data error surfaces after tokenisation, within seconds."""
+    return ["sft", "recipe=demo", "train.max_steps=1", "train.save_every=0", "train.eval_every=0",
+            "train.global_batch_size=2", "train.micro_batch_size=1", "train.sample_prompts=[]",
+            "data.eval_datasets=[]", "data.pack_max_length=256",
+            "data.sample_max_length=256", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
+            "logging.tensorboard=false", "logging.progress=plain", f"train.work_dir={tmp_path / 'run'}", *extra]
+
+
+def write_lines(path, lines):
+    """A JSONL file: dicts are dumped, strings written as they are (a malformed line), bytes too (bad encoding)."""
+    data = b"".join((ln if isinstance(ln, bytes) else (ln if isinstance(ln, str) else json.dumps(ln)).encode())
+                    + b"\n" for ln in lines)
+    path.write_bytes(data)
+    return path
+
+
+def image_msg(n_placeholders, image, **extra):
+    content = [{"type": "image_url", "image_url": {"url": str(image), **extra}},
+               {"type": "text", "text": "<IMG_CONTEXT>" * n_placeholders + "\nWhat shape is this?"}]
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A circle."}]}
+
+
+def run_all(jobs):
+    """Run independent CLI invocations two at a time (each is one mostly single-threaded process)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {key: pool.submit(xtune, *args) for key, args in jobs.items()}
+        return {key: f.result() for key, f in futures.items()}

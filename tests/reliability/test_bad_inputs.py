@@ -6,37 +6,11 @@ errors as exceptions; these rows run the real `xtune sft` (no --dry-run), so a d
 the engine through Hydra's job runner, where only the CLI's own handling stands between it and a traceback.
 """
 
-import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.reliability.helpers import DEMO, ROOT, records, xtune
-
-GOOD = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:12]]
-IMAGE = next(p for p in sorted((DEMO / "images").iterdir()) if p.suffix in (".png", ".jpg"))
-
-
-def quick_run(tmp_path, *extra):
-    """A one-step run on tiny packed rows: a data error surfaces after tokenisation, within seconds."""
-    return ["sft", "recipe=demo", "train.max_steps=1", "train.save_every=0", "train.eval_every=0",
-            "train.global_batch_size=2", "train.micro_batch_size=1", "train.sample_prompts=[]",
-            "data.eval_datasets=[]", "data.pack_max_length=256",
-            "data.sample_max_length=256", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
-            "logging.tensorboard=false", "logging.progress=plain", f"train.work_dir={tmp_path / 'run'}", *extra]
-
-
-def write_lines(path, lines):
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
-    return path
-
-
-def image_msg(n_placeholders, image):
-    content = [{"type": "image_url", "image_url": {"url": str(image)}},
-               {"type": "text", "text": "<IMG_CONTEXT>" * n_placeholders + "\nWhat shape is this?"}]
-    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A circle."}]}
-
+from tests.reliability.helpers import GOOD, IMAGE, ROOT, image_msg, quick_run, records, run_all, write_lines
 
 # (id, lines of the dataset file, fragments of the message; {f} is the file's path)
 DATA_ROWS = [
@@ -52,13 +26,6 @@ DATA_ROWS = [
      ["{f}:3:", "2 <IMG_CONTEXT> placeholder(s) for 1 image(s)"]),
     ("empty_file", [], ["{f}:0:", "empty file"]),
 ]
-
-
-def run_all(jobs):
-    """Run independent CLI invocations two at a time (each is one mostly single-threaded process)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {key: pool.submit(xtune, *args) for key, args in jobs.items()}
-        return {key: f.result() for key, f in futures.items()}
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def damage_truncated_shard(ck):
 ROWS = [
     ("partial_by_path", damage_no_marker, "{run}/checkpoints/step-%d" % STEPS,
      ["checkpoint {ck} is incomplete (no meta.json)", "delete it or resume from an earlier one"]),
-    ("truncated_shard", damage_truncated_shard, "auto", ["checkpoint {ck} could not be loaded"]),
+    ("truncated_shard", damage_truncated_shard, "auto", ["checkpoint {ck} is corrupt: __0_0.distcp has", "truncated"]),
 ]
 
 
@@ -84,3 +84,19 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resume_finish
     assert f"resumed from {ckpts / 'step-2'} at step 2" in out.stdout
     assert_same_losses(reference["records"], records(run))
     assert checkpoint_state(run)["complete"] == [STEPS - 2, STEPS - 1, STEPS]
+
+
+@pytest.mark.parametrize("override, key", [("model.arch.hidden_size=64", "model.arch.hidden_size"),
+                                           ("train.seed=7", "train.seed")])
+def test_resume_with_a_key_that_cannot_change_exits_2(workspace, reference, tmp_path, override, key):
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    # Hydra's own record (.hydra/) and the command line's (cmd.txt, env.json) are rewritten per command.
+    keep = lambda p: p.is_file() and ".hydra" not in p.parts and p.name not in ("cmd.txt", "env.json")  # noqa: E731
+    before = {p: p.read_bytes() for p in run.rglob("*") if keep(p)}
+    out = xtune(*run_args(workspace["data"], workspace["cache"], run, "train.resume=auto", override))
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    message = " ".join(out.stderr.split())
+    assert f"{run}/checkpoints/step-{STEPS} was trained with another value of {key}" in message, message
+    assert "cannot change when resuming" in message and "Traceback" not in out.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if keep(p)} == before  # nothing ran

@@ -10,7 +10,6 @@ import pickle
 import re
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from xtune.data import multimodal, templates
 from xtune.data.formats import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
+from xtune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "src" / "xtune" / "assets" / "demo"
@@ -136,7 +136,8 @@ def test_template_rejecting_probes_still_renders_like_transformers(qwen_tok):
     r = Renderer(qwen_tok, tpl)
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, chat_template=tpl, tokenize=False)
-    with pytest.raises(jinja2.exceptions.TemplateError, match="no system"):
+    # A template's own error is the user's to fix: a DataError (exit 2) with jinja2's reason.
+    with pytest.raises(DataError, match="failed at template line 1: TemplateError: no system"):
         r.render([{"role": "system", "content": "s"}] + msgs)
 
 

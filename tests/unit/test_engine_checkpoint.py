@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_is_refused(finished, tmp_path, damage):
     elif damage == "no_dcp_metadata":
         (ck / ".metadata").unlink()
     else:
-        (ck / "extra-rank0.pt").unlink()
+        (ck / "state.json").unlink()
     with pytest.raises(CheckpointError, match="step-4"):
         resolve_resume("auto", run_dir)
     with pytest.raises(CheckpointError, match="step-4"):
@@ -156,32 +156,27 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
         denv.close()
 
 
-def test_resume_with_other_world_size_is_refused(finished, init_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished, run_dir)
-    ck = run_dir / "checkpoints" / "step-4"
-    meta = json.loads((ck / "meta.json").read_text())
-    (ck / "meta.json").write_text(json.dumps(dict(meta, world_size=2)))
-    shutil.copy(ck / "extra-rank0.pt", ck / "extra-rank1.pt")
-    with pytest.raises(CheckpointError, match="written by 2 ranks"):
-        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
-    assert not torch.distributed.is_initialized()
+def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
+    """hf/step-N every N steps (keep_last of them), the final export in hf/ itself; each folder holds the
+    weights of its own step, read back with safetensors against the DCP checkpoint of that step."""
+    from safetensors.torch import load_file
 
+    from xtune.config.io import spec_from_yaml
+    from xtune.engine.checkpoint import load_model_only
+    from xtune.engine.export import build_plain_model
 
-def test_hf_every_exports_during_the_run(init_dir, tmp_path, monkeypatch):
-    from xtune.engine import export
-
-    steps = []
-    real = export.write_hf
-
-    def spy(adapter, sd, config, tok, out):
-        steps.append(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"])
-        return real(adapter, sd, config, tok, out)
-
-    monkeypatch.setattr(export, "write_hf", spy)
-    run(make_spec(init_dir, steps=4, hf_every=2), tmp_path)
-    assert steps == [2, 4]
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    run(make_spec(init_dir, steps=8, hf_every=2, save_every=2, keep_last=2), tmp_path, steps=8)
+    hf = tmp_path / "hf"
+    assert sorted(p.name for p in hf.iterdir() if p.is_dir()) == ["step-4", "step-6"]  # step-2 pruned
+    weights = {name: load_file(str(hf / name / "model.safetensors")) for name in ("step-4", "step-6", ".")}
+    for step, name in ((6, "step-6"), (8, ".")):
+        model, _ = build_plain_model(TinyAdapter(), spec_from_yaml(tmp_path / "config.yaml"))
+        load_model_only(tmp_path / "checkpoints" / f"step-{step}", model)
+        want = model.state_dict()
+        assert all(torch.equal(weights[name][k], want[k]) for k in weights[name]), name
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(weights["step-4"][key], weights["step-6"][key])
+    assert not torch.equal(weights["step-6"][key], weights["."][key])
 
 
 def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
@@ -205,3 +200,140 @@ def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
             denv.close()
     assert losses["float32"] != losses["bfloat16"]
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * losses["float32"]
+
+
+# ----------------------------------------------------------------------------------------- integrity
+
+
+def _region(ck, prefix):
+    """(file, offset) of the first byte of a tensor whose key starts with `prefix` in a DCP shard, read from
+    DCP's own metadata (so the test damages exactly the model's or the optimizer's bytes)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(ck)).read_metadata()
+    for index, info in md.storage_data.items():
+        if index.fqn.startswith(prefix) and info.length > 64:
+            return ck / info.relative_path, info.offset + info.length // 2
+    raise AssertionError(prefix)
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["model_shard", "optim_shard", "state", "truncated"])
+def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage):
+    from xtune.engine.export import export_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    if damage in ("model_shard", "optim_shard"):
+        path, offset = _region(ck, "model." if damage == "model_shard" else "optim.")
+        flip(path, offset)
+        why = "does not match its sha256"
+    elif damage == "state":
+        path = ck / "state.json"
+        path.write_text(path.read_text().replace('"step": 4', '"step": 5'))  # same size, other bytes
+        why = "does not match its sha256"
+    else:
+        path = max(ck.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        path.write_bytes(path.read_bytes()[:-100])
+        why = "truncated"
+    name = path.name
+    with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}.*{why}"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not torch.distributed.is_initialized()
+    assert max(json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}"):
+        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter())
+    assert not (tmp_path / "hf").exists()
+
+
+def _legacy(ck):
+    """Turn a checkpoint into one of an older xtune: per-rank pickled extra state (with the RNG states it
+    kept: torch's tensor, python's tuple, numpy's array), no checksums in the marker."""
+    import random
+
+    import numpy as np
+
+    state = json.loads((ck / "state.json").read_text())
+    state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.save(state, ck / "extra-rank0.pt")
+    (ck / "state.json").unlink()
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["files"], meta["layout"]
+    (ck / "meta.json").write_text(json.dumps(meta))
+
+
+def test_older_checkpoint_without_checksums_resumes_with_a_warning(finished, init_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run(make_spec(init_dir, steps=6, save_every=2, keep_last=3), reference, steps=6)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")
+    (run_dir / "checkpoints" / "latest").write_text("step-4\n")
+    _legacy(run_dir / "checkpoints" / "step-4")
+    with pytest.warns(UserWarning, match="has no checksums"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
+               if "loss" in line] for d in (reference, run_dir)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_loading_never_runs_code_from_a_checkpoint(finished, init_dir, tmp_path):
+    """An old-style extra state file crafted to run a command when unpickled is refused, and nothing runs."""
+    import pickle
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    ck = run_dir / "checkpoints" / "step-4"
+    shutil.copy(ck / "state.json", tmp_path / "state.json")
+    _legacy(ck)
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    state = json.loads((run_dir.parent / "state.json").read_text())
+    state["counters"]["evil"] = Evil()
+    with open(ck / "extra-rank0.pt", "wb") as f:
+        pickle.dump(state, f, protocol=2)  # torch.save's protocol
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="extra-rank0.pt holds objects other than"):
+        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
+    assert not canary.exists()
+
+
+# ----------------------------------------------------------------------------------------- changed config
+
+
+def test_resume_with_longer_max_steps_and_new_lr_rebuilds_the_schedule(init_dir, tmp_path, capsys):
+    """A run that ended at its max_steps=6 resumed with max_steps=8 and a new lr: the diff is printed key
+    by key and steps 7-8 use the cosine schedule rebuilt for 8 steps at the new peak (computed here from
+    the formula), not the old schedule's floor; config.yaml keeps the first run's spec."""
+    import math
+
+    from xtune.config.io import spec_from_yaml
+    from xtune.config.schema import SchedSpec
+
+    def spec(steps, lr, **kw):
+        s = make_spec(init_dir, steps=steps, save_every=2, **kw)
+        return dc.replace(s, optim=OptimSpec(lr=lr), sched=SchedSpec(type="cosine", warmup_ratio=0.0,
+                                                                       min_lr_ratio=0.1))
+
+    run(spec(6, 1e-2), tmp_path, steps=6)
+    run(spec(8, 2e-2, resume="auto"), tmp_path, steps=8)
+    out = capsys.readouterr().out
+    assert "optim.lr: 0.01 -> 0.02 (the LR schedule is rebuilt)" in out
+    assert "train.max_steps: 6 -> 8 (the LR schedule is rebuilt)" in out
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
+    assert lrs[6] == pytest.approx(1e-2 * 0.1)  # the first run ended at its floor
+    want = {s + 1: 2e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 7))) for s in (6, 7)}
+    assert lrs[7] == pytest.approx(want[7], rel=1e-12) and lrs[8] == pytest.approx(want[8], rel=1e-12)
+    assert f"step 7 uses lr {want[7]:.6g}" in out
+    assert spec_from_yaml(tmp_path / "config.yaml").optim.lr == 1e-2
+    assert spec_from_yaml(tmp_path / "config.step-6.yaml").optim.lr == 2e-2

@@ -124,10 +124,3 @@ def test_token_weights():
     w = token_weights(b, "square")
     assert w.tolist() == pytest.approx([0] + [0.5] * 4 + [0, 0, 1.0] + [0] * 4)
     assert weight_sum(b, "square") == pytest.approx(4 * 0.5 + 1.0)
-
-
-def test_token_weights_prefer_given_doc_counts():
-    # A document split across rows (hard packing) weighs by its full trained length, given by the loader.
-    b = _batch([4], [2])
-    b.doc_trained_tokens = torch.tensor([8])
-    assert token_weights(b, "sample").tolist() == pytest.approx([0, 0, 1 / 8, 1 / 8])

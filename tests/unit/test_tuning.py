@@ -73,6 +73,30 @@ def peft_reference(init_dir, trainer, use_dora=False):
     return ref, inner, ours, theirs
 
 
+def randomize_b(model, seed):
+    """Non-zero B (seeded), so that A gets a gradient and the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in adapter_params(model).items():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return g
+
+
+def assert_packed_equals_reference(tr, ref, ours, theirs, docs):
+    """Copy our adapter weights into peft's model, then: one packed row through the engine == the documents one
+    by one through peft's model (loss and adapter gradients)."""
+    with torch.no_grad():
+        for n, p in theirs.items():
+            p.copy_(ours[n])
+    stats = tr.forward_backward([pack(docs)])
+    want = reference_loss(ref, docs)
+    want.backward()
+    assert abs(stats["loss"] - want.item()) < 1e-5
+    for n, p in ours.items():
+        torch.testing.assert_close(p.grad, theirs[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_lora_trains_only_adapters_and_the_base_stays_bit_identical(init_dir, tmp_path, closing):
     tr = trainer_of(spec_of(init_dir, "peft=lora", "optim.lr=1e-2"), tmp_path / "run")
     closing.append(tr)
@@ -97,22 +121,10 @@ def test_lora_packed_equals_peft_reference_unpacked(init_dir, tmp_path, closing)
     """Loss and adapter gradients of one packed row == peft's model on the documents one by one."""
     tr = trainer_of(spec_of(init_dir, "peft=lora"), tmp_path / "run")
     closing.append(tr)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-zero B, so A gets a gradient too
-        for n, p in adapter_params(tr.model).items():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_b(tr.model, 0)
     ref, inner, ours, theirs = peft_reference(init_dir, tr)
-    with torch.no_grad():
-        for n, p in theirs.items():
-            p.copy_(ours[n])
     docs = [d for row in ListLoader(1, 1, 0, 1, 1, seed=9, docs_per_row=4).rows_of_step(0) for d in row]
-    stats = tr.forward_backward([pack(docs)])
-    want = reference_loss(ref, docs)
-    want.backward()
-    assert abs(stats["loss"] - want.item()) < 1e-5
-    for n, p in ours.items():
-        torch.testing.assert_close(p.grad, theirs[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert_packed_equals_reference(tr, ref, ours, theirs, docs)
     assert all(p.grad is None for p in tr.model.parameters() if not p.requires_grad)
 
 
@@ -124,11 +136,8 @@ def test_dora_magnitude_and_forward_equal_peft_dora(init_dir, tmp_path, closing)
     assert len(mags) == 2 * 7
     for n in mags:  # peft computed its magnitudes from the loaded base weights itself
         torch.testing.assert_close(ours[n], theirs[n], atol=1e-6, rtol=1e-6, msg=n)
-    g = torch.Generator().manual_seed(1)
+    g = randomize_b(tr.model, 1)
     with torch.no_grad():
-        for n, p in ours.items():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for n, p in theirs.items():
             p.copy_(ours[n])
     ids = torch.randint(0, 96, (1, 20), generator=g)
@@ -250,22 +259,10 @@ def test_lora_on_the_auto_family_equals_peft_all_linear(model_type, tmp_path, cl
     assert spec.model.family == "auto"
     tr = trainer_of(spec, tmp_path / "run")
     closing.append(tr)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in adapter_params(tr.model).items():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_b(tr.model, 0)
     ref = get_peft_model(AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").float(),
                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     ours, theirs = adapter_params(tr.model), {n: p for n, p in ref.get_base_model().named_parameters() if "lora_" in n}
     assert sorted(ours) == sorted(theirs) and ours
-    with torch.no_grad():
-        for n, p in theirs.items():
-            p.copy_(ours[n])
     docs = [d for row in ListLoader(1, 1, 0, 1, 1, seed=4, docs_per_row=3).rows_of_step(0) for d in row]
-    stats = tr.forward_backward([pack(docs)])
-    want = reference_loss(ref, docs)
-    want.backward()
-    assert abs(stats["loss"] - want.item()) < 1e-5
-    for n, p in ours.items():
-        torch.testing.assert_close(p.grad, theirs[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert_packed_equals_reference(tr, ref, ours, theirs, docs)

@@ -30,7 +30,7 @@ from xtune.errors import ConfigError
 
 GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft")
 # Command -> its primary config in conf/ (a new command, e.g. dpo, adds its line and its conf/<name>.yaml).
-PRIMARY = {"sft": "sft"}
+PRIMARY = {"sft": "sft", "dpo": "dpo"}
 SCHEMA_NAME = "xtune_schema"
 
 
@@ -286,6 +286,10 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
             prefix = f"[{' '.join(user)}] " if len(points) > 1 else ""
             problems.extend(prefix + p for p in e.problems)
             continue
+        if spec is not None and spec.method != command and command in PRIMARY:
+            problems.append(f"recipe {spec.recipe} trains with method {spec.method}: run `xtune {spec.method} "
+                            f"recipe={spec.recipe}` (or set method={command} with data of that kind)")
+            continue
         jobs.append(Job(args, cfg, spec))
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
@@ -360,6 +364,12 @@ def missing_message(key: str) -> str:
     return f"{key} is required but has no value: set {key}=..."
 
 
-def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), **kw) -> Tuple[DictConfig, RunSpec]:
-    job = compose_jobs("sft", overrides, config_dirs, **kw)[0]
+def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: Optional[str] = None,
+              **kw) -> Tuple[DictConfig, RunSpec]:
+    """One job's config and spec. Without `command` (data inspect, tests) the recipe's method decides."""
+    if command is None:
+        command = "sft"
+        first = compose_jobs(command, overrides, config_dirs, validate=False)[0].cfg
+        command = str(first.get("method", "sft")) if str(first.get("method")) in PRIMARY else "sft"
+    job = compose_jobs(command, overrides, config_dirs, **kw)[0]
     return without_hydra(job.cfg), job.spec

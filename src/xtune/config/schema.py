@@ -33,6 +33,9 @@ CHOICES: Dict[str, tuple] = {
     "peft.method": ("none", "lora", "dora"),
     "peft.quantize": ("none", "nf4"),
     "logging.progress": ("auto", "rich", "plain"),
+    "method": ("sft", "dpo"),
+    "pref.loss": ("dpo", "ipo", "simpo", "orpo"),
+    "pref.reference": ("auto", "init", "none"),
 }
 
 
@@ -204,7 +207,7 @@ class TrainSpec:
     work_dir: str = ""
     # 0 saves only at the end.
     save_every: int = 0
-    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
+    # Checkpoints (and hf/step-N exports) kept on disk; older ones are deleted after a newer one is complete.
     keep_last: int = 2
     # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
     resume: Optional[str] = None
@@ -249,6 +252,27 @@ class PeftSpec:
 
 
 @dataclass(frozen=True)
+class PrefSpec:
+    """Preference tuning (`xtune dpo`): the loss over (chosen, rejected) pairs and its reference."""
+
+    # dpo: Rafailov et al. 2023 (arXiv:2305.18290); ipo: Azar et al. 2023 (arXiv:2310.12036), squared loss on the
+    # log-ratio margin; simpo: Meng et al. 2024 (arXiv:2405.14734), length-normalised, no reference;
+    # orpo: Hong et al. 2024 (arXiv:2403.07691), SFT loss + odds-ratio term, no reference.
+    loss: str = "dpo"
+    # Inverse temperature; null: the paper's value (dpo 0.1, ipo tau 0.1, simpo 2.0; orpo uses orpo_lambda).
+    beta: Optional[float] = None
+    # Conservative DPO (Mitchell 2023): the probability that a pair's labels are flipped; dpo and simpo only.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (the paper's gamma / beta = 0.5 at beta 2.0).
+    simpo_gamma: float = 1.0
+    # ORPO's weight lambda of the odds-ratio term (the paper's 0.1).
+    orpo_lambda: float = 0.1
+    # Reference model: init (the starting weights; with adapters, the base with adapters disabled), none, or
+    # auto (init for dpo and ipo, none for simpo and orpo).
+    reference: str = "auto"
+
+
+@dataclass(frozen=True)
 class LoggingSpec:
     # TensorBoard scalars in <work_dir>/tb.
     tensorboard: bool = True
@@ -265,6 +289,8 @@ class RunSpec:
     recipe: str = "demo"
     # One line about the recipe, shown by `xtune recipes`.
     description: str = ""
+    # Training method: sft (`xtune sft`) or dpo (`xtune dpo`, preference pairs; see pref).
+    method: str = "sft"
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
@@ -273,4 +299,5 @@ class RunSpec:
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     peft: PeftSpec = field(default_factory=PeftSpec)
+    pref: PrefSpec = field(default_factory=PrefSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)

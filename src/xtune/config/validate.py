@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from xtune.config.families import family_problems
+from xtune.config.families import family_problems, folder_config
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec
 from xtune.launch_env import launch_env
@@ -41,11 +41,12 @@ def suggest(word: str, options: Iterable[str]) -> str:
 
 def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
     for key in CHOICES:
-        section, field = key.split(".")
-        value = getattr(getattr(spec, section), field)
+        value = spec
+        for part in key.split("."):
+            value = getattr(value, part)
         if value is None:  # null where allowed (model.family) is checked there
             continue
-        msg = check_value(key, getattr(getattr(spec, section), field))
+        msg = check_value(key, value)
         if msg:
             problems.append(msg)
 
@@ -148,6 +149,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
 
     problems.extend(model_problems(m, check_files=check_files))
     problems.extend(peft_problems(spec))
+    problems.extend(pref_problems(spec))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
@@ -214,6 +216,12 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
             problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
         elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
             problems.append(f"model.load_from={m.load_from}: no weights there (expected {' or '.join(WEIGHTS_FILES)})")
+        else:
+            for name in ("config.json", WEIGHTS_FILES[1]):
+                bad = _json_problem(folder / name)
+                if bad:
+                    problems.append(f"model.load_from={m.load_from}: {name} is not valid JSON ({bad}); "
+                                    "copy or download it again")
     tok = tokenizer_dir(m)
     key = "model.tokenizer" if m.tokenizer else "model.load_from"
     if tok is None and m.arch:
@@ -236,6 +244,34 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
 
 # Target names that select layers of the language model (plain names and all-linear), as against regexes.
 _PLAIN_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def pref_problems(spec: RunSpec) -> List[str]:
+    """The pref section and what preference data needs of the data section (dpo runs only)."""
+    if spec.method != "dpo":
+        return []
+    from xtune.methods.preference import needs_reference
+
+    q, d, problems = spec.pref, spec.data, []
+    if q.beta is not None and q.beta <= 0:
+        problems.append(f"pref.beta={q.beta}: must be > 0 (or null for the paper's value)")
+    if not 0.0 <= q.label_smoothing < 0.5:
+        problems.append(f"pref.label_smoothing={q.label_smoothing}: must be in [0, 0.5)")
+    if q.label_smoothing and q.loss not in ("dpo", "simpo"):
+        problems.append(f"pref.label_smoothing={q.label_smoothing}: only the dpo and simpo losses use it, "
+                        f"not pref.loss={q.loss}")
+    if q.orpo_lambda < 0:
+        problems.append(f"pref.orpo_lambda={q.orpo_lambda}: must be >= 0")
+    if q.reference != "auto" and q.loss in CHOICES["pref.loss"] and (q.reference == "init") != needs_reference(q.loss):
+        need = "init" if needs_reference(q.loss) else "none"
+        problems.append(f"pref.reference={q.reference}: pref.loss={q.loss} needs reference {need} (or auto)")
+    if d.pack == "hard":
+        problems.append("data.pack=hard cuts documents, but a preference pair must stay whole in one row: "
+                        "use data.pack=soft, bfd or none")
+    if d.sample_max_length * 2 > d.pack_max_length:
+        problems.append(f"data.sample_max_length={d.sample_max_length}: a pair (two documents) must fit in one row "
+                        f"of data.pack_max_length={d.pack_max_length}; give at most {d.pack_max_length // 2}")
+    return problems
 
 
 def peft_problems(spec: RunSpec) -> List[str]:
@@ -306,6 +342,36 @@ def remote_tokenizer_code(folder: Path) -> Optional[Path]:
             return None
     module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
     return folder / (module.replace(".", "/") + ".py")
+
+
+def _json_problem(path: Path) -> Optional[str]:
+    """Why `path` (when it exists) is not a JSON object, with the line and column; None when it is one."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return f"{e.msg} at line {e.lineno} column {e.colno}"
+    except (OSError, UnicodeDecodeError) as e:
+        return str(e)
+    return None if isinstance(obj, dict) else "not a JSON object"
+
+
+def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
+    """The tokenizer's largest id must be a row of the model's embedding (vocab_size of load_from's
+    config.json, else of model.arch); checked once the tokenizer is loaded, before the model is built."""
+    cfg = {**(folder_config(m.load_from) or {}), **dict(m.arch or {})}
+    vocab = cfg.get("vocab_size") or dict(cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int):
+        return None
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest < vocab:
+        return None
+    where = f"{m.load_from}/config.json" if m.load_from else "model.arch"
+    return (f"model vocab_size {vocab} ({where}) is smaller than the tokenizer's largest id {largest} "
+            f"({tokenizer_dir(m)}): use the model's own tokenizer, or a model whose vocabulary covers it")
 
 
 DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")

@@ -20,15 +20,19 @@ def collate(rows: Sequence[Row], item: ItemFn, row_len: int, pad_id: int,
             tiles: Optional[TilesFn] = None) -> PackedBatch:
     """Concatenate the pieces of `rows`, then pad to len(rows) * row_len with one pseudo-document.
 
-    Every piece is its own document: positions restart at 0 and attention never crosses it.
+    Every piece is its own document: positions restart at 0 and attention never crosses it. Its
+    `doc_trained_tokens` is the trained-token count of the whole sample, not of the piece: a sample that
+    hard packing cut across rows keeps its own weight under the sample/square loss reductions.
     """
-    ids, labels, doc_lens, images = [], [], [], []
+    ids, labels, doc_lens, doc_trained, images = [], [], [], [], []
     for row in rows:
         for i, s, e in row:
             a, b, ims = item(i)
+            b = np.asarray(b)
             ids.append(np.asarray(a[s:e]))
-            labels.append(np.asarray(b[s:e]))
+            labels.append(b[s:e])
             doc_lens.append(e - s)
+            doc_trained.append(int((b != IGNORE_INDEX).sum()))
             images += [im for im in ims if s <= im.token_start and im.token_start + im.num_tokens <= e]
     total = max(1, len(rows)) * row_len
     pad = total - sum(doc_lens)
@@ -38,6 +42,7 @@ def collate(rows: Sequence[Row], item: ItemFn, row_len: int, pad_id: int,
         ids.append(np.full(pad, pad_id))
         labels.append(np.full(pad, IGNORE_INDEX))
         doc_lens.append(pad)
+        doc_trained.append(0)
     input_ids = torch.from_numpy(np.concatenate(ids).astype(np.int64))
     label_t = torch.from_numpy(np.concatenate(labels).astype(np.int64))
     lens = torch.tensor(doc_lens, dtype=torch.int64)
@@ -46,7 +51,6 @@ def collate(rows: Sequence[Row], item: ItemFn, row_len: int, pad_id: int,
     # position = index - start of its document
     starts = torch.repeat_interleave(cu[:-1].long(), lens)
     position_ids = torch.arange(total, dtype=torch.int64) - starts
-    trained = torch.stack([(t != IGNORE_INDEX).sum() for t in torch.split(label_t, doc_lens)])
     pixel_values = None
     if images and tiles is not None:
         pixel_values = torch.cat([tiles(im) for im in images])
@@ -57,7 +61,7 @@ def collate(rows: Sequence[Row], item: ItemFn, row_len: int, pad_id: int,
         cu_seqlens=cu,
         max_seqlen=int(lens.max()),
         pixel_values=pixel_values,
-        doc_trained_tokens=trained,
+        doc_trained_tokens=torch.tensor(doc_trained, dtype=torch.int64),
     )
 
 

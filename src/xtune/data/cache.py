@@ -77,6 +77,18 @@ def save_entry(folder: Path, chunk, meta: dict) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_entry(tmp, chunk, meta)
+    except BaseException:  # a full disk or a kill: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process won the race with an identical entry
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_entry(tmp: Path, chunk, meta: dict) -> None:
     lengths = np.array([len(x) for x in chunk.ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
@@ -94,10 +106,6 @@ def save_entry(folder: Path, chunk, meta: dict) -> None:
         errors=chunk.errors,
     )
     (tmp / "meta.json").write_text(json.dumps(info, ensure_ascii=False))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process won the race with an identical entry
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_entry(folder: Path) -> dict:

@@ -122,7 +122,9 @@ def resolve_format(fmt: str, columns: Dict[str, str], first_file: str, first: tu
         return "messages"  # the parser names the malformed line
     found = detect(obj)
     if found is None:
+        hint = ("; it looks like preference data (chosen/rejected): train it with xtune dpo"
+                if isinstance(obj, dict) and "chosen" in obj and "rejected" in obj else "")
         raise DataError(f"{first_file}:{where}: format auto: the record fits no format ({describe_keys(obj)}); "
                         "expected messages, conversations (sharegpt), instruction+output (alpaca) or text; "
-                        "set data.datasets[].format or rename fields with data.datasets[].columns")
+                        "set data.datasets[].format or rename fields with data.datasets[].columns" + hint)
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -10,10 +11,12 @@ import numpy as np
 
 from xtune.data import cache
 from xtune.data.convert import Converter, resolve_format
+from xtune.data.formats import count_kinds
 from xtune.data.sources import iter_file, list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
+from xtune.errors import DataError
 
 log = logging.getLogger("xtune.data")
 MAX_ERRORS_SHOWN = 5
@@ -35,6 +38,12 @@ class TokenizedDataset:
     errors: List[str]
     built: bool  # tokenised by this process (False: read from the cache)
     format: str = "messages"  # the record format read (auto resolved)
+    group: int = 1  # samples per item: 2 for preference pairs (chosen, rejected), else 1
+
+    @property
+    def num_items(self) -> int:
+        """What the mix draws from: samples, or pairs of samples."""
+        return len(self) // self.group
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -58,7 +67,9 @@ class TokenizedDataset:
     def report(self) -> None:
         """One warning line per kind of loss."""
         if self.truncated:
-            log.warning("%s: %d sample(s) longer than sample_max_length were truncated", self.name, self.truncated)
+            what = "pair(s) longer than sample_max_length / pack_max_length" if self.group == 2 else \
+                "sample(s) longer than sample_max_length"
+            log.warning("%s: %d %s were truncated", self.name, self.truncated, what)
         if self.dropped_image_cut:
             log.warning("%s: %d multimodal sample(s) dropped: truncation would cut image tokens",
                         self.name, self.dropped_image_cut)
@@ -66,11 +77,12 @@ class TokenizedDataset:
             log.warning("%s: %d sample(s) dropped: no trained token", self.name, self.dropped_no_loss)
         if self.errors:
             shown = "; ".join(self.errors[:MAX_ERRORS_SHOWN])
-            log.warning("%s: %d bad record(s) skipped (data.on_error=skip), first: %s",
-                        self.name, len(self.errors), shown)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in count_kinds(self.errors).items())
+            log.warning("%s: %d bad record(s) skipped (data.on_error=skip): %s; first: %s",
+                        self.name, len(self.errors), kinds, shown)
 
 
-def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
+def tokenize_settings(tokenizer, data_spec, model_spec, preference: bool = False) -> TokenizeSettings:
     return TokenizeSettings(
         template=resolve_template(tokenizer, data_spec.template, model_spec.family),
         sample_max_length=data_spec.sample_max_length,
@@ -79,19 +91,23 @@ def tokenize_settings(tokenizer, data_spec, model_spec) -> TokenizeSettings:
         max_tiles=model_spec.max_tiles,
         use_thumbnail=model_spec.use_thumbnail,
         strip_empty_think=data_spec.strip_empty_think,
+        preference=preference,
+        pair_max_length=data_spec.pack_max_length if preference else 0,
     )
 
 
 def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest: Optional[str] = None,
-                 verbose: bool = True) -> TokenizedDataset:
-    """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache."""
+                 verbose: bool = True, preference: bool = False) -> TokenizedDataset:
+    """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache. `preference`: the records are
+    preference pairs, stored as two consecutive samples each (chosen, rejected)."""
     files = list_files(ds_spec.path)
     columns = dict(ds_spec.columns or {})
-    fmt = resolve_format(ds_spec.format, columns, files[0], next(iter_file(files[0])))
-    if verbose:
+    # Preference pairs have their own record forms (xtune.data.preference); format/columns apply to SFT data.
+    fmt = "messages" if preference else resolve_format(ds_spec.format, columns, files[0], next(iter_file(files[0])))
+    if verbose and not preference:
         log.info("%s: format %s%s", ds_spec.name, fmt, " (auto-detected)" if ds_spec.format == "auto" else "")
     converter = Converter(fmt, columns)
-    settings = tokenize_settings(tokenizer, data_spec, model_spec)
+    settings = tokenize_settings(tokenizer, data_spec, model_spec, preference)
     digest = tokenizer_digest or cache.tokenizer_hash(tokenizer)
     key = cache.cache_key(files, digest, settings, f"{ds_spec.media_root}|{fmt}|{sorted(columns.items())}",
                           data_spec.on_error)
@@ -107,13 +123,19 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         )
         cache.save_entry(folder, chunk, {"name": ds_spec.name, "files": files})
 
-    built = cache.build_or_load(folder, build)
+    try:
+        built = cache.build_or_load(folder, build)
+    except OSError as e:  # the cache folder: no permission, read-only, or the disk filled up while writing
+        full = "; the disk is full: free space or put the cache elsewhere" if e.errno == errno.ENOSPC else ""
+        what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise DataError(f"data.cache_dir: cannot write the tokenised data to {folder.parent} "
+                        f"({what}){full} (data.cache_dir or XTUNE_CACHE)") from None
     e = cache.load_entry(folder)
     ds = TokenizedDataset(
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],
         images=e["images"], sources=e["sources"], records=e["records"], truncated=e["truncated"],
         dropped_image_cut=e["dropped_image_cut"], dropped_no_loss=e["dropped_no_loss"], errors=e["errors"],
-        built=built, format=fmt,
+        built=built, group=2 if preference else 1, format=fmt,
     )
     if verbose:
         ds.report()

@@ -18,6 +18,8 @@ from xtune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool", "pretrain")
 IMG_PLACEHOLDER = "<IMG_CONTEXT>"
+# Content part types of the OpenAI / TRL message format that xtune cannot train on yet.
+UNSUPPORTED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio", "file")
 
 
 @dataclass
@@ -44,6 +46,34 @@ class Record:
         return self.messages[0]["role"] == "pretrain"
 
 
+# Kinds of skipped records (data.on_error=skip), told apart by the messages this module and the tokeniser
+# write: (kind, a fragment only that kind's messages contain), first match wins.
+SKIP_KINDS = (
+    ("encoding", ": not UTF-8"),
+    ("json", ": malformed JSON"),
+    ("unsupported part", "input is not supported yet"),
+    ("image", "image"),
+    ("chat template", "the chat template"),
+)
+
+
+def skip_kind(message: str) -> str:
+    """The kind of a skipped record's message: encoding, json, unsupported part, image, chat template or record."""
+    for kind, fragment in SKIP_KINDS:
+        if fragment in message:
+            return kind
+    return "record"
+
+
+def count_kinds(messages: List[str]) -> Dict[str, int]:
+    """{kind: count} over skipped records' messages, most frequent first."""
+    counts: Dict[str, int] = {}
+    for m in messages:
+        k = skip_kind(m)
+        counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def list_files(path: str) -> List[str]:
     """A file, or every *.jsonl below a folder (sorted, so the order never depends on the filesystem)."""
     p = Path(path).expanduser()
@@ -58,10 +88,23 @@ def list_files(path: str) -> List[str]:
 
 
 def iter_lines(file: str) -> Iterator[Tuple[int, str]]:
-    """(line number, text) for every non-blank line; an empty file is an error."""
+    """(line number, text) for every non-blank line; an empty file is an error.
+
+    Lines are decoded one by one, so a byte that is not UTF-8 is reported at its line and byte offset
+    (with on_error=skip that line alone is skipped, by `parse_record`)."""
     n = 0
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    try:
+        f = open(file, "rb")
+    except OSError as e:
+        raise DataError(f"{file}: cannot read it ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = EncodingProblem(offset + e.start, raw[e.start:e.start + 1])
+            offset += len(raw)
             if line.strip():
                 n += 1
                 yield lineno, line
@@ -69,17 +112,38 @@ def iter_lines(file: str) -> Iterator[Tuple[int, str]]:
         raise DataError(f"{file}:0: empty file (no records)")
 
 
-def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
-    """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
+class EncodingProblem(str):
+    """A line that is not UTF-8, in place of its text: where the first bad byte is. Rejected by
+    `parse_record` with file:line, so that on_error=skip skips this line only."""
+
+    def __new__(cls, offset: int, byte: bytes):
+        self = super().__new__(cls, "?")
+        self.offset, self.byte = offset, byte
+        return self
+
+    def __getnewargs__(self):  # pickled to tokenizer worker processes
+        return self.offset, self.byte
+
+
+def load_line(file: str, lineno: int, line: str):
+    """(where, the decoded JSON value, fail) of one line; `fail(msg)` makes a DataError naming file:line."""
     where = f"{file}:{lineno}"
 
     def fail(msg: str) -> DataError:
         return DataError(f"{where}: {msg}")
 
+    if isinstance(line, EncodingProblem):
+        raise fail(f"not UTF-8: byte 0x{line.byte.hex()} at byte offset {line.offset} of the file; "
+                   "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
     try:
-        obj = json.loads(line)
+        return where, json.loads(line), fail
     except json.JSONDecodeError as e:
         raise fail(f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
+    """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
+    where, obj, fail = load_line(file, lineno, line)
     meta: Dict[str, Any] = {}
     if isinstance(obj, dict):
         if "messages" not in obj:
@@ -133,6 +197,9 @@ def _content(content: Any, media_root: str, fail) -> Tuple[str, List[ImageSpec]]
             texts.append(part["text"])
         elif kind in ("image_url", "image"):
             images.append(_image(part.get(kind), media_root, fail))
+        elif kind in UNSUPPORTED_PARTS:
+            raise fail(f"a {kind!r} content part: {kind} input is not supported yet (text and images only); "
+                       "remove the part or the record")
         else:
             raise fail(f"unknown content part {part!r:.80}")
     text = "".join(texts)
@@ -153,6 +220,11 @@ def _image(obj: Any, media_root: str, fail) -> ImageSpec:
     url = obj.get("url") or obj.get("path")
     if not isinstance(url, str) or not url:
         raise fail("an image part needs a 'url'")
+    if "://" in url and not url.startswith("file://"):
+        raise fail(f"image {url!r:.120} is a URL: images are read from local files only; download it and "
+                   "give its path (relative to the dataset's media_root)")
+    if url.startswith("data:"):
+        raise fail("an inline data: URL image is not supported; save the image to a file and give its path")
     if url.startswith("file://"):
         url = url[len("file://"):]
     path = url if os.path.isabs(url) else os.path.join(media_root, url)

@@ -25,8 +25,13 @@ def length_histogram(lengths: np.ndarray, bins: int = HIST_BINS) -> list:
     return [(int(edges[i]), int(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
 
 
-def render_sample(tokenizer, ids, labels) -> Text:
-    """The sample's text, trained tokens highlighted (a token is trained when the previous label names it).
+# Around trained spans when colour cannot show them (a pipe, a log file, CI).
+TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
+
+
+def render_sample(tokenizer, ids, labels, delimiters: bool = False) -> Text:
+    """The sample's text, trained tokens highlighted (a token is trained when the previous label names it);
+    with `delimiters` each trained span is also written between « and ».
 
     Runs of image tokens are shown as one `<IMG_CONTEXT>xN` marker.
     """
@@ -45,7 +50,10 @@ def render_sample(tokenizer, ids, labels) -> Text:
             if kind(start) == "img":
                 out.append(f"{IMG_CONTEXT}x{i - start}", style="magenta")
             else:
-                out.append(tokenizer.decode(ids[start:i]), style="bold green" if trained[start] else "dim")
+                piece = tokenizer.decode(ids[start:i])
+                if delimiters and trained[start]:
+                    piece = TRAINED_OPEN + piece + TRAINED_CLOSE
+                out.append(piece, style="bold green" if trained[start] else "dim")
             start = i
     return out
 
@@ -73,8 +81,11 @@ def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_i
         peak = max((c for _, _, c in hist), default=1) or 1
         for lo, hi, c in hist:
             console.print(f"  {lo:>7}-{hi:<7} {'#' * round(BAR * c / peak):<{BAR}} {c}")
-        for e in st["errors"]:
-            console.print(f"  [red]skipped[/red] {e}")
+        if st["skipped"]:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in st["skipped_kinds"].items())
+            console.print(f"  [red]skipped[/red] {st['skipped']} bad record(s) (data.on_error=skip): {kinds}")
+        for e in st["errors"]:  # as Text: a message may hold brackets that are not markup
+            console.print(Text("  skipped ", style="red") + Text(e))
     s = data.stats
     console.print(
         f"packing [bold]{spec.data.pack}[/bold]: {s.samples} samples -> {s.rows} rows of "
@@ -82,9 +93,15 @@ def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_i
     )
     if s.samples:
         k = min(sample_index, s.samples - 1)
-        ids, labels, images = data.item(k)
         d, i = data.items[k]
-        console.print(f"sample {data.datasets[d].sources[i]} ({len(ids)} tokens, {len(images)} image(s)); "
-                      "[bold green]trained[/bold green] / [dim]not trained[/dim]:")
-        console.print(render_sample(tokenizer, ids, labels))
+        # A preference pair is two documents: chosen, then rejected (the prompt untrained in both).
+        plain = not console.is_terminal or console.no_color
+        legend = f"trained {TRAINED_OPEN}between these{TRAINED_CLOSE}" if plain else \
+            "[bold green]trained[/bold green] / [dim]not trained[/dim]"
+        for half in range(data.group):
+            ids, labels, images = data.item(k * data.group + half)
+            source = data.datasets[d].sources[i * data.group + half]
+            what = ("chosen ", "rejected ")[half] if data.group == 2 else ""
+            console.print(f"{what}sample {source} ({len(ids)} tokens, {len(images)} image(s)); {legend}:")
+            console.print(render_sample(tokenizer, ids, labels, delimiters=plain))
     return data

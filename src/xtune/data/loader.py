@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from xtune.data import cache
 from xtune.data.batch import collate, image_tiles_fn
 from xtune.data.dataset import TokenizedDataset, load_dataset
+from xtune.data.formats import count_kinds
 from xtune.data.mix import mix
 from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
 from xtune.data.types import PackedBatch
@@ -54,12 +56,16 @@ def dataset_stats(ds: TokenizedDataset) -> Dict:
     return dict(
         name=ds.name, files=len(ds.files), records=ds.records, samples=len(ds), tokens=ds.num_tokens,
         trained_tokens=ds.num_trained, truncated=ds.truncated, dropped_image_cut=ds.dropped_image_cut,
-        dropped_no_loss=ds.dropped_no_loss, skipped=len(ds.errors), errors=ds.errors[:5],
+        dropped_no_loss=ds.dropped_no_loss, skipped=len(ds.errors), skipped_kinds=count_kinds(ds.errors),
+        errors=ds.errors[:5],
     )
 
 
 class PackedData:
-    """Datasets mixed and packed into rows; builds the PackedBatch of any rows."""
+    """Datasets mixed and packed into rows; builds the PackedBatch of any rows.
+
+    An item is a sample, or for preference data (`spec.method == "dpo"`) a pair of samples: the packer places
+    whole pairs, and each pair becomes two consecutive documents of its row (chosen, rejected)."""
 
     def __init__(self, ds_specs, spec, tokenizer, *, shuffle: bool, verbose: bool):
         data, model = spec.data, spec.model
@@ -68,15 +74,20 @@ class PackedData:
                 f"data.sample_max_length ({data.sample_max_length}) must be <= data.pack_max_length "
                 f"({data.pack_max_length})"
             ])
+        preference = getattr(spec, "method", "sft") == "dpo"
+        self.group = 2 if preference else 1
         digest = cache.tokenizer_hash(tokenizer)
         self.datasets = [
-            load_dataset(d, tokenizer, data, model, tokenizer_digest=digest, verbose=verbose) for d in ds_specs
+            load_dataset(d, tokenizer, data, model, tokenizer_digest=digest, verbose=verbose, preference=preference)
+            for d in ds_specs
         ]
-        self.items = mix([len(d) for d in self.datasets], [d.sample_ratio for d in ds_specs], spec.train.seed)
+        # Pair ids are unique over the datasets (a pair drawn twice by the mix keeps its id).
+        self.pair_base = np.concatenate([[0], np.cumsum([d.num_items for d in self.datasets])]).astype(np.int64)
+        self.items = mix([d.num_items for d in self.datasets], [d.sample_ratio for d in ds_specs], spec.train.seed)
         if shuffle:
             order = np.random.default_rng([spec.train.seed, 0xD47A]).permutation(len(self.items))
             self.items = self.items[order]
-        lengths = [int(self.datasets[d].offsets[i + 1] - self.datasets[d].offsets[i]) for d, i in self.items]
+        lengths = [self.item_length(d, i) for d, i in self.items]
         blocks = {}
         if data.pack == "hard":
             for k, (d, i) in enumerate(self.items):
@@ -84,6 +95,7 @@ class PackedData:
                 if ims:
                     blocks[k] = [(im.token_start, im.token_start + im.num_tokens) for im in ims]
         self.row_len = data.pack_max_length
+        self.strategy, self.lookahead = data.pack, data.pack_lookahead
         self.rows: List[Row] = pack(data.pack, lengths, self.row_len, data.pack_lookahead, blocks)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
@@ -93,25 +105,73 @@ class PackedData:
             samples=len(self.items),
             rows=len(self.rows),
             real_tokens=int(sum(lengths)),
-            trained_tokens=_trained_tokens(self.datasets, self.items),
+            trained_tokens=_trained_tokens(self.datasets, self._sample_items(self.items)),
             packing_efficiency=efficiency(self.rows, self.row_len),
         )
 
+    def item_length(self, d: int, i: int) -> int:
+        offsets, g = self.datasets[d].offsets, self.group
+        return int(offsets[g * i + g] - offsets[g * i])
+
+    def _sample_items(self, items: np.ndarray) -> np.ndarray:
+        """(dataset, sample) of every document of `items` (a pair's two samples in order)."""
+        if self.group == 1:
+            return items
+        out = np.repeat(items, 2, axis=0)
+        out[:, 1] = out[:, 1] * 2 + np.tile([0, 1], len(items))
+        return out
+
     def item(self, k: int):
-        d, i = self.items[k]
+        """ids, labels and images of document k (for pairs: half k % 2 of item k // 2)."""
+        d, i = self.items[k // self.group]
+        return self._sample(int(d), int(i) * self.group + k % self.group)
+
+    def _sample(self, d: int, j: int):
         ds = self.datasets[d]
-        a, b = int(ds.offsets[i]), int(ds.offsets[i + 1])
-        return ds.ids[a:b], ds.labels[a:b], ds.images[i]
+        a, b = int(ds.offsets[j]), int(ds.offsets[j + 1])
+        return ds.ids[a:b], ds.labels[a:b], ds.images[j]
 
     def batch(self, row_ids: List[int]) -> PackedBatch:
-        return collate([self.rows[r] for r in row_ids], self.item, self.row_len, self.pad_id, self.tiles)
+        return self._collate([self.rows[r] for r in row_ids], self.items, self.item)
+
+    def _collate(self, rows: List[Row], items: np.ndarray, item) -> PackedBatch:
+        if self.group == 1:
+            return collate(rows, item, self.row_len, self.pad_id, self.tiles)
+        docs = [[(2 * i + h, 0, len(item(2 * i + h)[0])) for i, _, _ in row for h in (0, 1)] for row in rows]
+        batch = collate(docs, item, self.row_len, self.pad_id, self.tiles)
+        pairs = [int(i) for row in rows for i, _, _ in row]
+        batch.pair_docs = torch.arange(2 * len(pairs), dtype=torch.long).view(-1, 2)
+        batch.pair_ids = torch.tensor([int(self.pair_base[items[i][0]] + items[i][1]) for i in pairs],
+                                      dtype=torch.long)
+        return batch
 
     def empty_batch(self, num_rows: int) -> PackedBatch:
         """Padding only: no trained token (keeps ranks in step during eval)."""
-        return collate([[] for _ in range(num_rows)], self.item, self.row_len, self.pad_id, self.tiles)
+        return self._collate([[] for _ in range(num_rows)], self.items, self.item)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_base[-1])
+
+    def all_batches(self, dp_rank: int, dp_size: int, micro_batch_size: int) -> List[PackedBatch]:
+        """Every row once, split over ranks like eval batches (the rows training sees, so a pair's reference
+        log-probs come from the same packed row as its training forward)."""
+        return _rank_batches(len(self.rows), dp_rank, dp_size, micro_batch_size, self.batch,
+                             lambda: self.empty_batch(micro_batch_size))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(rows_fingerprint(self.rows).tobytes() + self.items.tobytes()).hexdigest()[:16]
+
+
+def _rank_batches(n_rows: int, dp_rank: int, dp_size: int, m: int, make, empty) -> List[PackedBatch]:
+    """Rows r = dp_rank (mod dp_size) in micro-batches of m rows; every rank gets the same number of
+    batches (padded with empty ones), so no rank waits on a collective that another never starts."""
+    mine = list(range(dp_rank, n_rows, dp_size))
+    n_batches = math.ceil(math.ceil(n_rows / dp_size) / m)
+    batches = [make(mine[j:j + m]) for j in range(0, len(mine), m)]
+    while len(batches) < n_batches:
+        batches.append(empty())
+    return batches
 
 
 class TrainLoader:
@@ -180,6 +240,13 @@ class TrainLoader:
     def epoch(self) -> float:
         return self.step / self.steps_per_epoch
 
+    @property
+    def num_pairs(self) -> int:
+        return self.data.num_pairs
+
+    def reference_batches(self, dp_rank: int, dp_size: int) -> List[PackedBatch]:
+        return self.data.all_batches(dp_rank, dp_size, self.micro_batch_size)
+
     def state_dict(self) -> Dict:
         return {"step": self.step, "seed": self.seed, "rows": len(self.data.rows), "fingerprint": self.data.fingerprint()}
 
@@ -202,10 +269,4 @@ def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, r
         return []
     data = PackedData(spec.data.eval_datasets, spec, tokenizer, shuffle=False, verbose=rank == 0)
     m = spec.train.micro_batch_size
-    mine = list(range(dp_rank, len(data.rows), dp_size))
-    per_rank = math.ceil(len(data.rows) / dp_size)
-    n_batches = math.ceil(per_rank / m)
-    batches = [data.batch(mine[j:j + m]) for j in range(0, len(mine), m)]
-    while len(batches) < n_batches:
-        batches.append(data.empty_batch(m))
-    return batches
+    return _rank_batches(len(data.rows), dp_rank, dp_size, m, data.batch, lambda: data.empty_batch(m))

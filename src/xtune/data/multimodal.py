@@ -12,11 +12,12 @@ are read only when a batch is built (`load_tiles`).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMG_START = "<img>"
 IMG_END = "</img>"
@@ -58,6 +59,34 @@ def image_size_of(path: str) -> Tuple[int, int]:
     """(width, height) from the file header; PIL does not decode the pixels for this."""
     with Image.open(path) as im:
         return im.size
+
+
+# The last bytes of a complete file, for the formats whose end is marked: a file cut short (an interrupted
+# copy or download) passes the header read, and would fail only when its pixels are decoded in training.
+_END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+_TAIL_BYTES = 1024
+
+
+def probe_image(path: str) -> Tuple[int, int]:
+    """(width, height) of an image after cheap checks, without decoding it: the header (PIL's `Image.open`
+    reads only that) and the end marker of PNG / JPEG files. Raises ValueError saying what is wrong (the
+    caller adds where). A record's `image_wh` is not compared: XTuner-format data often gives another size
+    than the file's (the shared reference data does), and tokens and tiles both follow `image_wh`."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"image {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            fmt, actual = im.format, im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some bad headers
+        raise ValueError(f"image {path} is not a readable image ({e})") from None
+    marker = _END_MARKERS.get(fmt)
+    if marker is not None:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TAIL_BYTES))
+            if marker not in f.read():
+                raise ValueError(f"image {path} is truncated ({fmt} without its end marker, {size} bytes)")
+    return actual
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

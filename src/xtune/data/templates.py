@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from jinja2 import TemplateError
+
 from xtune.errors import DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tokenizers"
@@ -78,11 +80,14 @@ class Renderer:
 
     def render(self, messages: List[Dict[str, Any]], tools: Optional[list] = None,
                add_generation_prompt: bool = False) -> str:
-        if self._fast is not None:
-            text = self._fast(messages, tools, add_generation_prompt)
-            if text is not None:
-                return text
-        return self.reference_render(messages, tools, add_generation_prompt)
+        try:
+            if self._fast is not None:
+                text = self._fast(messages, tools, add_generation_prompt)
+                if text is not None:
+                    return text
+            return self.reference_render(messages, tools, add_generation_prompt)
+        except TEMPLATE_ERRORS as e:
+            raise template_error(e, self.tokenizer) from None
 
     def reference_render(self, messages: List[Dict[str, Any]], tools: Optional[list] = None,
                          add_generation_prompt: bool = False) -> str:
@@ -91,6 +96,26 @@ class Renderer:
             messages, tools=tools, chat_template=self.template, tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
+
+
+# A template that fails while rendering: jinja2's own errors (syntax, undefined, the sandbox's SecurityError,
+# a template's raise_exception) and the Python errors its expressions raise on unexpected data.
+TEMPLATE_ERRORS = (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError)
+
+
+def template_error(e: Exception, tokenizer) -> DataError:
+    """A DataError naming the template's tokenizer folder, the template line (jinja2 maps its frames to
+    `<template>` lines; syntax errors carry `lineno`) and jinja2's reason. The caller adds the record."""
+    line = getattr(e, "lineno", None)
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = f" line {line}" if line else ""
+    folder = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    return DataError(f"the chat template of {folder} failed at template{where}: {type(e).__name__}: {e} "
+                     "(fix the template, or pick another with data.template / model.tokenizer)")
 
 
 # -- fast rendering ----------------------------------------------------------------------------------

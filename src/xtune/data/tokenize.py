@@ -50,6 +50,9 @@ class TokenizeSettings:
     max_tiles: int = 12
     use_thumbnail: bool = True
     strip_empty_think: bool = False
+    # Preference pairs (chosen, rejected) instead of conversations; pairs are limited to this many tokens.
+    preference: bool = False
+    pair_max_length: int = 0
 
 
 # The empty reasoning block Qwen3-style templates put before an answer without reasoning.
@@ -114,7 +117,10 @@ class SampleTokenizer:
                 text += c
                 pos += len(c)
             return text, spans
-        text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+        try:
+            text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+        except DataError as e:
+            raise DataError(f"{rec.source}: {e}") from None
         header, eot = self.renderer.header, self.renderer.eot
         spans, cursor = [], 0
         for i, (m, flag) in enumerate(zip(msgs, rec.loss)):
@@ -145,26 +151,61 @@ class SampleTokenizer:
         return text, spans
 
     # -- tokens -------------------------------------------------------------------------------
-    def tokenize(self, records: List[Record], out: TokenizedChunk) -> None:
+    def encode(self, records: List[Record]) -> List[Tuple[List[int], np.ndarray, list]]:
+        """(ids, trained mask, trained character spans) of each record, rendered with the template."""
         texts, spans = [], []
         for rec in records:
             t, sp = self.text_and_spans(rec)
             texts.append(t)
             spans.append(sp)
         if self.backend is None:
+            out = []
             for rec, text, sp in zip(records, texts, spans):
                 ids, trained = encode_trained(self.tok, text, sp, rec.source)
-                self._finish(rec, ids, trained, sp, out)
-            return
+                out.append((ids, trained, sp))
+            return out
+        out = []
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        for rec, enc, sp in zip(records, encodings, spans):
+        for enc, sp in zip(encodings, spans):
             trained = np.zeros(len(enc.ids), dtype=bool)
             if sp:
                 # token k is trained when its first character lies in a span; offsets are non-decreasing
                 starts = [o[0] for o in enc.offsets]
                 for a, b in sp:
                     trained[bisect_left(starts, a):bisect_left(starts, b)] = True
-            self._finish(rec, enc.ids, trained, sp, out)
+            out.append((enc.ids, trained, sp))
+        return out
+
+    def tokenize(self, records: List[Record], out: TokenizedChunk) -> None:
+        for rec, (ids, trained, sp) in zip(records, self.encode(records)):
+            self._finish(rec, ids, trained, sp, out)
+
+    def tokenize_pairs(self, pairs: List[Tuple[Record, Record]], out: TokenizedChunk) -> None:
+        """Each (chosen, rejected) pair -> two consecutive samples, truncated together (see `preference`)."""
+        from xtune.data.preference import labels_of, truncate_pair
+
+        flat = [r for pair in pairs for r in pair]
+        encoded = self.encode(flat)
+        for k, (chosen, rejected) in enumerate(pairs):
+            out.records += 1
+            halves, images = [], []
+            for rec, (ids, trained, _) in zip((chosen, rejected), encoded[2 * k:2 * k + 2]):
+                ids, trained, ims = self._expand_images(rec, np.array(ids, dtype=np.int64), trained)
+                halves.append((ids, trained))
+                images.append(ims)
+            halves, cut = truncate_pair(halves, self.s.sample_max_length, self.s.pair_max_length)
+            if cut and any(images):  # image tokens must stay whole: such a pair is dropped, not cut
+                out.dropped_image_cut += 1
+                continue
+            out.truncated += int(cut)
+            if not all(tr[1:].any() for _, tr in halves):
+                out.dropped_no_loss += 1
+                continue
+            for rec, (ids, trained), ims in zip((chosen, rejected), halves, images):
+                out.ids.append(ids.astype(np.int32))
+                out.labels.append(labels_of(ids, trained))
+                out.images.append(ims)
+                out.sources.append(rec.source)
 
     def _finish(self, rec: Record, ids: List[int], trained: np.ndarray, spans, out: TokenizedChunk) -> None:
         out.records += 1
@@ -211,7 +252,11 @@ class SampleTokenizer:
         s = self.s
         pieces_ids, pieces_tr, images, prev, pos = [], [], [], 0, 0
         for k, img in zip(where, rec.images):
-            w, h = img.wh or multimodal.image_size_of(img.path)
+            try:  # a header read per image, so a bad one stops the run now, not when its batch comes
+                size = multimodal.probe_image(img.path)
+            except ValueError as e:
+                raise DataError(f"{rec.source}: {e}") from None
+            w, h = img.wh or size
             tiles = multimodal.num_tiles(w, h, s.image_size, s.max_tiles, s.use_thumbnail)
             block = np.concatenate([[start_id], np.full(tiles * s.tokens_per_tile, ctx_id), [end_id]])
             pieces_ids += [ids[prev:k], block]
@@ -245,31 +290,38 @@ def tokenize_lines(
     """Parse and tokenise (line number, text) pairs of one file; `convert(where, text)` maps another record
     format to messages first (`data.convert.Converter`)."""
     from xtune.data.formats import parse_record
+    from xtune.data.preference import pair_records, parse_pair
 
     st = sample_tokenizer(tokenizer, settings)
     out = TokenizedChunk()
-    pending: List[Record] = []
+    pending: list = []
+    run = st.tokenize_pairs if settings.preference else st.tokenize
+
+    def parse(lineno, line):
+        if settings.preference:
+            return pair_records(parse_pair(file, lineno, line), file, lineno, media_root)
+        if convert is not None:
+            line = convert(f"{file}:{lineno}", line)
+        return parse_record(file, lineno, line, media_root)
 
     def flush():
         if not pending:
             return
         try:
-            st.tokenize(pending, out)
+            run(pending, out)
         except DataError:
             if not skip_errors:
                 raise
             for rec in pending:  # find the bad record(s) one by one
                 try:
-                    st.tokenize([rec], out)
+                    run([rec], out)
                 except DataError as e:
                     out.errors.append(str(e))
         pending.clear()
 
     for lineno, line in lines:
         try:
-            if convert is not None:
-                line = convert(f"{file}:{lineno}", line)
-            pending.append(parse_record(file, lineno, line, media_root))
+            pending.append(parse(lineno, line))
         except DataError as e:
             if not skip_errors:
                 raise

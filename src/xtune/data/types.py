@@ -64,6 +64,14 @@ class PackedBatch:
     pixel_values: Optional[torch.Tensor] = None  # [num_tiles, 3, H, W] float
     # Per document: its number of trained tokens (for sample / square reductions).
     doc_trained_tokens: Optional[torch.Tensor] = None  # [num_docs] long
+    # Preference pairs: document indices (chosen, rejected) of each pair, and its id in the data set
+    # (the key of its reference log-probs).
+    pair_docs: Optional[torch.Tensor] = None  # [num_pairs, 2] long
+    pair_ids: Optional[torch.Tensor] = None  # [num_pairs] long
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.pair_docs is None else int(self.pair_docs.shape[0])
 
     @property
     def num_tokens(self) -> int:
@@ -83,4 +91,6 @@ class PackedBatch:
             max_seqlen=self.max_seqlen,
             pixel_values=move(self.pixel_values),
             doc_trained_tokens=move(self.doc_trained_tokens),
+            pair_docs=move(self.pair_docs),
+            pair_ids=move(self.pair_ids),
         )

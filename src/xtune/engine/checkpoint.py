@@ -1,26 +1,33 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of a run directory's `checkpoints/`:
     step-N/              one complete checkpoint
         .metadata, *.distcp   DCP shards of {"model", "optim"} (resharded on load)
-        extra-rank{R}.pt      per-rank state: LR schedule, data loader, RNG, counters
-        meta.json             completion marker, written last
+        state.json            the run's global state: LR schedule, data position, counters (no pickle)
+        meta.json             completion marker with a sha256 of every other file, written last
     latest               text file naming the newest complete folder, replaced atomically last
 
 A save goes to `.tmp-step-N`, gets its marker, is renamed to `step-N`, and only then does `latest`
 move. A crash at any point therefore leaves the previous checkpoint reachable and intact, and a
-folder without a readable marker is never loaded.
+folder without a readable marker is never loaded. Resume and export check every file against the
+marker's checksums before reading any of it; loading never unpickles anything.
+
+Checkpoints of older xtune versions (per-rank `extra-rank{R}.pt`, no checksums) still load, with a
+warning; their `.pt` files are read with `torch.load(weights_only=True)`, which runs no code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-import random
+import pickle
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,8 +37,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from xtune.errors import CheckpointError
 
+log = logging.getLogger("xtune.engine")
+
 MARKER = "meta.json"
+STATE = "state.json"
 LATEST = "latest"
+LEGACY_EXTRA = "extra-rank{rank}.pt"  # per-rank pickled state of xtune <= 0.x checkpoints (read safely)
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -54,11 +65,82 @@ def read_marker(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} has an unreadable {MARKER} ({e})") from None
     if not meta.get("complete"):
         raise CheckpointError(f"checkpoint {ckpt} is not marked complete")
-    absent = [n for n in [".metadata"] + [f"extra-rank{r}.pt" for r in range(world)] if not (ckpt / n).is_file()]
+    if "files" in meta:
+        needed = [".metadata", STATE, *meta["files"]]
+    else:  # an older xtune: per-rank pickled state, no checksums
+        needed = [".metadata"] + [LEGACY_EXTRA.format(rank=r) for r in range(world)]
+    absent = [n for n in dict.fromkeys(needed) if not (ckpt / n).is_file()]
     if absent:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: missing {', '.join(absent)}")
     meta["step"] = step
     return meta
+
+
+# ----------------------------------------------------------------------------------------- checksums
+
+_CHUNK = 8 << 20
+_HASH_THREADS = 8  # hashlib releases the GIL on large buffers: the threads hash files in parallel
+
+
+def file_digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def digest_files(folder: Path, names: list) -> dict:
+    """{name: {sha256, bytes}} of `names` under `folder`, hashed in parallel threads."""
+    if not names:
+        return {}
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
+        return dict(zip(names, pool.map(lambda n: file_digest(folder / n), names)))
+
+
+def checksum_problems(ckpt: Path, expected: dict, names: list) -> list:
+    """One message per file of `names` whose size or sha256 differs from `expected` (the marker's)."""
+    problems = []
+
+    def check(name):
+        want = expected[name]
+        try:
+            size = (ckpt / name).stat().st_size
+            if size != want["bytes"]:
+                return f"{name} has {size} bytes, expected {want['bytes']} (truncated or replaced)"
+            got = file_digest(ckpt / name)["sha256"]
+        except OSError as e:
+            return f"{name} cannot be read ({e})"
+        return None if got == want["sha256"] else f"{name} does not match its sha256 checksum (changed on disk)"
+
+    if names:
+        with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
+            problems = [p for p in pool.map(check, names) if p]
+    return problems
+
+
+def verify_checkpoint(ckpt: Path, meta: dict | None = None, rank: int = 0, world: int = 1) -> list:
+    """This rank's share of the checksum check (every file when world == 1): a list of problems.
+
+    A checkpoint from an older xtune has no checksums: [] and a warning (it is loaded unverified).
+    """
+    meta = meta if meta is not None else read_marker(ckpt)
+    files = meta.get("files")
+    if files is None:
+        if rank == 0:
+            msg = (f"checkpoint {ckpt} has no checksums (written by an older xtune): "
+                   "loading it without verifying its files")
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+        return []
+    return checksum_problems(ckpt, files, sorted(files)[rank::world])
+
+
+def corrupt_error(ckpt: Path, problems: list) -> CheckpointError:
+    return CheckpointError(f"checkpoint {ckpt} is corrupt: {'; '.join(problems)}; "
+                           "resume from an earlier checkpoint (train.resume=PATH) or delete this one")
 
 
 def complete_checkpoints(root: Path) -> list:
@@ -108,30 +190,6 @@ def _pick(root: Path) -> Path:
 # ----------------------------------------------------------------------------------------- state
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
 def _describe(error: BaseException) -> str:
     """One line per failure. DCP reports errors as CheckpointException (a BaseException, so `except
     Exception` misses it) whose str() is a full traceback per rank; keep only each rank's exception."""
@@ -178,8 +236,21 @@ class Checkpointer:
         # Adapter runs: frozen parameters are not saved (they are reloaded from the base model).
         self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
-    def save(self, step: int, model, optimizer, extra: dict) -> Path:
-        """Collective: every rank writes its shards; rank 0 finalises. Raises CheckpointError on failure."""
+    def _state_dicts(self, model, optimizer) -> dict:
+        """What DCP saves and loads: the one place that decides which model/optimizer state a checkpoint holds."""
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _apply_state_dicts(self, model, optimizer, state: dict) -> None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options)
+
+    def save(self, step: int, model, optimizer, state: dict, layout: dict | None = None) -> Path:
+        """Collective: every rank writes its shards; rank 0 writes `state` (JSON) and finalises.
+
+        `layout` (world size, batch split, ...) goes into the marker so a resume can say what changed.
+        Raises CheckpointError on failure.
+        """
         denv = self.denv
         tmp, final = self.root / f".tmp-step-{step}", self.root / f"step-{step}"
         error = None
@@ -193,16 +264,28 @@ class Checkpointer:
                 error = e
         self._agree(error, step, tmp)
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-            torch.save(extra, tmp / f"extra-rank{denv.rank}.pt")
+            dcp.save(self._state_dicts(model, optimizer), checkpoint_id=str(tmp))
+            if denv.is_main:
+                _write_atomic(tmp / STATE, json.dumps(state))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must stop the same way
             error = e
         self._agree(error, step, tmp)
+        # Every file is written: each rank hashes its share of them (in threads), rank 0 collects.
+        digests = {}
+        try:
+            names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MARKER)
+            digests = digest_files(tmp, names[denv.rank::denv.world_size])
+        except OSError as e:
+            error = e
+        self._agree(error, step, tmp)
+        parts = [None] * denv.world_size
+        torch.distributed.all_gather_object(parts, digests)
         if denv.is_main:
             try:
-                meta = {"step": step, "world_size": denv.world_size, "complete": True, "time": time.time()}
-                _write_atomic(tmp / MARKER, json.dumps(meta))
+                files = {k: v for part in parts for k, v in part.items()}
+                meta = {"step": step, "world_size": denv.world_size, "complete": True, "time": time.time(),
+                        "layout": layout or {}, "files": dict(sorted(files.items()))}
+                _write_atomic(tmp / MARKER, json.dumps(meta, indent=1))
                 old = None
                 if final.exists():  # re-saving a step: move the old copy aside until the new one is in place
                     old = final.with_name(f".old-{final.name}")
@@ -237,25 +320,54 @@ class Checkpointer:
         for _, old in complete_checkpoints(self.root)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def verify(self, ckpt: Path, meta: dict) -> None:
+        """Collective: every rank checks its share of the files; any mismatch fails every rank, naming it."""
+        d = self.denv
+        mine = verify_checkpoint(ckpt, meta, d.rank, d.world_size)
+        parts = [None] * d.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        problems = [p for part in parts for p in part]
+        if problems:
+            raise corrupt_error(ckpt, problems)
+
     def load(self, ckpt: Path, model, optimizer) -> dict:
-        """Load model+optimizer (resharded as needed) and return this rank's extra state."""
+        """Verify, load model+optimizer (resharded as needed) and return the run's global state."""
         meta = read_marker(ckpt)
-        if meta["world_size"] != self.denv.world_size:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written by {meta['world_size']} ranks, this run has "
-                f"{self.denv.world_size}: the data loader and RNG state are per rank, so resume with the same "
-                f"number of processes (the weights alone can be exported with `xtune export`)")
+        # Any number of ranks: DCP reshards the weights and the optimizer, and the run state is global.
+        self.verify(ckpt, meta)
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
-            state = {"model": model_sd, "optim": optim_sd}
+            run_state = read_state(ckpt, meta)  # first: it is small and the likelier to be refused
+            state = self._state_dicts(model, optimizer)
             dcp.load(state, checkpoint_id=str(ckpt))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=self.options)
-            return torch.load(ckpt / f"extra-rank{self.denv.rank}.pt", weights_only=False)
+            self._apply_state_dicts(model, optimizer, state)
+            return run_state
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
+
+
+def read_state(ckpt: Path, meta: dict) -> dict:
+    """The global run state: state.json, or rank 0's pickled extra state of an older checkpoint read with
+    weights_only=True (tensors, containers and numbers only; numpy's RNG arrays allow-listed)."""
+    if "files" in meta or (ckpt / STATE).is_file():
+        try:
+            return json.loads((ckpt / STATE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: {STATE} is unreadable ({e})") from None
+    import numpy as np
+
+    # torch 2.13's weights-only unpickler rebuilds numpy arrays only through these allow-listed globals
+    # (numpy's RNG state inside the old files); nothing else is importable, no code runs.
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    name = LEGACY_EXTRA.format(rank=0)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(ckpt / name, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = next((line for line in str(e).splitlines() if "Unsupported" in line), "").strip()
+        raise CheckpointError(f"checkpoint {ckpt}: {name} holds objects other than tensors, numbers and containers "
+                              f"({first or 'not a weights-only file'}); xtune never unpickles those") from None
 
 
 def load_model_only(ckpt: Path, model, trainable_only: bool = False) -> dict:
@@ -265,6 +377,9 @@ def load_model_only(ckpt: Path, model, trainable_only: bool = False) -> dict:
 
     meta = read_marker(ckpt)
     options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    problems = verify_checkpoint(ckpt, meta)
+    if problems:
+        raise corrupt_error(ckpt, problems)
     try:
         sd = {"model": get_model_state_dict(model, options=options)}
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent

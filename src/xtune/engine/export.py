@@ -73,6 +73,8 @@ def replace_dir(out_dir: str | Path, fill) -> Path:
     tmp.mkdir(parents=True)
     fill(tmp)
     if out.exists():
+        for _, sub in step_exports(out):
+            os.rename(sub, tmp / sub.name)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
@@ -81,6 +83,21 @@ def replace_dir(out_dir: str | Path, fill) -> Path:
     else:
         os.rename(tmp, out)
     return out
+
+
+def step_exports(hf_root: Path) -> list:
+    """(step, folder) of the periodic exports `hf_root/step-N`, oldest first."""
+    if not hf_root.is_dir():
+        return []
+    return sorted((int(p.name[5:]), p) for p in hf_root.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def prune_step_exports(hf_root: Path, keep_last: int) -> None:
+    """train.keep_last applies to the periodic exports as to checkpoints (<= 0 keeps all)."""
+    if keep_last > 0:
+        for _, old in step_exports(hf_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None,

@@ -19,35 +19,52 @@ def run(spec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     from xtune.engine.rundir import write_run_files
+    from xtune.engine.runlock import lock_run_dir
     from xtune.engine.trainer import preflight, train
+    from xtune.engine.watchdog import die_with_parent
     from xtune.launch_env import launch_env
 
     run_dir = Path(work_dir).expanduser().resolve()
     env = launch_env()
-    spawn = spec.parallel.nproc_per_node > 1 and not env.launched
-    if spawn:
+    nproc = spec.parallel.nproc_per_node
+    if env.launched:
+        die_with_parent()  # one rank of an external torchrun/srun: stop when its agent dies
+    elif nproc > 1:
         from xtune.models import get_adapter
 
         preflight(spec, get_adapter(spec.model), run_dir)
-    if env.rank == 0:
-        write_run_files(spec, run_dir, argv)  # before the workers start: they read config.yaml
-    if spawn:
-        return spawn_workers(spec.parallel.nproc_per_node, run_dir)
-    train(spec, run_dir)
+        lock = lock_run_dir(run_dir)  # before any file is written: a refused second run writes nothing
+        try:
+            config = write_run_files(spec, run_dir, argv)  # before the workers start: they read it
+            return spawn_workers(nproc, run_dir, lock, config)
+        finally:
+            if lock is not None:
+                lock.release()
+    train(spec, run_dir, argv=argv)
     return 0
 
 
-def spawn_workers(nproc: int, run_dir: Path) -> int:
+def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = None) -> int:
     # xtune.engine.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
     cmd = [sys.executable, "-m", "xtune.engine.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     env = dict(os.environ)
     report = run_dir / ".worker-error.json"
     report.unlink(missing_ok=True)
     env["XTUNE_WORKER_ERROR_FILE"] = str(report)
     # torchrun would set 1 anyway, with a warning; say it explicitly.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env)
+    fds = ()
+    if lock is not None:
+        # torchrun inherits the lock (it stays held until the last process of the run is gone) and the
+        # workers know it is held for them.
+        from xtune.engine.runlock import HELD_ENV
+
+        env[HELD_ENV] = str(run_dir)
+        fds = (lock.fd,)
+    proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
     stopped = []
 
     # Forward SIGTERM/SIGINT to torchrun, which passes them on to the workers; they finish the

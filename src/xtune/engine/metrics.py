@@ -108,6 +108,8 @@ class MetricsLogger:
     def _show_train(self, r: dict) -> None:
         info = (f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  gnorm {r['grad_norm']:.3f}  "
                 f"{r['tokens_per_s']:.0f} tok/s  mem {r.get('memory_gb', 0):.1f}G")
+        if "rewards/accuracies" in r:  # preference runs: TRL's reward accuracy and margin
+            info += f"  acc {r['rewards/accuracies']:.2f}  margin {r['rewards/margins']:.3f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=r["step"], info=info)
         else:

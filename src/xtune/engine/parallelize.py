@@ -100,6 +100,9 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     """
     from xtune import tuning
 
+    # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
+    # the base it saved); test adapters without one use the run spec's.
+    load_from = getattr(getattr(adapter, "spec", None), "load_from", None) or spec.model.load_from
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
@@ -120,7 +123,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     init_buffers = _buffer_init(adapter)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators")
-        if spec.model.load_from and init_buffers is not None:
+        # The adapter's spec says where the weights come from (an adapter run may reload its saved base).
+        if load_from and init_buffers is not None:
             init_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
         else:
             # Each rank initialises only its shard. DTensor's RNG tracker (CUDA) gives every shard its
@@ -130,8 +134,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
             adapter.init_weights(model)
     retie(model)
     torch.manual_seed(spec.train.seed)
-    if spec.model.load_from:
-        load_full_weights(adapter, model, spec.model.load_from, denv)
+    if load_from:
+        load_full_weights(adapter, model, load_from, denv)
     if on_base_ready is not None:
         on_base_ready(model, config)
     if lora_config is not None:

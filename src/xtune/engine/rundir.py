@@ -12,20 +12,31 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> None:
-    """config.yaml unless already there (a resumed run keeps its first one); with `argv`, cmd.txt and env.json."""
+def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> Path:
+    """config.yaml, or on a resume config.step-N.yaml (N: the step it resumes from; config.yaml keeps the first
+    run's spec, so no launch's config is lost); with `argv`, cmd.txt and env.json. Returns the config written."""
     from xtune.config.io import spec_to_yaml
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.yaml"
-    if not cfg.exists():
-        tmp = cfg.with_name(".config.yaml.tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(spec_to_yaml(spec))
-        os.replace(tmp, cfg)
+    step = _resume_step(spec, run_dir) if cfg.exists() else None
+    if step is not None:
+        cfg = run_dir / f"config.step-{step}.yaml"
+    tmp = cfg.with_name(f".{cfg.name}.tmp")  # atomic: a reader never sees half a file
+    tmp.write_text(spec_to_yaml(spec))
+    os.replace(tmp, cfg)
     if argv is not None:
         (run_dir / "cmd.txt").write_text(f"cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}\n")
         (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    return cfg
+
+
+def _resume_step(spec, run_dir: Path) -> Optional[int]:
+    from xtune.engine.checkpoint import read_marker, resolve_resume
+
+    ckpt = resolve_resume(spec.train.resume, run_dir)
+    return None if ckpt is None else read_marker(ckpt)["step"]
 
 
 def environment() -> dict:

@@ -8,19 +8,38 @@ ends quietly instead and the launcher prints the worker's message; any other fai
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+
+def _reported() -> bool:
+    report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
+    return bool(report) and os.path.isfile(report)
+
+
+class _QuietWhenReported(logging.Filter):
+    """Drops torchrun's "failed (exitcode: 2) local_rank: 0 ..." error line once a worker reported its
+    user error: the launcher prints that message, once, and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not _reported()
 
 
 def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from xtune.engine.watchdog import die_with_parent
+
+    die_with_parent()  # the agent goes when `xtune` goes; its workers follow it (see watchdog.py)
+
+    # The logger of torch 2.13's elastic process context (it logs each failed worker before raising).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietWhenReported())
     try:
         torchrun()
     except ChildFailedError:
-        report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
-        if report and os.path.isfile(report):
+        if _reported():
             sys.exit(1)
         raise
 

@@ -19,10 +19,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from xtune.data.types import PackedBatch
-from xtune.engine.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
+from xtune.config.io import spec_to_dict
+from xtune.engine.checkpoint import Checkpointer, resolve_resume
 from xtune.engine.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
-from xtune.engine.objective import LossModel, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
@@ -34,6 +34,23 @@ log = logging.getLogger("xtune.engine")
 
 
 # ----------------------------------------------------------------------------------------- preflight
+
+
+def check_resume_config(spec, ckpt: Path | None):
+    """Changes against the checkpoint's own spec; ConfigError (exit 2) for keys that cannot change."""
+    from xtune.engine.checkpoint import read_marker, read_state
+    from xtune.engine.resume_config import compare, refusal
+
+    if ckpt is None:
+        return None
+    meta = read_marker(ckpt)
+    saved = read_state(ckpt, meta).get("spec") if "files" in meta else None
+    if saved is None:  # an older checkpoint: it did not keep its spec
+        return None
+    changes = compare(saved, spec)
+    if changes.refused:
+        raise ConfigError(refusal(ckpt, changes))
+    return changes
 
 
 def preflight(spec, adapter, run_dir: Path):
@@ -51,13 +68,38 @@ def preflight(spec, adapter, run_dir: Path):
         if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
     check_wandb(spec.logging)
-    resolve_resume(spec.train.resume, run_dir)  # a bad resume path or a partial checkpoint fails here
+    # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
+    check_resume_config(spec, resolve_resume(spec.train.resume, run_dir))
     try:
-        return adapter.load_tokenizer()
+        tokenizer = adapter.load_tokenizer()
     except XtuneError:
         raise
     except (OSError, ValueError) as e:
         raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
+    from xtune.config.validate import vocab_problem
+
+    problem = vocab_problem(spec.model, tokenizer)
+    if problem:
+        raise ConfigError([problem])
+    return tokenizer
+
+
+def describe_layout(layout: dict) -> str:
+    n = layout["world_size"]
+    text = f"{n} rank{'s' if n != 1 else ''}"
+    if layout.get("replicate_degree", 1) > 1:
+        rep = layout["replicate_degree"]
+        text += f" (HSDP {rep} replicas x {n // rep} shards)"
+    if "grad_accum" in layout:
+        text += (f" x {layout['grad_accum']} micro-batches of {layout['micro_batch_size']} rows"
+                 f" = global batch {layout['global_batch_size']}")
+    return text
+
+
+def derived_seed(seed: int, step: int, index: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -85,9 +127,13 @@ class Trainer:
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         self.peft = tuning.enabled(spec.peft)
-        save_base = self._save_random_base if self.peft and not spec.model.load_from else None
+        from xtune.methods import get_method
+
+        self.method = get_method(spec)  # what sft and dpo do differently (the loss and its preparation)
+        # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
+        save_base = self._save_random_base if self.peft and not getattr(adapter.spec, "load_from", None) else None
         self.root, self.model_config, self.lora_config = build_sharded(
-            adapter, spec, d, attn_impl, lambda m: LossModel(m, adapter, attn_impl, spec.loss, loss_mode),
+            adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, attn_impl, loss_mode),
             on_base_ready=save_base)
         self.model = self.root.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -109,6 +155,8 @@ class Trainer:
         # fp16 compute: dynamic loss scaling (inf/nan found on any rank skips the step on all of them).
         self.scaler = make_scaler(d) if self.compute_dtype == torch.float16 else None
         self.overflow_steps = 0
+        # This spec's optimizer settings, which a resume with a changed optim/sched section re-applies.
+        self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # With adapters a checkpoint holds only what trains; the frozen base is reloaded from load_from.
         self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last, trainable_only=self.peft)
         self.step = 0
@@ -117,6 +165,7 @@ class Trainer:
         self.tokens_seen = 0
         self.stop_requested = False
         self.last_saved = None
+        self.eval_metrics: dict = {}
 
     def _total_steps(self) -> int:
         t = self.spec.train
@@ -143,18 +192,23 @@ class Trainer:
         FSDP averages gradients over ranks; multiplying by dp_size turns that into the sum.
         """
         d = self.denv
-        red = self.spec.loss.reduction
-        local = [sum(weight_sum(mb, red) for mb in micro_batches),
+        local = [sum(self.method.normaliser(mb) for mb in micro_batches),
                  sum(mb.num_tokens for mb in micro_batches),
                  sum(mb.num_trained for mb in micro_batches)]
         w_total, n_tokens, n_trained = d.all_reduce_sum(local).tolist()
         w_total = w_total if w_total > 0 else 1.0  # no trained token anywhere: zero loss, zero grads
         n_micro = len(micro_batches)
         # Accumulated on the device: no host sync per micro-batch, one all_reduce per step.
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for mb in micro_batches:
-            ce_sum, aux = self.root(mb.to(self.device))
-            loss = ce_sum.float() / w_total
+        acc = torch.zeros(2 + len(self.method.stat_names), dtype=torch.float64, device=self.device)
+        first = d.rank * n_micro  # this rank's first micro-batch in the global batch
+        for j, mb in enumerate(micro_batches):
+            # Randomness (dropout) is a function of (seed, step, micro-batch): nothing to checkpoint, and
+            # the same on any number of ranks that splits the global batch into the same micro-batches.
+            torch.manual_seed(derived_seed(self.spec.train.seed, self.step, first + j))
+            loss_sum, aux, stats = self.method.forward(self.root, mb.to(self.device))
+            if stats is not None:
+                acc[2:] += stats.detach().double()
+            loss = loss_sum.float() / w_total
             objective = loss * d.dp_size
             if aux is not None:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
@@ -164,9 +218,9 @@ class Trainer:
             acc[0] += loss.detach().double()
         acc = acc.to(d.comm_device)
         torch.distributed.all_reduce(acc)
-        loss, aux_sum = acc.tolist()
+        loss, aux_sum, *stats = acc.tolist()
         return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.dp_size), "tokens": int(n_tokens),
-                "trained_tokens": int(n_trained)}
+                "trained_tokens": int(n_trained), "method": self.method.metrics(stats, w_total)}
 
     def grad_norm(self) -> float:
         """Clip to optim.max_grad_norm (<= 0: no clipping) and return the global norm before clipping.
@@ -242,6 +296,7 @@ class Trainer:
         rec = {"step": self.step, "loss": stats["loss"], "lr": lr, "grad_norm": gnorm,
                "tokens_per_s": stats["tokens"] / dt, "trained_tokens_per_s": stats["trained_tokens"] / dt,
                "tokens_seen": self.tokens_seen, "step_time_s": dt, "memory_gb": memory_gb(self.device)}
+        rec.update(stats["method"])
         if stats["aux_loss"]:
             rec["aux_loss"] = stats["aux_loss"]
         if self.scaler is not None:
@@ -254,52 +309,90 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Eval loss with the same packing and normalisation as training (every rank has the same count)."""
+        """Eval loss with the same packing and normalisation as training (every rank has the same count).
+        The method's eval statistics (`eval_` + their names) are left in `self.eval_metrics`."""
         d = self.denv
-        red = self.spec.loss.reduction
-        w_total = d.all_reduce_sum([sum(weight_sum(mb, red) for mb in self.eval_batches)])[0].item()
-        ce = 0.0
+        n = len(self.method.stat_names)
+        local = torch.zeros(2 + n, dtype=torch.float64)
+        local[0] = sum(self.method.normaliser(mb) for mb in self.eval_batches)
         for mb in self.eval_batches:
-            ce += float(self.root(mb.to(self.device))[0])
+            loss_sum, _, stats = self.method.forward(self.root, mb.to(self.device), split="eval")
+            local[1] += float(loss_sum)
+            if stats is not None:
+                local[2:] += stats.double().cpu()
         if hasattr(self.root, "reshard"):  # FSDP root: free the parameters kept unsharded by eval
             self.root.reshard()
-        total = d.all_reduce_sum([ce])[0].item()
+        w_total, total, *stats = d.all_reduce_sum(local.tolist()).tolist()
+        self.eval_metrics = {f"eval_{k}": v for k, v in self.method.metrics(stats, w_total).items()}
         return total / w_total if w_total > 0 else float("nan")
 
     # ------------------------------------------------------------------------------------- state
 
     def extra_state(self) -> dict:
+        """The run's global state (JSON): nothing in it depends on the number of ranks or their layout."""
         return {
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": rng_state(),
             "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
                          "tokens_seen": self.tokens_seen, "overflow_steps": self.overflow_steps},
+            "spec": spec_to_dict(self.spec),
         }
 
+    def layout(self) -> dict:
+        d, t = self.denv, self.spec.train
+        return {"world_size": d.world_size, "dp_size": d.dp_size, "replicate_degree": self.spec.parallel.replicate_degree,
+                "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
+                "global_batch_size": t.global_batch_size}
+
     def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.extra_state())
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.extra_state(), self.layout())
         self.last_saved = self.step
         return path
 
-    def resume(self, ckpt: Path) -> None:
+    def resume(self, ckpt: Path) -> list:
+        """Load `ckpt` (written on any number of ranks); returns the lines that say what changed."""
+        from xtune.engine.checkpoint import read_marker
+
+        changes = check_resume_config(self.spec, ckpt)
+        meta = read_marker(ckpt)
+        saved = meta.get("layout") or {"world_size": meta["world_size"]}
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
         self.loader.load_state_dict(extra["loader"])
-        set_rng_state(extra["rng"])
         c = extra["counters"]
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
         self.overflow_steps = c.get("overflow_steps", 0)
         self.last_saved = self.step
+        notes = [f"layout: saved by {describe_layout(saved)}; now {describe_layout(self.layout())}"]
+        if changes and changes.lines:
+            notes += ["changed since the checkpoint:"] + [f"  {line}" for line in changes.lines]
+            if changes.schedule or changes.optim:
+                notes.append(self.apply_new_schedule())
+        return notes
+
+    def apply_new_schedule(self) -> str:
+        """The optimizer settings of this spec replace the checkpoint's, and the LR continues on the
+        schedule rebuilt for this spec's total from the current step (the moments are kept)."""
+        sch = self.scheduler
+        for group, fresh in zip(self.optimizer.param_groups, self.fresh_groups):
+            group.update({k: v for k, v in fresh.items() if k != "lr"})
+        sch.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["lr"] = base * factor(self.step)
+        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # torch 2.13: what get_last_lr() reads
+        lr = self.optimizer.param_groups[0]["lr"]
+        return (f"schedule rebuilt: {self.spec.sched.type} with peak lr {sch.base_lrs[0]:g} over {self.total_steps} "
+                f"steps; step {self.step + 1} uses lr {lr:.6g}")
 
     def export_hf(self, out_dir: Path | None = None) -> Path:
         """The HF folder (merged with the adapters when there are some and peft.merge_on_export), and with
-        adapters the PEFT folder <run_dir>/hf_adapter. Returns the folder samples are generated from."""
-        from xtune.engine.export import gather_full_state_dict, write_hf, write_peft
+        adapters the PEFT folder <run_dir>/hf_adapter (periodic exports: hf/step-N, hf_adapter/step-N).
+        Returns the folder samples are generated from."""
+        from xtune.engine.export import gather_full_state_dict, prune_step_exports, write_hf, write_peft
 
         out = Path(out_dir or self.run_dir / "hf")
         full = gather_full_state_dict(self.model)
@@ -307,14 +400,19 @@ class Trainer:
         if self.denv.is_main:
             try:
                 if self.peft:
-                    adapter_dir = out.with_name(out.name.replace("hf", "hf_adapter", 1))
+                    adapter_dir = self.run_dir / "hf_adapter" / out.relative_to(self.run_dir / "hf") \
+                        if out.is_relative_to(self.run_dir / "hf") else out.with_name(out.name + "_adapter")
                     spec = tuning.with_saved_base(self.spec, self.run_dir)
+                    merged = out if self.spec.peft.merge_on_export else None
                     write_peft(self.adapter, spec, self.lora_config, full, self.model_config, self.tokenizer,
-                               adapter_dir=adapter_dir, merged_dir=out if self.spec.peft.merge_on_export else None,
-                               dtype=self.compute_dtype)
-                    out = out if self.spec.peft.merge_on_export else adapter_dir
+                               adapter_dir=adapter_dir, merged_dir=merged, dtype=self.compute_dtype)
+                    if adapter_dir.parent == self.run_dir / "hf_adapter":
+                        prune_step_exports(adapter_dir.parent, self.spec.train.keep_last)
+                    out = merged or adapter_dir
                 else:
                     write_hf(self.adapter, full, self.model_config, self.tokenizer, out)
+                if out.parent == self.run_dir / "hf":  # a periodic hf/step-N export
+                    prune_step_exports(out.parent, self.spec.train.keep_last)
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
         error = self.denv.broadcast_object(error)
@@ -349,18 +447,18 @@ class Trainer:
     def fit(self) -> dict:
         spec, t, d = self.spec, self.spec.train, self.denv
         ckpt = resolve_resume(t.resume, self.run_dir)
-        if ckpt is not None:
-            self.resume(ckpt)
+        self.method.prepare(self)  # with the initial weights (a resumed run reads what it stored)
+        resume_notes = self.resume(ckpt) if ckpt is not None else []
         metrics_path = self.run_dir / "metrics.jsonl"
         if d.is_main:
             # The run dir holds the whole history; a resumed run restarts at its checkpoint's step.
             truncate_history(metrics_path, self.step)
-            from xtune.config.io import spec_to_dict
-
             logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
             logger.message(tuning.describe(*self.param_counts))
             if ckpt is not None:
                 logger.message(f"resumed from {ckpt} at step {self.step}")
+                for line in resume_notes:
+                    logger.message(line)
         else:
             logger = NullLogger()
         self.logger = logger
@@ -375,7 +473,7 @@ class Trainer:
             if self.step == 0 and self.eval_batches and t.eval_every:
                 # The untrained model's eval loss: the reference every later eval is read against.
                 eval_loss = self.evaluate()
-                logger.log({"step": 0, "eval_loss": eval_loss})
+                logger.log({"step": 0, "eval_loss": eval_loss, **self.eval_metrics})
             while self.step < self.total_steps:
                 try:
                     micro = next(self.loader)
@@ -390,13 +488,13 @@ class Trainer:
                     logger.log(rec)
                 if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                     eval_loss = self.evaluate()
-                    logger.log({"step": self.step, "eval_loss": eval_loss})
+                    logger.log({"step": self.step, "eval_loss": eval_loss, **self.eval_metrics})
                 if t.sample_every and t.sample_prompts and self.step % t.sample_every == 0 and not done and not stop:
                     self.live_samples()
                 if (t.save_every and self.step % t.save_every == 0) or stop:
                     self.save()
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
-                    self.export_hf()
+                    self.export_hf(self.run_dir / "hf" / f"step-{self.step}")
                 if stop:
                     logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
                     result["stopped_early"] = True
@@ -470,8 +568,9 @@ def make_scaler(denv):
     return ShardedGradScaler(device=denv.device.type)
 
 
-def train(spec, work_dir=None, **inject) -> dict:
-    """Train `spec` in this process (one rank of a launch, or a whole single-process run)."""
+def train(spec, work_dir=None, argv=None, **inject) -> dict:
+    """Train `spec` in this process (one rank of a launch, or a whole single-process run).
+    `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     run_dir = Path(work_dir or spec.train.work_dir or ".").expanduser().resolve()
     adapter = inject.pop("adapter", None)
     if adapter is None:
@@ -482,17 +581,27 @@ def train(spec, work_dir=None, **inject) -> dict:
     if tokenizer is None:
         tokenizer = preflight(spec, adapter, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
     if launch_env().rank == 0:
-        write_run_files(spec, run_dir)
-    resume_from = resolve_resume(spec.train.resume, run_dir)
-    if resume_from is not None:  # an adapter run from random init reloads the base it saved
-        spec = tuning.with_saved_base(spec, resume_from.resolve().parent.parent)
-        adapter.spec = spec.model
-    denv = inject.pop("denv", None) or init_distributed(spec.parallel)
+        from xtune.engine.runlock import lock_run_dir
+
+        # One writer per run directory (exit 2 if another run holds it); None for the workers of a launcher
+        # that holds it for them (and has written the run files).
+        lock = lock_run_dir(run_dir)
+        if lock is not None:
+            write_run_files(spec, run_dir, argv)
     try:
-        result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
-        # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
-        denv.barrier()
-        return result
+        resume_from = resolve_resume(spec.train.resume, run_dir)
+        if resume_from is not None:  # an adapter run from random init reloads the base it saved
+            adapter.spec = tuning.with_saved_base(spec, resume_from.resolve().parent.parent).model
+        denv = inject.pop("denv", None) or init_distributed(spec.parallel)
+        try:
+            result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+            # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
+            denv.barrier()
+            return result
+        finally:
+            denv.close()
     finally:
-        denv.close()
+        if lock is not None:
+            lock.release()

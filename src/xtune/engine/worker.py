@@ -11,7 +11,12 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="xtune.engine.worker")
     parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--config", default=None, help="the spec of this launch (default: WORK_DIR/config.yaml)")
     args = parser.parse_args(argv)
+
+    from xtune.engine.watchdog import die_with_parent
+
+    die_with_parent()  # a worker never outlives its torchrun agent
 
     from xtune.config.io import spec_from_yaml
     from xtune.engine.trainer import train
@@ -20,7 +25,7 @@ def main(argv=None) -> int:
 
     run_dir = Path(args.work_dir)
     try:
-        train(spec_from_yaml(run_dir / "config.yaml"), run_dir)
+        train(spec_from_yaml(args.config or run_dir / "config.yaml"), run_dir)
     except XtuneError as e:
         report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
         if report:

@@ -132,7 +132,14 @@ class ModelAdapter:
         arch = _plain(dict(self.spec.arch or {}))
         original = self.original_config_dict()
         merged = _deep_update(original, arch) if original is not None else arch
-        config = self.config_from_dict(merged)
+        # transformers 5 validates configs with huggingface_hub's strict dataclasses (huggingface_hub 1.x).
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            config = self.config_from_dict(merged)
+        except (ValueError, TypeError, StrictDataclassError) as e:  # values that contradict each other
+            where = f"{self.spec.load_from}/config.json with model.arch" if original is not None else "model.arch"
+            raise XtuneError(f"the model config ({where}) is invalid: {e}") from None
         config.use_cache = False
         return config
 
@@ -258,9 +265,12 @@ class ModelAdapter:
             raise XtuneError(f"model weights: {folder} is not a folder")
         index = folder / WEIGHTS_INDEX
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (ValueError, AttributeError) as e:  # cut short, or not the index's JSON object
+                raise XtuneError(f"{index}: not a valid safetensors index ({e}); copy or download it again") from None
+            if not weight_map or not isinstance(weight_map, dict):
                 raise XtuneError(f"{index} has no weight_map")
             files: Dict[str, List[str]] = {}
             for key, fname in weight_map.items():

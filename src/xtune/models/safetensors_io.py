@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from typing import Dict, List
 
@@ -34,17 +35,29 @@ class SafetensorsView:
 
     def __init__(self, path):
         self.path = str(path)
+        size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise XtuneError(f"{self.path}: not a safetensors file (too short)")
+                raise XtuneError(f"{self.path}: not a safetensors file (too short: {size} bytes)")
             (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise XtuneError(f"{self.path}: truncated or not a safetensors file (its header claims {n} bytes, "
+                                 f"the file has {size}); copy or download it again")
             try:
                 self.header = json.loads(f.read(n))
+                if not isinstance(self.header, dict):
+                    raise ValueError("the header is not a JSON object")
             except ValueError as e:
                 raise XtuneError(f"{self.path}: not a safetensors file ({e})") from None
             self.header.pop("__metadata__", None)
             self.start = 8 + n
+            # A file cut short keeps a valid header: its tensors' end offsets point past the end of the data.
+            end = max((int(v["data_offsets"][1]) for v in self.header.values()
+                       if isinstance(v, dict) and "data_offsets" in v), default=0)
+            if self.start + end > size:
+                raise XtuneError(f"{self.path}: truncated ({size} bytes, its header needs {self.start + end}); "
+                                 "copy or download it again")
             # ACCESS_COPY: writable views (torch.frombuffer wants them), never written back to the file.
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 

@@ -12,12 +12,16 @@ tensors from the seed and loads them through `set_model_state_dict`, so 1x4 and 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import zlib
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger("xtune.tuning")
 
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 ALL_LINEAR = "all-linear"
@@ -118,6 +122,13 @@ def inject(model: nn.Module, adapter, peft_spec):
         raise ConfigError(problems)
     config = lora_config(peft_spec, targets)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+    m = adapter.spec
+    if hasattr(adapter, "vision_layers") and not (m.freeze_vision and m.freeze_projector):
+        # peft freezes everything but the adapters; a full vision tower beside them would have to travel in
+        # hf_adapter as a second copy (modules_to_save). Say so rather than train less than the flags suggest.
+        log.warning("with adapters the vision tower and projector stay frozen (model.freeze_vision/"
+                    "freeze_projector=false are ignored); adapt their linear layers with a regex in "
+                    "peft.target_modules, e.g. '.*vision_tower.*attention.*proj'")
     return config
 
 
@@ -174,11 +185,12 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
 
     full: Dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
-    for index, module in enumerate(model.modules()):
+    for module in model.modules():
         name = _state_name(names[id(module)])
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             a = module.lora_A[ADAPTER].weight
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            # Seeded by the layer's name: the same values whatever wraps the blocks (checkpointing, FSDP).
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             init_a = torch.empty(a.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(init_a, a=math.sqrt(5), generator=gen)
             full[f"{name}.lora_A.{ADAPTER}.weight"] = init_a.to(a.dtype)

@@ -1,0 +1,22 @@
+"""Training methods: what differs between `xtune sft` and `xtune dpo` (and the next ones: KTO, GRPO, ...).
+
+A method gives the engine four things and the engine does the rest (loop, normalisation, checkpoints,
+export): the FSDP root module that computes the loss numerator in its forward, each micro-batch's share of
+the global normaliser, the metrics its numerator statistics become, and any preparation before the first
+step (the preference method's reference log-probs). See `base.Method`.
+"""
+
+from xtune.methods.base import Method
+
+
+def get_method(spec) -> Method:
+    if spec.method == "dpo":
+        from xtune.methods.preference import PreferenceMethod
+
+        return PreferenceMethod(spec)
+    from xtune.methods.sft import SftMethod
+
+    return SftMethod(spec)
+
+
+__all__ = ["Method", "get_method"]

@@ -1,0 +1,40 @@
+"""The interface a training method implements for the engine (engine/trainer.py)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from xtune.data.types import PackedBatch
+
+
+class Method:
+    """Global-batch loss = sum over micro-batches and ranks of `forward(...)[0]` / sum of `normaliser(...)`."""
+
+    # Names of the per-micro-batch statistic sums `forward` returns (all-reduced, then `metrics`).
+    stat_names: Tuple[str, ...] = ()
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def root(self, model: nn.Module, adapter, attn_impl: str, loss_mode: str) -> nn.Module:
+        """The FSDP root: holds the HF model as `.model`."""
+        raise NotImplementedError
+
+    def normaliser(self, batch: PackedBatch) -> float:
+        """This micro-batch's share of the loss normaliser W."""
+        raise NotImplementedError
+
+    def forward(self, root: nn.Module, batch: PackedBatch, split: str = "train"
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(loss numerator, aux loss or None, statistic sums [len(stat_names)] or None)."""
+        raise NotImplementedError
+
+    def metrics(self, sums: List[float], normaliser: float) -> Dict[str, float]:
+        """The statistics of a global batch, from their all-reduced sums."""
+        return {}
+
+    def prepare(self, trainer) -> None:
+        """Runs once before the first step (and before a resume loads its checkpoint)."""

@@ -1,0 +1,88 @@
+"""Per-document sums of label log-probs over the output projection, without [tokens x vocab] logits.
+
+`linear_doc_logprobs(hidden, weight, labels, doc_index, num_docs)` returns [num_docs] fp32 with
+sum_{i in doc d, label_i != -100} log softmax(hidden_i @ weight.T)[label_i]: what preference losses
+(DPO and its family) read. It sits beside `loss.linear_cross_entropy` with the same memory behaviour
+(only trained tokens, `chunk_size` rows at a time, one [chunk, V] fp32 buffer reused in place), but a
+sequence loss is a non-linear function of these sums, so the gradient cannot be finished in forward as
+the chunked CE does: the forward keeps only each token's log-sum-exp, and the backward recomputes
+each chunk's logits once, scaled per token by the incoming gradient of its document.
+
+`eager` builds the full logits and calls log_softmax: the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.types import IGNORE_INDEX
+from ..errors import XtuneError
+
+
+class _ChunkedLinearDocLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, doc_index, num_docs, chunk_size):
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        out = torch.zeros(num_docs, dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start:start + chunk_size]
+            buf = (hidden.index_select(0, idx) @ weight.t()).float()  # [c, V]
+            target = buf.gather(1, labels.index_select(0, idx)[:, None]).squeeze(1)
+            lse = torch.logsumexp(buf, dim=1)
+            lse_all[start:start + idx.numel()] = lse
+            out.index_add_(0, doc_index.index_select(0, idx), target - lse)
+            del buf
+        ctx.save_for_backward(hidden, weight, labels, doc_index, rows, lse_all)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, doc_index, rows, lse_all = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_dh else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        g_tok = grad_out.float().index_select(0, doc_index.index_select(0, rows))  # d loss / d logp_i
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            idx = rows[start:start + ctx.chunk_size]
+            g = g_tok[start:start + idx.numel()]
+            h = hidden.index_select(0, idx)
+            buf = (h @ weight.t()).float()
+            # d logp_i / d logits_i = onehot(label_i) - softmax_i, times g_i: buf becomes -g * softmax + g * onehot
+            buf.sub_(lse_all[start:start + idx.numel(), None]).exp_().mul_(-g[:, None])
+            buf[torch.arange(idx.numel(), device=buf.device), labels.index_select(0, idx)] += g
+            if need_dh:
+                grad_h.index_copy_(0, idx, (buf.to(weight.dtype) @ weight).to(grad_h.dtype))
+            if need_dw:
+                grad_w.addmm_(buf.t(), h.float())
+            del buf
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def _eager(hidden, weight, labels, doc_index, num_docs):
+    logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    trained = labels != IGNORE_INDEX
+    tok = logp.gather(1, labels.clamp_min(0)[:, None]).squeeze(1) * trained
+    return torch.zeros(num_docs, dtype=torch.float32, device=hidden.device).index_add(0, doc_index, tok)
+
+
+def doc_index_of(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[T] long: the document of each token, from cu_seqlens."""
+    bounds = cu_seqlens.to(dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds[1:] - bounds[:-1],
+                                   output_size=num_tokens)
+
+
+def linear_doc_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, doc_index: torch.Tensor,
+                        num_docs: int, *, mode: str = "chunk", chunk_size: int = 1024) -> torch.Tensor:
+    """[num_docs] fp32 sums of label log-probs per document. hidden [T, H], weight [V, H], labels [T] (shifted),
+    doc_index [T] long. `mode`: chunk (liger is not a log-prob kernel: it falls back to chunk) or eager."""
+    if hidden.dim() != 2 or labels.shape != doc_index.shape or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected hidden [T, H], labels [T], doc_index [T]; got {tuple(hidden.shape)}, "
+                         f"{tuple(labels.shape)}, {tuple(doc_index.shape)}")
+    if mode == "eager":
+        return _eager(hidden, weight, labels, doc_index, num_docs)
+    if chunk_size < 1:
+        raise XtuneError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLinearDocLogprobs.apply(hidden, weight, labels, doc_index, int(num_docs), int(chunk_size))
