@@ -77,9 +77,21 @@ def _config(run_dir: Path) -> Dict[str, str]:
     return _flat(OmegaConf.to_container(OmegaConf.load(path)))
 
 
+def _overrides(run_dir: Path) -> Optional[Dict[str, str]]:
+    """A sweep job's overrides as Hydra recorded them (.hydra/overrides.yaml); a job that failed before
+    writing config.yaml still has them."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return dict(str(o).split("=", 1) for o in OmegaConf.load(path) if "=" in str(o))
+
+
 def varying_keys(configs: Sequence[Dict[str, str]]) -> List[str]:
-    keys = sorted({k for c in configs for k in c})
-    return [k for k in keys if k not in _IGNORED and len({c.get(k) for c in configs}) > 1]
+    present = [c for c in configs if c]  # a run that failed early may have no config at all
+    keys = sorted({k for c in present for k in c})
+    return [k for k in keys if k not in _IGNORED and len({c.get(k) for c in present}) > 1]
 
 
 def status_of(run_dir: Path, records: List[dict]) -> str:
@@ -92,7 +104,9 @@ def status_of(run_dir: Path, records: List[dict]) -> str:
 
 def summary_rows(run_dirs: Sequence[Path]) -> tuple:
     """(varying keys, rows): one dict per run with the varying config values and the run's results."""
-    configs = [_config(r) for r in run_dirs]
+    overrides = [_overrides(r) for r in run_dirs]
+    # Sweep jobs: compare what was overridden (as typed); other runs: their resolved configs.
+    configs = overrides if all(o is not None for o in overrides) else [_config(r) for r in run_dirs]
     keys = varying_keys(configs)
     rows = []
     for run_dir, cfg in zip(run_dirs, configs):

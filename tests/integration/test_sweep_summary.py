@@ -39,7 +39,7 @@ def test_sweep_table_matches_the_runs_metrics(sweep):
     assert sorted(Path(r["run_dir"]).name for r in rows) == ["0", "1", "2", "3"]
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
-    assert len(ok) == 2 and {r["train.resume"] for r in ok} == {"None"}
+    assert len(ok) == 2 and {r["train.resume"] for r in ok} == {"null"}
     assert {r["optim.lr"] for r in ok} == {"0.001", "0.003"}
     assert [r["status"] for r in failed] == ["failed (exit 1)"] * 2
     for r in ok:
