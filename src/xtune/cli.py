@@ -121,6 +121,33 @@ def export(
     typer.echo(f"exported {checkpoint} -> {out}")
 
 
+@app.command()
+def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)")):
+    """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s."""
+    from rich.console import Console
+
+    from xtune.runs import summarize
+
+    _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True)))
+
+
+@app.command()
+def plot(
+    dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
+    out: Path = typer.Option(Path("plot.png"), "-o", "--out", help="PNG file to write"),
+    metric: str = typer.Option("loss", "--metric", help="A metrics.jsonl field: loss, eval_loss, lr, grad_norm, ..."),
+):
+    """Draw one metric of several runs in one PNG, each line labelled by the run's varying overrides."""
+    from xtune.runs import find_runs, plot_runs
+
+    def body():
+        fig = plot_runs(find_runs(dirs), metric)
+        fig.savefig(out, dpi=110)
+        typer.echo(f"wrote {out}")
+
+    _guarded(body)
+
+
 def _both_export_flags():
     from xtune.errors import XtuneError
 

@@ -129,9 +129,11 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     from xtune.config.resources import conf_dir
 
     failed: List[str] = []
+    job_dirs: List[Path] = []
 
     def task(cfg) -> int:
-        code = sweep_job(cfg)
+        code, work_dir = sweep_job(cfg)
+        job_dirs.append(work_dir)
         if code:
             failed.append(str(code))
         return code
@@ -140,12 +142,36 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     args = parser.parse_args(["-m", *hydra_overrides(overrides, config_dirs)])
     _run_hydra(args=args, args_parser=parser, task_function=task, config_path=str(conf_dir()),
                config_name=primary_config(command))
+    if job_dirs:
+        _sweep_summary(job_dirs)
     return 1 if failed else 0
 
 
-def sweep_job(cfg) -> int:
+def _sweep_summary(job_dirs: List[Path]) -> None:
+    """The comparison table of the sweep's points, printed and written to <sweep dir>/summary.{csv,json}."""
+    from xtune.runs import summarize
+
+    sweep_dir = job_dirs[0].parent
+    try:
+        summarize(job_dirs, _console(), out_dir=sweep_dir if all(j.parent == sweep_dir for j in job_dirs) else None,
+                  title=f"sweep {sweep_dir}")
+    except (OSError, ValueError) as e:  # a summary problem never turns a good sweep into a failed one
+        _console(stderr=True).print(f"[yellow]could not summarise the sweep[/]: {e}")
+    else:
+        _console().print(f"summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.json'}")
+
+
+def sweep_job(cfg) -> tuple:
     """One job of a sweep, run by Hydra's launcher: its run dir is Hydra's output dir. A failed job is
-    reported in one line and the sweep goes on; its exit code is returned."""
+    reported in one line and the sweep goes on; returns (exit code, run dir), the code also in status.json."""
+    from xtune.runs import write_status
+
+    code, work_dir = _sweep_job(cfg)
+    write_status(work_dir, code)
+    return code, work_dir
+
+
+def _sweep_job(cfg) -> tuple:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -161,10 +187,10 @@ def sweep_job(cfg) -> int:
         code = run(to_spec(cfg, validate=False), work_dir, argv=user_argv())
     except XtuneError as e:
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): {e}")
-        return e.exit_code
+        return e.exit_code, work_dir
     if code:
         _console(stderr=True).print(f"[bold red]job failed[/] ({work_dir}): workers exited with {code}")
-    return code
+    return code, work_dir
 
 
 # --------------------------------------------------------------------------- other commands

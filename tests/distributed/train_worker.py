@@ -48,21 +48,26 @@ def main():
     p.add_argument("--resume", default=None)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--sigterm-at", type=int, default=None)
+    p.add_argument("--optim", default="adamw")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--param-dtype", default="auto")
+    p.add_argument("--nan-at-call", type=int, default=None, help="rank 0's forward call whose hidden states become NaN")
     a = p.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     spec = RunSpec(
         model=ModelSpec(load_from=a.init),
         loss=LossSpec(mode="chunk", chunk_size=16),
-        optim=OptimSpec(lr=1e-2, weight_decay=0.01),
+        optim=OptimSpec(name=a.optim, lr=a.lr, weight_decay=0.01, momentum=0.9, nesterov=a.optim != "adamw"),
         sched=SchedSpec(type="cosine", warmup_ratio=0.25, min_lr_ratio=0.1),
-        parallel=ParallelSpec(nproc_per_node=world),
+        parallel=ParallelSpec(nproc_per_node=world, param_dtype=a.param_dtype),
         train=TrainSpec(global_batch_size=4, max_steps=a.steps, save_every=a.save_every, keep_last=a.keep_last,
                         resume=a.resume),
         logging=LoggingSpec(tensorboard=False, progress="plain"),
     )
     loader = SignallingLoader(a.steps, 4, rank, world, 4 // world // 1, seed=11, sleep=a.sleep, cycle=2,
                               sigterm_at=a.sigterm_at)
-    result = train(spec, a.run_dir, adapter=TinyAdapter(), tokenizer=None, loader=loader)
+    nan_at = [a.nan_at_call] if a.nan_at_call is not None and rank == 0 else []
+    result = train(spec, a.run_dir, adapter=TinyAdapter(nan_at_steps=nan_at), tokenizer=None, loader=loader)
     if rank == 0:
         print("RESULT", result, flush=True)
     from xtune.engine.worker import _exit

@@ -26,7 +26,7 @@ def test_demo_recipe_learns_and_reports_its_results(tmp_path):
     assert f"export:     {run}/hf" in out.stdout
     samples = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["completion"].strip() for s in samples)
-    assert f"sample> {samples[0]['prompt']}" in out.stdout
+    assert f"sample @ step 300> {samples[0]['prompt']} -> " in out.stdout
     assert (run / "hf" / "model.safetensors").exists() and (run / "checkpoints" / "latest").read_text().strip()
 
 

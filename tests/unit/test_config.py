@@ -192,6 +192,9 @@ def test_a_sections_key_at_the_top_level_points_to_its_section(override, hint):
     (["data.eval_datasets=[]", "train.eval_every=5"], "train.eval_every=5 but data.eval_datasets is empty"),
     (["data.datasets=[]"], "data.datasets is empty"),
     (["model.freeze_vision=true"], "model.freeze_vision=true: model.family=qwen3 has no vision part"),
+    (["optim=sgd", "optim.momentum=1.0"], "optim.momentum=1.0: must be in [0, 1)"),
+    (["optim=adamw_8bit", "parallel.nproc_per_node=2"], "bitsandbytes' 8-bit AdamW cannot update FSDP2-sharded"),
+    (["optim=adamw_8bit", "parallel.param_dtype=bfloat16"], "(here: 1 processes, parallel.param_dtype=bfloat16)"),
 ])
 def test_each_validation_rule_names_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as e:

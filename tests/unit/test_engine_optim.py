@@ -1,5 +1,6 @@
 """LR schedules, AdamW parameter groups / implementations, and the loss-reduction token weights."""
 
+import copy
 import math
 
 import pytest
@@ -62,6 +63,43 @@ def test_adamw_groups_frozen_and_impls():
         opt.zero_grad()
         assert model[2].weight not in opt.state  # frozen: no optimizer state
         assert model[0].weight in opt.state
+
+
+def test_muon_takes_hidden_matrices_adamw_the_rest_and_state_round_trips():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from xtune.engine.optim import MuonWithAdamW, io_param_ids
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    named = list(model.named_parameters())
+    spec = OptimSpec(name="muon", lr=0.01, momentum=0.95, nesterov=True, weight_decay=0.1)
+    opt = build_optimizer(named, spec, torch.device("cpu"), io_param_ids(model))
+    assert isinstance(opt, MuonWithAdamW)
+    assert set(opt.muon_names) == {n for n, p in named if p.ndim == 2 and "layers." in n}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(opt.adamw_names)
+    muon, adamw = opt.inner
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+
+    def step(o):
+        model(input_ids=torch.arange(8)[None]).logits.sum().backward()
+        o.step()
+        o.zero_grad()
+
+    step(opt)
+    saved, weights = copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
+    step(opt)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    # A fresh optimizer loaded from the saved state repeats the second step exactly (both halves).
+    model.load_state_dict(weights)
+    fresh = build_optimizer(named, spec, torch.device("cpu"), io_param_ids(model))
+    fresh.load_state_dict(saved)
+    assert fresh.inner[0].state is fresh.state and fresh.inner[1].param_groups[0] is fresh.param_groups[-2]
+    step(fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after[k]), k
 
 
 def _batch(doc_lens, trained):

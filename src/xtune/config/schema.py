@@ -21,7 +21,7 @@ CHOICES: Dict[str, tuple] = {
     "data.pack": ("soft", "bfd", "hard", "none"),
     "data.on_error": ("raise", "skip"),
     "data.template": ("auto", "qwen3", "intern_s1"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "sgd", "muon", "adamw_8bit"),
     "optim.impl": ("auto", "fused", "foreach", "for"),
     "sched.type": ("cosine", "linear", "constant"),
     "loss.mode": ("auto", "chunk", "liger", "eager"),
@@ -79,12 +79,19 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One JSONL dataset (a file or a folder of *.jsonl) and its share of the mix."""
+    """One dataset (files, a save_to_disk folder or a hub id) and its share of the mix."""
 
     # Name used in logs, metrics and `xtune data inspect`.
     name: str = MISSING
-    # A .jsonl file, or a folder (every *.jsonl below it).
+    # A .jsonl / .json / .parquet / .arrow file, a folder of them, a datasets.save_to_disk folder, or
+    # hf://org/name[:split] (datasets.load_dataset; offline from the local HF cache).
     path: str = MISSING
+    # auto (detected from the first record, shown in the log and data inspect), messages, alpaca
+    # (instruction/input/output/system), sharegpt (conversations of from/value), text (every token trained).
+    format: str = "auto"
+    # Field renames, xtune's name: the dataset's, e.g. {messages: dialog}. (null, not {}, as the default: a
+    # default_factory inside a list item fails to compose in a submitit job process, omegaconf 2.3.)
+    columns: Optional[Dict[str, str]] = None
     # Integer part repeats the dataset, the fraction takes a seeded random subset.
     sample_ratio: float = 1.0
     # Folder that image paths are relative to; null means the dataset file's folder.
@@ -120,7 +127,8 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    # Optimizer (AdamW with decoupled weight decay).
+    # adamw (decoupled weight decay); sgd (momentum, nesterov); muon: torch.optim.Muon on the hidden 2-D matrices,
+    # AdamW on embeddings, lm_head, norms, biases; adamw_8bit: bitsandbytes' 8-bit AdamW (one process, unsharded).
     name: str = "adamw"
     # Peak learning rate.
     lr: float = 2e-5
@@ -132,6 +140,10 @@ class OptimSpec:
     max_grad_norm: float = 1.0
     # AdamW kernel: auto picks fused where the parameters allow it, else foreach.
     impl: str = "auto"
+    # Momentum of sgd and muon (0 for plain SGD).
+    momentum: float = 0.9
+    # Nesterov momentum (sgd with momentum > 0, muon).
+    nesterov: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,9 @@ class TrainSpec:
     max_bad_steps: int = 5
     # Prompts generated from the exported model at the end of a run (printed and logged).
     sample_prompts: List[str] = field(default_factory=list)
+    # Also generate the sample prompts from the live model every N steps (0: only at the end); samples.jsonl
+    # (with step), the log and TensorBoard text.
+    sample_every: int = 0
     # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
 

@@ -102,6 +102,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         ("train.save_every", t.save_every),
         ("train.eval_every", t.eval_every),
         ("train.hf_every", t.hf_every),
+        ("train.sample_every", t.sample_every),
         ("data.num_workers", d.num_workers),
         ("optim.weight_decay", o.weight_decay),
         ("optim.max_grad_norm", o.max_grad_norm),
@@ -136,6 +137,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
             f"train.micro_batch_size={t.micro_batch_size} = {per_step}; use e.g. {lower} or {lower + per_step}"
         )
 
+    problems.extend(optim_problems(spec, world))
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         problems.append(f"optim.betas={list(o.betas)}: give two values in [0, 1)")
     if not 0.0 <= s.warmup_ratio < 1.0:
@@ -164,6 +166,29 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     if check_files:
         problems.extend(_file_problems(spec))
     return list(dict.fromkeys(problems))
+
+
+# Why adamw_8bit cannot update FSDP2 shards (checked with bitsandbytes 0.50.2 on torch 2.13): its update is a
+# custom operator with no DTensor sharding rule ("bitsandbytes.optimizer_update_32bit.default does not have a
+# sharding strategy registered").
+BNB_SHARDED_REASON = ("optim.name=adamw_8bit: bitsandbytes' 8-bit AdamW cannot update FSDP2-sharded parameters "
+                      "(its kernels have no DTensor rule); train on one process with parallel.param_dtype equal to "
+                      "model.dtype, or use optim.name=adamw")
+
+
+def optim_problems(spec: RunSpec, world: int) -> List[str]:
+    """What the chosen optimizer cannot do here (before any model is built)."""
+    o, p = spec.optim, spec.parallel
+    out = []
+    if not 0.0 <= o.momentum < 1.0:
+        out.append(f"optim.momentum={o.momentum}: must be in [0, 1)")
+    if o.name == "adamw_8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            out.append("optim.name=adamw_8bit needs bitsandbytes: pip install 'xtune[bnb]'")
+        sharded = world > 1 or p.param_dtype not in ("auto", spec.model.dtype) or p.cpu_offload
+        if sharded:
+            out.append(BNB_SHARDED_REASON + f" (here: {world} processes, parallel.param_dtype={p.param_dtype})")
+    return out
 
 
 def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
@@ -351,13 +376,18 @@ def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
             f"({tokenizer_dir(m)}): use the model's own tokenizer, or a model whose vocabulary covers it")
 
 
+DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")
+
+
 def _file_problems(spec: RunSpec) -> List[str]:
     problems: List[str] = []
     d, t = spec.data, spec.train
     for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
         for i, ds in enumerate(items):
-            if not Path(ds.path).expanduser().exists():
+            if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
                 problems.append(f"{group}[{i}] ({ds.name}).path={ds.path}: no such file or folder")
+            if ds.format not in DATASET_FORMATS:
+                problems.append(f"{group}[{i}] ({ds.name}).format={ds.format}: choose one of {', '.join(DATASET_FORMATS)}")
             if ds.media_root is not None and not Path(ds.media_root).expanduser().is_dir():
                 problems.append(f"{group}[{i}] ({ds.name}).media_root={ds.media_root}: no such folder")
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().exists():

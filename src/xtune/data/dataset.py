@@ -10,7 +10,9 @@ from typing import List, Optional
 import numpy as np
 
 from xtune.data import cache
-from xtune.data.formats import count_kinds, list_files
+from xtune.data.convert import Converter, resolve_format
+from xtune.data.formats import count_kinds
+from xtune.data.sources import iter_file, list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
@@ -35,6 +37,7 @@ class TokenizedDataset:
     dropped_no_loss: int
     errors: List[str]
     built: bool  # tokenised by this process (False: read from the cache)
+    format: str = "messages"  # the record format read (auto resolved)
     group: int = 1  # samples per item: 2 for preference pairs (chosen, rejected), else 1
 
     @property
@@ -98,10 +101,17 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
     """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache. `preference`: the records are
     preference pairs, stored as two consecutive samples each (chosen, rejected)."""
     files = list_files(ds_spec.path)
+    columns = dict(ds_spec.columns or {})
+    # Preference pairs have their own record forms (xtune.data.preference); format/columns apply to SFT data.
+    fmt = "messages" if preference else resolve_format(ds_spec.format, columns, files[0], next(iter_file(files[0])))
+    if verbose and not preference:
+        log.info("%s: format %s%s", ds_spec.name, fmt, " (auto-detected)" if ds_spec.format == "auto" else "")
+    converter = Converter(fmt, columns)
     settings = tokenize_settings(tokenizer, data_spec, model_spec, preference)
     digest = tokenizer_digest or cache.tokenizer_hash(tokenizer)
     root = cache.default_cache_dir(data_spec.cache_dir)
-    key = cache.cache_key(files, digest, settings, ds_spec.media_root, data_spec.on_error, memo_dir=root / "files")
+    key = cache.cache_key(files, digest, settings, f"{ds_spec.media_root}|{fmt}|{sorted(columns.items())}",
+                          data_spec.on_error, memo_dir=root / "files")
     folder = root / key
 
     def build():
@@ -110,6 +120,7 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         chunk = tokenize_files(
             tokenizer, settings, files, ds_spec.media_root,
             num_workers=data_spec.num_workers, skip_errors=data_spec.on_error == "skip",
+            convert=None if converter.is_identity else converter,
         )
         cache.save_entry(folder, chunk, {"name": ds_spec.name, "files": files})
 
@@ -125,7 +136,7 @@ def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest:
         name=ds_spec.name, files=files, ids=e["ids"], labels=e["labels"], offsets=e["offsets"],
         images=e["images"], sources=e["sources"], records=e["records"], truncated=e["truncated"],
         dropped_image_cut=e["dropped_image_cut"], dropped_no_loss=e["dropped_no_loss"], errors=e["errors"],
-        built=built, group=2 if preference else 1,
+        built=built, group=2 if preference else 1, format=fmt,
     )
     if verbose:
         ds.report()

@@ -58,16 +58,21 @@ def render_sample(tokenizer, ids, labels, delimiters: bool = False) -> Text:
     return out
 
 
+def _spec_format(spec, name: str) -> str:
+    return next((d.format for d in spec.data.datasets if d.name == name), "messages")
+
+
 def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_index: int = 0) -> PackedData:
     """Print per dataset its counts and length histogram, the packing efficiency and one rendered sample."""
     console = console or Console()
     data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=False)
     table = Table(title="datasets")
-    for col in ("name", "records", "samples", "tokens", "trained", "truncated", "dropped", "skipped"):
+    for col in ("name", "format", "records", "samples", "tokens", "trained", "truncated", "dropped", "skipped"):
         table.add_column(col, justify="left" if col == "name" else "right")
-    for st in data.stats.datasets:
+    for ds, st in zip(data.datasets, data.stats.datasets):
         dropped = st["dropped_image_cut"] + st["dropped_no_loss"]
-        table.add_row(st["name"], str(st["records"]), str(st["samples"]), str(st["tokens"]),
+        fmt = ds.format + (" (auto)" if _spec_format(spec, ds.name) == "auto" else "")
+        table.add_row(st["name"], fmt, str(st["records"]), str(st["samples"]), str(st["tokens"]),
                       str(st["trained_tokens"]), str(st["truncated"]), str(dropped), str(st["skipped"]))
     console.print(table)
     for ds, st in zip(data.datasets, data.stats.datasets):

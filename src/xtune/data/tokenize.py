@@ -285,9 +285,10 @@ def sample_tokenizer(tokenizer, settings: TokenizeSettings) -> SampleTokenizer:
 
 def tokenize_lines(
     tokenizer, settings: TokenizeSettings, file: str, lines: List[Tuple[int, str]], media_root: str,
-    skip_errors: bool, batch: int = 64,
+    skip_errors: bool, batch: int = 64, convert=None,
 ) -> TokenizedChunk:
-    """Parse and tokenise (line number, text) pairs of one file."""
+    """Parse and tokenise (line number, text) pairs of one file; `convert(where, text)` maps another record
+    format to messages first (`data.convert.Converter`)."""
     from xtune.data.formats import parse_record
     from xtune.data.preference import pair_records, parse_pair
 
@@ -299,6 +300,8 @@ def tokenize_lines(
     def parse(lineno, line):
         if settings.preference:
             return pair_records(parse_pair(file, lineno, line), file, lineno, media_root)
+        if convert is not None:
+            line = convert(f"{file}:{lineno}", line)
         return parse_record(file, lineno, line, media_root)
 
     def flush():
@@ -341,8 +344,9 @@ def _worker_init(tokenizer, settings: TokenizeSettings) -> None:
     _WORKER["settings"] = settings
 
 
-def _worker_run(file: str, lines, media_root: str, skip_errors: bool) -> TokenizedChunk:
-    return tokenize_lines(_WORKER["tokenizer"], _WORKER["settings"], file, lines, media_root, skip_errors)
+def _worker_run(file: str, lines, media_root: str, skip_errors: bool, convert=None) -> TokenizedChunk:
+    return tokenize_lines(_WORKER["tokenizer"], _WORKER["settings"], file, lines, media_root, skip_errors,
+                          convert=convert)
 
 
 def merge_chunks(chunks: List[TokenizedChunk]) -> TokenizedChunk:
@@ -362,10 +366,10 @@ def merge_chunks(chunks: List[TokenizedChunk]) -> TokenizedChunk:
 
 def tokenize_files(
     tokenizer, settings: TokenizeSettings, files: List[str], media_root: Optional[str], *,
-    num_workers: int = 0, skip_errors: bool = False, chunk_lines: int = 512,
+    num_workers: int = 0, skip_errors: bool = False, chunk_lines: int = 512, convert=None,
 ) -> TokenizedChunk:
     """Tokenise every record of `files` (in file, then line order), in `num_workers` processes."""
-    from xtune.data.formats import iter_lines
+    from xtune.data.sources import iter_file
 
     if is_slow(tokenizer):  # Python tokenizers are slow: smaller chunks spread one file over the workers
         chunk_lines = min(chunk_lines, SLOW_CHUNK_LINES)
@@ -373,7 +377,7 @@ def tokenize_files(
     for f in files:
         root = media_root if media_root is not None else os.path.dirname(f)
         try:
-            lines = list(iter_lines(f))
+            lines = list(iter_file(f))
         except DataError as e:
             if not skip_errors:
                 raise
@@ -389,7 +393,7 @@ def tokenize_files(
 
     if num_workers <= 1 or len(jobs) <= 1:
         return merge_chunks([
-            as_error(err) if err else tokenize_lines(tokenizer, settings, f, ls, root, skip_errors)
+            as_error(err) if err else tokenize_lines(tokenizer, settings, f, ls, root, skip_errors, convert=convert)
             for f, ls, root, err in jobs
         ])
     import multiprocessing as mp
@@ -403,7 +407,7 @@ def tokenize_files(
         initializer=_worker_init, initargs=(tokenizer, settings),
     ) as pool:
         futures = [
-            None if err else pool.submit(_worker_run, f, ls, root, skip_errors) for f, ls, root, err in jobs
+            None if err else pool.submit(_worker_run, f, ls, root, skip_errors, convert) for f, ls, root, err in jobs
         ]
         return merge_chunks([
             as_error(job[3]) if fut is None else fut.result() for job, fut in zip(jobs, futures)

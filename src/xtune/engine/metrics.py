@@ -119,6 +119,12 @@ class MetricsLogger:
             self.message(f"step {r['step']}/{self.total}  {info}  eta {_hms(eta)}"
                          + ("  [skipped: non-finite grad norm]" if r.get("skipped") else ""))
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text entry (samples) in TensorBoard."""
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+            self.tb.flush()
+
     def message(self, text: str) -> None:
         if self.progress is not None:
             self.progress.console.print(text)
@@ -140,6 +146,9 @@ class NullLogger:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
         pass
 
     def close(self) -> None:

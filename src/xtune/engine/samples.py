@@ -48,9 +48,24 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+DISPLAY_CHARS = 160
+
+
+def display(text: str, limit: int = DISPLAY_CHARS) -> str:
+    """One readable line: line breaks shown as ' ⏎ ' with blank lines and whitespace runs collapsed, cut with an
+    ellipsis past `limit` characters; an answer of nothing but whitespace (an undertrained model) is '(empty)'."""
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    flat = " ⏎ ".join(line for line in lines if line)
+    if not flat:
+        return "(empty)"
+    return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"
+
+
 def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_new_tokens: int, step: int,
-                     out_file: Optional[Path] = None, log: Callable[[str], None] = print) -> list:
-    """Greedy completions of `prompts` by the export at `hf_dir`; appended to `out_file` (JSON lines)."""
+                     out_file: Optional[Path] = None, log: Callable[[str], None] = print,
+                     text_log: Optional[Callable[[str, str, int], None]] = None) -> list:
+    """Greedy completions of `prompts` by the export at `hf_dir`; appended to `out_file` (JSON lines, full text),
+    shown in `log` as one readable line each and given to `text_log(tag, markdown, step)` (TensorBoard text)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -64,7 +79,9 @@ def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_n
                                  pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
         out.append({"step": step, "prompt": prompt, "completion": text})
-        log(f"sample> {prompt}\n{text}")
+        log(f"sample @ step {step}> {display(prompt, 80)} -> {display(text)}")
+        if text_log is not None:
+            text_log(f"samples/{len(out) - 1}", f"**{prompt}**\n\n{text}", step)
     if out_file is not None:
         with open(out_file, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in out)

@@ -23,7 +23,7 @@ from xtune.config.io import spec_to_dict
 from xtune.engine.checkpoint import Checkpointer, resolve_resume
 from xtune.engine.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
-from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
 from xtune.errors import ConfigError, DataError, XtuneError
@@ -65,7 +65,7 @@ def preflight(spec, adapter, run_dir: Path):
     if problems:
         raise ConfigError(problems)
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
-        if not Path(ds.path).expanduser().exists():
+        if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
             raise DataError(f"dataset {ds.name}: {ds.path} does not exist")
     check_wandb(spec.logging)
     # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
@@ -149,9 +149,13 @@ class Trainer:
         self.model = self.root.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_counts = tuning.parameter_counts(self.model)
-        self.optimizer = build_optimizer(self.params, spec.optim, d.device)
+        self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                                         spec.optim, d.device, io_param_ids(self.model))
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, spec.sched, self.total_steps)
+        # fp16 compute: dynamic loss scaling (inf/nan found on any rank skips the step on all of them).
+        self.scaler = make_scaler(d) if self.compute_dtype == torch.float16 else None
+        self.overflow_steps = 0
         # This spec's optimizer settings, which a resume with a changed optim/sched section re-applies.
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # With adapters a checkpoint holds only what trains; the frozen base is reloaded from load_from.
@@ -211,7 +215,7 @@ class Trainer:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
                 objective = objective + aux.float() / n_micro
                 acc[1] += aux.detach().double()
-            objective.backward()
+            (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             acc[0] += loss.detach().double()
         acc = acc.to(d.comm_device)
         torch.distributed.all_reduce(acc)
@@ -232,19 +236,49 @@ class Trainer:
         return float(norm)
 
     def optimizer_step(self) -> tuple:
+        if self.scaler is not None:
+            return self.scaled_optimizer_step()
         gnorm = self.grad_norm()
         skipped = not math.isfinite(gnorm)
         if skipped:
             # Never let inf/nan reach the weights or Adam's moments: drop this step's gradients.
             self.skipped_steps += 1
             self.bad_streak += 1
-            if self.bad_streak >= self.spec.train.max_bad_steps:
-                raise XtuneError(
-                    f"{self.bad_streak} steps in a row had a non-finite gradient norm (last at step {self.step + 1}); "
-                    "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
-                    f"(train.max_bad_steps={self.spec.train.max_bad_steps})")
+            self._too_many_bad_steps()
         else:
             self.optimizer.step()
+            self.bad_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        return gnorm, skipped
+
+    def _too_many_bad_steps(self) -> None:
+        if self.bad_streak >= self.spec.train.max_bad_steps:
+            raise XtuneError(
+                f"{self.bad_streak} steps in a row had a non-finite gradient norm (last at step {self.step + 1}); "
+                "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
+                f"(train.max_bad_steps={self.spec.train.max_bad_steps})")
+
+    def scaled_optimizer_step(self) -> tuple:
+        """fp16: unscale (all ranks agree on inf/nan), clip, step unless it overflowed, update the scale.
+
+        An overflow is the scaler's normal way of finding its scale: it is skipped and counted
+        (overflow_steps) but only counts towards train.max_bad_steps once the scale has fallen below 1,
+        where the gradients themselves are non-finite."""
+        self.scaler.unscale_(self.optimizer)
+        gnorm = self.grad_norm()
+        skipped = not math.isfinite(gnorm)
+        self.step_scale = float(self.scaler.get_scale())
+        # Our own step rather than scaler.step: that one hands found_inf to fused AdamW, whose CPU kernel
+        # rejects its shape (torch 2.13); unscale_ already recorded found_inf for update().
+        if not skipped:
+            self.optimizer.step()
+        self.scaler.update()
+        if skipped:
+            self.skipped_steps += 1
+            self.overflow_steps += 1
+            self.bad_streak = self.bad_streak + 1 if self.step_scale < 1.0 else 0
+            self._too_many_bad_steps()
+        else:
             self.bad_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm, skipped
@@ -266,6 +300,9 @@ class Trainer:
         rec.update(stats["method"])
         if stats["aux_loss"]:
             rec["aux_loss"] = stats["aux_loss"]
+        if self.scaler is not None:
+            rec["loss_scale"] = self.step_scale  # the scale this step's backward used
+            rec["overflow_steps"] = self.overflow_steps
         if skipped:
             rec["skipped"] = True
             rec["skipped_steps"] = self.skipped_steps
@@ -295,10 +332,11 @@ class Trainer:
     def extra_state(self) -> dict:
         """The run's global state (JSON): nothing in it depends on the number of ranks or their layout."""
         return {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "counters": {"step": self.step, "bad_streak": self.bad_streak, "skipped_steps": self.skipped_steps,
-                         "tokens_seen": self.tokens_seen},
+                         "tokens_seen": self.tokens_seen, "overflow_steps": self.overflow_steps},
             "spec": spec_to_dict(self.spec),
         }
 
@@ -322,10 +360,13 @@ class Trainer:
         saved = meta.get("layout") or {"world_size": meta["world_size"]}
         extra = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
         self.loader.load_state_dict(extra["loader"])
         c = extra["counters"]
         self.step, self.bad_streak = c["step"], c["bad_streak"]
         self.skipped_steps, self.tokens_seen = c["skipped_steps"], c["tokens_seen"]
+        self.overflow_steps = c.get("overflow_steps", 0)
         self.last_saved = self.step
         notes = [f"layout: saved by {describe_layout(saved)}; now {describe_layout(self.layout())}"]
         if changes and changes.lines:
@@ -449,6 +490,8 @@ class Trainer:
                 if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                     eval_loss = self.evaluate()
                     logger.log({"step": self.step, "eval_loss": eval_loss, **self.eval_metrics})
+                if t.sample_every and t.sample_prompts and self.step % t.sample_every == 0 and not done and not stop:
+                    self.live_samples()
                 if (t.save_every and self.step % t.save_every == 0) or stop:
                     self.save()
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
@@ -495,10 +538,35 @@ class Trainer:
 
         t = self.spec.train
         return generate_samples(self.adapter, self.tokenizer, hf_dir, t.sample_prompts, t.sample_max_new_tokens,
-                                self.step, self.run_dir / "samples.jsonl", self.logger.message)
+                                self.step, self.run_dir / "samples.jsonl", self.logger.message, self.logger.text)
+
+    def live_samples(self) -> None:
+        """Samples from the model as it is now (train.sample_every). Collective: every rank gathers the full weights
+        into a temporary export (merged with the adapters, in the family's layout: export_hf), then rank 0 builds
+        a plain model from it and generates, the same path as the end-of-run samples."""
+        import shutil
+
+        tmp = self.run_dir / ".samples-hf"
+        try:
+            hf_dir = self.export_hf(tmp)
+            if self.denv.is_main:
+                self.generate_samples(hf_dir)
+        finally:
+            if self.denv.is_main:
+                for d in (tmp, tmp.with_name(".samples-hf_adapter")):
+                    shutil.rmtree(d, ignore_errors=True)
+        self.denv.barrier()
 
     def close(self) -> None:
         self.denv.close()
+
+
+def make_scaler(denv):
+    """torch's ShardedGradScaler: works on FSDP2's DTensor gradient shards and all-reduces the inf/nan flag
+    over the default group, so every rank skips the same steps."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device=denv.device.type)
 
 
 def train(spec, work_dir=None, argv=None, **inject) -> dict:
