@@ -266,3 +266,19 @@ def test_lora_on_the_auto_family_equals_peft_all_linear(model_type, tmp_path, cl
     assert sorted(ours) == sorted(theirs) and ours
     docs = [d for row in ListLoader(1, 1, 0, 1, 1, seed=4, docs_per_row=3).rows_of_step(0) for d in row]
     assert_packed_equals_reference(tr, ref, ours, theirs, docs)
+
+
+def test_adapter_only_export_is_what_samples_load(init_dir, tmp_path, closing):
+    """peft.merge_on_export=false: only hf_adapter/ is written, and the samples path (engine/samples.py) loads it
+    over its base through peft, with the trained model's logits."""
+    from xtune.engine.samples import load_export
+
+    tr = trainer_of(spec_of(init_dir, "peft=lora", "peft.merge_on_export=false"), tmp_path / "run")
+    closing.append(tr)
+    randomize_b(tr.model, 3)
+    out = tr.export_hf()
+    assert out == tmp_path / "run" / "hf_adapter" and not (tmp_path / "run" / "hf").exists()
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(load_export(tr.adapter, out)(input_ids=ids).logits, tr.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
