@@ -32,7 +32,7 @@ def metrics(run_dir):
 
 def test_sweep_table_matches_the_runs_metrics(sweep):
     root, out = sweep
-    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # two points failed (CheckpointError: exit 1)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # the sweep fails (exit 1): two points failed with a bad checkpoint (exit 2)
     summary = json.loads((root / "summary.json").read_text())
     assert summary["varying"] == ["optim.lr", "train.resume"]
     rows = summary["runs"]
@@ -41,7 +41,7 @@ def test_sweep_table_matches_the_runs_metrics(sweep):
     failed = [r for r in rows if r["status"] != "ok"]
     assert len(ok) == 2 and {r["train.resume"] for r in ok} == {"null"}
     assert {r["optim.lr"] for r in ok} == {"0.001", "0.003"}
-    assert [r["status"] for r in failed] == ["failed (exit 1)"] * 2
+    assert [r["status"] for r in failed] == ["failed (exit 2)"] * 2
     for r in ok:
         recs = metrics(r["run_dir"])
         train = [x for x in recs if "loss" in x]
@@ -56,7 +56,7 @@ def test_sweep_table_matches_the_runs_metrics(sweep):
         table = list(csv.DictReader(f))
     assert [row["run_dir"] for row in table] == [r["run_dir"] for r in rows]
     assert [float(row["final_loss"]) for row in table if row["status"] == "ok"] == [r["final_loss"] for r in ok]
-    assert "failed (exit 1)" in out.stdout and "summary.csv" in out.stdout
+    assert "failed (exit 2)" in out.stdout and "summary.csv" in out.stdout
     assert f"{ok[0]['final_loss']:.4f}" in out.stdout
 
 
@@ -69,7 +69,7 @@ def test_runs_command_prints_the_same_table(sweep):
         assert r["run_dir"] in out.stdout
         if r["final_loss"] is not None:
             assert f"{r['final_loss']:.4f}" in out.stdout and f"{r['best_eval_loss']:.4f}" in out.stdout
-    assert out.stdout.count("failed (exit 1)") == 2
+    assert out.stdout.count("failed (exit 2)") == 2
     bad = xtune("runs", str(root / "nope"))
     assert bad.returncode == 2 and "no such run or sweep directory" in bad.stderr
 
