@@ -88,7 +88,10 @@ def content_hash(path: str, memo_dir: Optional[Path]) -> str:
     digest = stored()
     if digest is not None:
         return digest
-    memo_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache: hash without a memo; writing the entry reports the folder
+        return file_hash(real)
     with FileLock(str(memo) + ".lock"):
         digest = stored()  # hashed by another process while this one waited
         if digest is None:
