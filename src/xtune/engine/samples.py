@@ -19,7 +19,16 @@ from ..errors import XtuneError
 
 
 def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
-    """The export at `hf_dir` as the family's transformers model (eval mode, KV cache on)."""
+    """The export at `hf_dir` as the family's transformers model (eval mode, KV cache on). A PEFT adapter folder
+    (an adapter run with peft.merge_on_export=false) is applied by peft to its base and merged."""
+    adapter_config = Path(hf_dir) / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise XtuneError(f"{adapter_config} names no base model (base_model_name_or_path)")
+        return PeftModel.from_pretrained(load_export(adapter, Path(base)), str(hf_dir)).merge_and_unload().eval()
     config = adapter.config_from_dict(json.loads((Path(hf_dir) / "config.json").read_text()))
     with torch.device("meta"):
         model = adapter.build_model(config, "sdpa")
