@@ -32,7 +32,7 @@ def metrics(run_dir):
 
 def test_sweep_table_matches_the_runs_metrics(sweep):
     root, out = sweep
-    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # the sweep fails (exit 1): two points failed with a bad checkpoint (exit 2)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # two points failed (bad checkpoint: exit 2)
     summary = json.loads((root / "summary.json").read_text())
     assert summary["varying"] == ["optim.lr", "train.resume"]
     rows = summary["runs"]

@@ -211,7 +211,8 @@ def test_inspect_prints_counts_efficiency_and_sample(qwen_tok, write_jsonl, run_
         trained[name] = sum(len(render(r["messages"])) - len(render(r["messages"][:-1], add_generation_prompt=True)) - 1
                             for r in recs)
         n = len(recs)
-        row = rf"│ {name}\s+│\s+{n} │\s+{n} │\s+{sum(lengths[name])} │\s+{trained[name]} │\s+0 │\s+0 │\s+0 │"
+        row = (rf"│ {name}\s+│\s+messages \(auto\) │\s+{n} │"
+               rf"\s+{n} │\s+{sum(lengths[name])} │\s+{trained[name]} │\s+0 │\s+0 │\s+0 │")
         assert re.search(row, out), (row, out)
         section = out.split(f"{name} sample lengths (tokens):\n")[1]
         printed = [int(line.split()[-1]) for line in section.splitlines()[:10]]
