@@ -2,14 +2,12 @@
 2 ranks x 2 (FSDP2 over gloo, and HSDP), and 1 rank x 1 -- and equals a plain transformers model run
 document by document (the reference, computed here without the engine)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed.tiny import ListLoader, child_env, free_port, reference_loss, save_tiny_hf
+from tests.distributed.tiny import ListLoader, reference_loss, run_on_one_and_two_ranks, save_tiny_hf
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -19,14 +17,7 @@ ROOT = HERE.parents[1]
 def layouts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("split")
     save_tiny_hf(tmp / "init", seed=3)
-    worker = str(HERE / "split_worker.py")
-    env = child_env()
-    one = subprocess.Popen([sys.executable, worker, str(tmp / "init"), str(tmp)], env=env, cwd=ROOT)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", worker, str(tmp / "init"), str(tmp)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
-    assert one.wait(timeout=240) == 0
-    assert two.returncode == 0, two.stderr[-4000:]
+    run_on_one_and_two_ranks(str(HERE / "split_worker.py"), tmp / "init", tmp, cwd=ROOT, timeout=240)
     return tmp, {n: torch.load(tmp / f"{n}.pt") for n in ("1x4", "1x1", "2x2", "2x2-hsdp")}
 
 

@@ -2,14 +2,12 @@
 (FSDP2 over gloo) give the same loss, gradients and reward metrics, equal to the papers' formulas on a plain
 transformers model run pair half by pair half."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed.tiny import child_env, free_port, save_tiny_hf
+from tests.distributed.tiny import run_on_one_and_two_ranks, save_tiny_hf
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -19,14 +17,7 @@ ROOT = HERE.parents[1]
 def layouts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pref_split")
     save_tiny_hf(tmp / "init", seed=4)
-    worker = str(HERE / "pref_split_worker.py")
-    one = subprocess.run([sys.executable, worker, str(tmp / "init"), str(tmp)], env=child_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-4000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", worker, str(tmp / "init"), str(tmp)],
-                         env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-4000:]
+    run_on_one_and_two_ranks(str(HERE / "pref_split_worker.py"), tmp / "init", tmp, cwd=ROOT)
     return tmp, torch.load(tmp / "1.pt"), torch.load(tmp / "2.pt")
 
 

@@ -201,3 +201,22 @@ def child_env(extra=None):
     env.pop("WORLD_SIZE", None)
     env.update(extra or {})
     return env
+
+
+def run_on_one_and_two_ranks(worker: str, *args, cwd, timeout=300) -> None:
+    """`python WORKER ARGS` on 1 rank and under torchrun on 2 ranks, side by side; fails with the stderr tail."""
+    import subprocess
+    import sys
+    import tempfile
+
+    env = child_env()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: the 1-rank worker never blocks on its output
+        one = subprocess.Popen([sys.executable, worker, *map(str, args)], env=env, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=err)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                              "--master-addr=127.0.0.1", f"--master-port={free_port()}", worker, *map(str, args)],
+                             env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+        one.wait(timeout=timeout)
+        err.seek(0)
+        assert one.returncode == 0, err.read()[-4000:]
+    assert two.returncode == 0, two.stderr[-4000:]
