@@ -170,7 +170,8 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
-    peft_keys = list(model.state_dict().keys()) if denv.is_main and tuning.adapter_state_keys(model) else None
+    keys = list(model.state_dict().keys()) if denv.is_main else []
+    peft_keys = keys if any(tuning.is_adapter_key(k) for k in keys) else None
     batches = None
     if denv.is_main:  # an adapter without a streaming reader hands over the whole folder as one batch
         stream = getattr(adapter, "iter_hf_state_dict", None)
@@ -200,7 +201,7 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
         _return_freed_memory()
     tied = _tied_names(model)
     # Rank 0 is the one that saw the files: its verdict is the one every rank acts on.
-    missing = sorted(k for k in model.state_dict() if k not in loaded and k not in tied
+    missing = sorted(k for k in keys if k not in loaded and k not in tied
                      and not tuning.is_adapter_key(k)) if denv.is_main else None
     missing = denv.broadcast_object(missing)
     if missing:

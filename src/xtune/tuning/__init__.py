@@ -10,7 +10,6 @@
 
 from xtune.tuning.base import base_state, saved_base_dir, with_saved_base
 from xtune.tuning.lora import (
-    adapter_state_keys,
     check_targets,
     describe,
     enabled,
@@ -24,7 +23,7 @@ from xtune.tuning.lora import (
 )
 
 __all__ = [
-    "adapter_state_keys", "base_state", "check_targets", "describe", "enabled", "init_adapter_weights", "inject",
+    "base_state", "check_targets", "describe", "enabled", "init_adapter_weights", "inject",
     "is_adapter_key", "lora_config", "parameter_counts", "resolve_targets", "saved_base_dir", "to_peft_keys",
     "with_saved_base",
 ]

@@ -146,9 +146,6 @@ def base_key(key: str) -> str:
     return key
 
 
-def adapter_state_keys(model: nn.Module) -> List[str]:
-    return [k for k in model.state_dict().keys() if is_adapter_key(k)]
-
 
 def to_peft_keys(model_keys: Iterable[str], sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A base-model state dict -> the wrapped model's keys: frozen bases and the trained copies of
