@@ -24,12 +24,12 @@ TUNED_MODEL_TYPES: Dict[str, tuple] = {
 # Model types the `auto` family trains: each is proven by tests/unit/test_models_auto.py to give the
 # same loss and gradients packed as unpacked (its attention honours per-document position ids, sliding
 # windows included) and to expose its blocks and output projection. Others are refused before launch.
-AUTO_MODEL_TYPES = ("llama", "mistral", "gemma3_text", "phi3", "qwen2", "qwen3")
+# gemma3 is the multimodal Gemma 3: its language model (gemma3_text) is trained, the rest kept as is.
+AUTO_MODEL_TYPES = ("llama", "mistral", "gemma3_text", "gemma3", "phi3", "qwen2", "qwen3")
 
 # Why a known model type is refused (more specific than "not proven").
 _REFUSED_WHY = {
     "gemma2": "its attention has no sdpa path in transformers and its logits are soft-capped",
-    "gemma3": "Gemma 3 multimodal; give a text-only checkpoint (model_type gemma3_text) instead",
 }
 
 
@@ -102,7 +102,8 @@ def family_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
         problems.append(f"model.family=auto: model_type {model_type} cannot be trained packed safely: {why}. "
                         f"Supported model types: {', '.join(AUTO_MODEL_TYPES)}")
     merged = {**(folder_config(m.load_from) or {}), **dict(m.arch or {})}
-    if merged.get("final_logit_softcapping") is not None:
-        problems.append(f"model.family=auto: final_logit_softcapping={merged['final_logit_softcapping']} is not "
+    capping = merged.get("final_logit_softcapping", (merged.get("text_config") or {}).get("final_logit_softcapping"))
+    if capping is not None:
+        problems.append(f"model.family=auto: final_logit_softcapping={capping} is not "
                         "supported (the chunked loss computes plain logits); set model.arch.final_logit_softcapping=null")
     return problems

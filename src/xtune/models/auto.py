@@ -7,17 +7,30 @@ decoder's output and the output projection from `get_output_embeddings()`. Block
 class, so they are found the same after peft wraps the linear layers inside them. Weights keep their
 own key names both ways. Which model types may use this family is decided at compose time
 (`config/families.py`: only those proven to pack safely).
+
+A multimodal checkpoint listed in `TEXT_PART_PREFIXES` (Gemma 3 4B-27B) is trained text-only: its
+language model is built as the text model transformers has for it, and the export is the whole
+multimodal folder again, vision tower and projector copied unchanged from `load_from`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .base import ModelAdapter
+
+
+# Composite model_type -> (checkpoint prefix, text-model prefix) of its language model. transformers 5.24
+# writes Gemma 3 in the hub's layout (`language_model.model.*`); its in-memory layout is read too.
+TEXT_PART_PREFIXES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    "gemma3": (("language_model.model.", "model."), ("model.language_model.", "model."),
+               ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")),
+}
 
 
 class AutoAdapter(ModelAdapter):
@@ -31,7 +44,49 @@ class AutoAdapter(ModelAdapter):
         model_type = d.pop("model_type", None)
         if not model_type:
             raise ConfigError(["model.family=auto needs a model_type (load_from's config.json or model.arch.model_type)"])
-        return AutoConfig.for_model(model_type, **d)
+        config = AutoConfig.for_model(model_type, **d)
+        return config.get_text_config() if model_type in TEXT_PART_PREFIXES else config
+
+    # ----------------------------------------------------------------- the text part of a multimodal folder
+    def _text_part_prefixes(self) -> Optional[Tuple[Tuple[str, str], ...]]:
+        """The key prefixes when load_from is a multimodal checkpoint trained text-only, else None."""
+        original = self.original_config_dict() if self.spec.load_from is not None else None
+        return TEXT_PART_PREFIXES.get((original or {}).get("model_type"))
+
+    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        prefixes = self._text_part_prefixes()
+        if prefixes is None:
+            return sd
+        out = {}
+        for key, tensor in sd.items():
+            for old, new in prefixes:
+                if key.startswith(old):
+                    out[new + key[len(old):]] = tensor
+                    break
+            # anything else (vision tower, projector) is not part of the text model: export copies it back
+        return out
+
+    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        prefixes = self._text_part_prefixes()
+        if prefixes is None:
+            return sd
+        old_of = {}
+        for old, new in prefixes:
+            old_of.setdefault(new, old)  # the first prefix is the layout transformers writes
+        out = {}
+        for key, tensor in sd.items():
+            new = next(n for n in old_of if key.startswith(n))
+            out[old_of[new] + key[len(new):]] = tensor
+        # The parts not trained, read back unchanged (a copy: the source files may be replaced later).
+        from .safetensors_io import SafetensorsView
+
+        folder = Path(str(self.spec.load_from)).expanduser()
+        for fname, keys in self._weight_files(folder).items():
+            view = SafetensorsView(folder / fname)
+            for key in keys or view.keys():
+                if not any(key.startswith(old) for old, _ in prefixes):
+                    out[key] = view.get(key).clone()
+        return out
 
     def model_class(self, config) -> Any:
         from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
