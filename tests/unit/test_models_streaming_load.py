@@ -3,9 +3,15 @@
 The checkpoint is written here, in the original per-expert layout (`mlp.experts.{e}.{gate,up,down}_proj`),
 with plain safetensors calls and ~14 shard files whose boundaries split layers' experts. A child process
 runs the engine's load (`load_full_weights` into a materialised model, as rank 0 of a single-process run)
-and reports its peak RSS (`ru_maxrss`) minus its RSS before the model was built: that growth holds the
-model itself (1x the checkpoint) plus whatever the reader keeps on top. The loaded weights are compared
-to the test's own fusing of the files (torch.cat / torch.stack).
+and reports the peak, over the load, of its anonymous memory growth since before the model was built
+plus the resident pages of the checkpoint files it has mapped: that holds the model itself (1x the
+checkpoint) plus whatever the reader keeps on top, as heap copies or as mapped files. The loaded weights
+are compared to the test's own fusing of the files (torch.cat / torch.stack).
+
+Why not the process's peak RSS (`ru_maxrss` minus the RSS before): it also counts the pages of torch's
+own libraries, which a loaded machine evicts before the baseline and the load faults back in; inside a
+busy test session that measured 1.47-2.97x for the same load that measures 1.2x alone. Anonymous memory
+(no swap here) and the checkpoint's own mappings are what the reader controls.
 """
 
 from __future__ import annotations
@@ -15,13 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=192, num_hidden_layers=24,
+ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=192, num_hidden_layers=12,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
             decoder_sparse_step=1, max_position_embeddings=512, tie_word_embeddings=False)
-SHARD_BYTES = 8 << 20
+SHARD_BYTES = 4 << 20
 BOUND = 1.3
 
 
@@ -87,10 +92,54 @@ def fused_reference(folder: Path) -> dict:
     return out
 
 
+def _anon_kb() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith("RssAnon")).split()[1])
+
+
+def _checkpoint_mapped_kb() -> int:
+    """Resident kB of the mappings of *.safetensors files."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for ln in f:
+            first = ln.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = ln.rstrip().endswith(".safetensors")
+            elif inside and first == "Rss:":
+                total += int(ln.split()[1])
+    return total
+
+
+class PeakSampler:
+    """Samples anonymous memory growth + mapped checkpoint pages every few ms in a thread; keeps the peak."""
+
+    def __init__(self):
+        import threading
+
+        self.base, self.peak, self.samples = _anon_kb(), 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _anon_kb() - self.base + _checkpoint_mapped_kb())
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.003):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
 def _child(folder: str, out: str) -> None:
     """Rank 0 of a single-process run: build the model, load the folder with the engine, report memory."""
-    import resource
-
     from safetensors.torch import save_file
 
     from xtune.config.schema import ModelSpec, ParallelSpec
@@ -101,21 +150,17 @@ def _child(folder: str, out: str) -> None:
     denv = init_distributed(ParallelSpec())
     adapter = get_adapter(ModelSpec(name="m", family="qwen3_moe", load_from=folder, tokenizer="builtin:qwen3_tiny"))
     config = adapter.build_config()
-    rss_kb = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS")).split()[1])
-    with torch.device("meta"):
-        model = adapter.build_model(config, "sdpa")
-    model.to_empty(device="cpu")
-    adapter.reset_buffers(model)
-    load_full_weights(adapter, model, folder, denv)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakSampler() as sampler:
+        with torch.device("meta"):
+            model = adapter.build_model(config, "sdpa")
+        model.to_empty(device="cpu")
+        adapter.reset_buffers(model)
+        load_full_weights(adapter, model, folder, denv)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + ".safetensors")
-    Path(out + ".json").write_text(json.dumps({"growth_bytes": (peak_kb - rss_kb) * 1024}))
+    Path(out + ".json").write_text(json.dumps({"growth_bytes": sampler.peak * 1024, "samples": sampler.samples}))
     denv.close()
 
 
-# Marked slow for now: alone it measures 1.18x, but inside a full (shared, loaded) test session it has measured
-# 1.47-2.97x; the cause is not found yet (see the issue note). Run it with `pytest -m slow`.
-@pytest.mark.slow
 def test_streaming_moe_load_peak_rss_and_equal_weights(tmp_path):
     from safetensors.torch import load_file
 
@@ -125,11 +170,13 @@ def test_streaming_moe_load_peak_rss_and_equal_weights(tmp_path):
     out = tmp_path / "loaded"
     proc = subprocess.run([sys.executable, __file__, str(folder), str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    growth = json.loads(Path(str(out) + ".json").read_text())["growth_bytes"]
+    report = json.loads(Path(str(out) + ".json").read_text())
+    growth = report["growth_bytes"]
     ratio = growth / on_disk
-    print(f"checkpoint {on_disk / 2**20:.1f} MiB on disk, peak RSS growth while loading {growth / 2**20:.1f} MiB "
-          f"= {ratio:.2f}x")
-    assert ratio <= BOUND, f"peak RSS growth {ratio:.2f}x the checkpoint size (bound {BOUND}x)"
+    print(f"checkpoint {on_disk / 2**20:.1f} MiB on disk, peak memory growth while loading {growth / 2**20:.1f} MiB "
+          f"= {ratio:.2f}x ({report['samples']} samples)")
+    assert report["samples"] >= 20  # the sampler ran through the load
+    assert ratio <= BOUND, f"peak memory growth {ratio:.2f}x the checkpoint size (bound {BOUND}x)"
     loaded = load_file(str(out) + ".safetensors")
     ref = fused_reference(folder)
     assert set(ref) <= set(loaded)
