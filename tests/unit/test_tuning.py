@@ -282,3 +282,32 @@ def test_adapter_only_export_is_what_samples_load(init_dir, tmp_path, closing):
     with torch.no_grad():
         torch.testing.assert_close(load_export(tr.adapter, out)(input_ids=ids).logits, tr.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_of_multimodal_gemma3_loads_onto_the_multimodal_model(tmp_path, closing):
+    """LoRA on the language model of a multimodal Gemma 3 folder: hf_adapter/ names the multimodal model's
+    modules, so peft applies it to Gemma3ForConditionalGeneration (text logits = the trained model's), and the
+    samples path still applies it to the text model it builds."""
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    from tests.integration.test_model_auto import make_auto_original
+    from xtune.config.compose import load_spec
+    from xtune.engine.samples import load_export
+
+    folder = tmp_path / "orig"
+    make_auto_original("gemma3", folder)
+    spec = load_spec(BASE + ["model=auto", f"model.load_from={folder}", "model.tokenizer=null", "peft=lora",
+                             "peft.merge_on_export=false"])[1]
+    tr = trainer_of(spec, tmp_path / "run")
+    closing.append(tr)
+    randomize_b(tr.model, 2)
+    out = tr.export_hf()
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(5))
+    whole = PeftModel.from_pretrained(Gemma3ForConditionalGeneration.from_pretrained(str(folder)), str(out)).eval()
+    with torch.no_grad():
+        want = tr.model(input_ids=ids).logits
+        base = Gemma3ForConditionalGeneration.from_pretrained(str(folder)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(whole(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_export(tr.adapter, out)(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert (base - want).abs().max().item() > 1e-3  # the adapters change the output

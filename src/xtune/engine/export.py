@@ -55,6 +55,9 @@ def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokeni
         with warnings.catch_warnings():  # the same question again
             warnings.simplefilter("ignore", FutureWarning)
             peft_model.save_pretrained(str(tmp))
+        renamed = adapter.adapter_module_prefix()
+        if renamed is not None:
+            rename_adapter_modules(tmp, *renamed)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
@@ -63,6 +66,26 @@ def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokeni
     if merged_dir is not None:
         merged = peft_model.merge_and_unload()
         write_hf(adapter, merged.state_dict(), config, tokenizer, merged_dir)
+
+
+def rename_adapter_modules(folder: Path, old: str, new: str) -> None:
+    """Rename the adapted modules of a PEFT folder from `old...` to `new...` (keys and target_modules), for
+    an adapter trained on the text part of a multimodal model and loaded onto the whole model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    head = "base_model.model."
+    sd = load_file(str(weights))
+    sd = {(head + new + k[len(head + old):] if k.startswith(head + old) else k): v for k, v in sd.items()}
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        cfg["target_modules"] = sorted(new + t[len(old):] if t.startswith(old) else t for t in targets)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def replace_dir(out_dir: str | Path, fill) -> Path:

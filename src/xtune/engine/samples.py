@@ -28,7 +28,20 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base:
             raise XtuneError(f"{adapter_config} names no base model (base_model_name_or_path)")
-        return PeftModel.from_pretrained(load_export(adapter, Path(base)), str(hf_dir)).merge_and_unload().eval()
+        renamed = adapter.adapter_module_prefix()
+        if renamed is None:
+            return PeftModel.from_pretrained(load_export(adapter, Path(base)), str(hf_dir)).merge_and_unload().eval()
+        # The adapter names the multimodal model's modules; samples run on the text model built here.
+        import shutil
+        import tempfile
+
+        from .export import rename_adapter_modules
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(Path(hf_dir) / name, Path(tmp) / name)
+            rename_adapter_modules(Path(tmp), renamed[1], renamed[0])
+            return PeftModel.from_pretrained(load_export(adapter, Path(base)), tmp).merge_and_unload().eval()
     config = adapter.config_from_dict(json.loads((Path(hf_dir) / "config.json").read_text()))
     with torch.device("meta"):
         model = adapter.build_model(config, "sdpa")

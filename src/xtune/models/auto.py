@@ -66,6 +66,11 @@ class AutoAdapter(ModelAdapter):
             # anything else (vision tower, projector) is not part of the text model: export copies it back
         return out
 
+    def adapter_module_prefix(self) -> Optional[Tuple[str, str]]:
+        # hf_adapter/ loads onto the multimodal model: transformers 5.24 names its language model's
+        # modules `model.language_model.*` in memory (the text model's are `model.*`).
+        return ("model.", "model.language_model.") if self._text_part_prefixes() else None
+
     def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         prefixes = self._text_part_prefixes()
         if prefixes is None:

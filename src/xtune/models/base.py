@@ -303,6 +303,10 @@ class ModelAdapter:
         """Model layout -> original layout (identity unless a family overrides it)."""
         return sd
 
+    def adapter_module_prefix(self) -> Optional[Tuple[str, str]]:
+        """(prefix in the trained model, prefix in the model an adapter export loads onto) when they differ."""
+        return None
+
     def key_stream(self, original_keys: List[str]) -> "KeyStream":
         """Converts the original layout to the model's one (key, tensor) at a time; `original_keys` are all
         the keys that will be pushed. Families whose map is per key use `to_model_keys` on each."""
