@@ -119,32 +119,57 @@ def _log_to(run_dir: Path) -> None:
 
 def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequence[str]) -> int:
     """A sweep: Hydra owns the process (run dirs, launcher plugins). Every point was validated already.
+    The jobs may run in other processes or on other machines (joblib, submitit): the summary and the exit
+    code are read back from the sweep directory, which `SweepDirRecord` reports from inside Hydra.
 
     Reach-in (hydra-core 1.3.8): `hydra.main` reads its arguments from sys.argv only; `_run_hydra` is what it
     calls with them parsed, so the command line is handed over without rewriting sys.argv.
     """
+    import tempfile
+
     from hydra._internal.utils import _run_hydra, get_args_parser
 
     from xtune.config.compose import hydra_overrides, primary_config
     from xtune.config.resources import conf_dir
+    from xtune.runs import find_runs, read_status
 
-    failed: List[str] = []
-    job_dirs: List[Path] = []
-
-    def task(cfg) -> int:
-        code, work_dir = sweep_job(cfg)
-        job_dirs.append(work_dir)
-        if code:
-            failed.append(str(code))
-        return code
-
-    parser = get_args_parser()
-    args = parser.parse_args(["-m", *hydra_overrides(overrides, config_dirs)])
-    _run_hydra(args=args, args_parser=parser, task_function=task, config_path=str(conf_dir()),
-               config_name=primary_config(command))
-    if job_dirs:
-        _sweep_summary(job_dirs)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "sweep_dir"
+        callback = "+hydra.callbacks.xtune_sweep_dir"
+        parser = get_args_parser()
+        args = parser.parse_args(["-m", *hydra_overrides(overrides, config_dirs),
+                                  f"{callback}._target_={__name__}.SweepDirRecord", f"{callback}.record={record}"])
+        _run_hydra(args=args, args_parser=parser, task_function=sweep_job, config_path=str(conf_dir()),
+                   config_name=primary_config(command))
+        sweep_dir = Path(record.read_text()) if record.is_file() else None
+    try:
+        job_dirs = find_runs([sweep_dir]) if sweep_dir is not None else []
+    except XtuneError:  # no job got as far as its run directory
+        job_dirs = []
+    if not job_dirs:
+        _console(stderr=True).print(f"[bold red]no job of the sweep left a run directory[/] in {sweep_dir}")
+        return 1
+    _sweep_summary(job_dirs)
+    # A job with no status never finished (killed, or its process died with the launcher).
+    failed = [d for d in job_dirs if read_status(d) != 0]
     return 1 if failed else 0
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core is a dependency
+    _HydraCallback = object
+
+
+class SweepDirRecord(_HydraCallback):
+    """Hydra callback, in the process that runs the sweep: writes the resolved sweep directory (its
+    `${now:...}` is resolved once, there) to the file `record`, for the summary at the end."""
+
+    def __init__(self, record: str):
+        self.record = Path(record)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.record.write_text(str(Path(str(config.hydra.sweep.dir)).resolve()))
 
 
 def _sweep_summary(job_dirs: List[Path]) -> None:

@@ -94,10 +94,20 @@ def varying_keys(configs: Sequence[Dict[str, str]]) -> List[str]:
     return [k for k in keys if k not in _IGNORED and len({c.get(k) for c in present}) > 1]
 
 
-def status_of(run_dir: Path, records: List[dict]) -> str:
+def read_status(run_dir: Path) -> Optional[int]:
+    """A sweep job's exit code from its status.json, None when it has none (not a sweep job, or unfinished)."""
     path = run_dir / STATUS_FILE
-    if path.is_file():
-        code = json.loads(path.read_text()).get("exit_code", 0)
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text()).get("exit_code", 0))
+    except (ValueError, AttributeError, TypeError):  # cut short by a kill
+        return None
+
+
+def status_of(run_dir: Path, records: List[dict]) -> str:
+    code = read_status(run_dir)
+    if code is not None:
         return "ok" if code == 0 else f"failed (exit {code})"
     return "ok" if (run_dir / "hf").is_dir() or (run_dir / "hf_adapter").is_dir() else "incomplete"
 

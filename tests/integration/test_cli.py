@@ -179,7 +179,8 @@ def test_external_torchrun_ranks_agree_on_one_run_dir(tmp_path):
 
 
 def test_hydra_launcher_plugins_work_unchanged(tmp_path):
-    """The submitit launcher (the Slurm one's local twin) runs each sweep point as its own process."""
+    """The submitit launcher (the Slurm one's local twin) runs each sweep point as its own process; the sweep's
+    table and exit code are still made at the end, from the sweep directory Hydra resolved."""
     sweep = tmp_path / "sweep"
     out = xtune("sft", "-m", "recipe=demo", "optim.lr=1e-3,2e-3", "train.max_steps=1", "train.eval_every=0",
                 "train.sample_prompts=[]", "data.eval_datasets=[]", "data.pack_max_length=512",
@@ -190,6 +191,9 @@ def test_hydra_launcher_plugins_work_unchanged(tmp_path):
         assert _steps(sweep / job) == [1]
         assert (sweep / job / "hf" / "config.json").exists()
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
+    rows = __import__("json").loads((sweep / "summary.json").read_text())["runs"]
+    assert [(r["optim.lr"], r["status"]) for r in rows] == [("0.001", "ok"), ("0.002", "ok")]
+    assert "summary.csv" in out.stdout
 
 
 def test_export_command_and_data_inspect(tmp_path):
