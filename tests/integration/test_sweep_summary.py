@@ -51,6 +51,15 @@ def test_sweep_table_matches_the_runs_metrics(sweep):
         assert r["trained_tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds))
     for r in failed:
         assert r["final_loss"] is None and r["best_eval_loss"] is None
+        # A failed point is one line, and the sweep went on.
+        assert f"job failed ({r['run_dir']})" in out.stderr
+    assert "Traceback" not in out.stderr
+    # Each point has its own run dir with its config, command line and environment, and its own export.
+    for r in ok:
+        d = Path(r["run_dir"])
+        assert f"work_dir: {d}" in (d / "config.yaml").read_text() and (d / "hf" / "config.json").is_file()
+        assert "xtune sft -m recipe=demo optim.lr=1e-3,3e-3" in (d / "cmd.txt").read_text()
+        assert {"python", "torch", "transformers", "xtune"} <= set(json.loads((d / "env.json").read_text()))
     # The CSV holds the same table; the printed one names every run dir and both statuses.
     with open(root / "summary.csv") as f:
         table = list(csv.DictReader(f))
