@@ -86,3 +86,27 @@ def test_sp2_resume_is_exact(sp_runs):
     _, one, two = sp_runs
     assert two["sdpa_gqa"]["resumed"] == two["sdpa_gqa"]["losses"][2:]
     assert one["sdpa_gqa"]["resumed"] == one["sdpa_gqa"]["losses"][2:]
+
+
+@pytest.mark.slow  # 4 processes on a 2-core machine; the 2-rank tests above cover the same code paths
+def test_sp2_by_dp2_on_four_ranks_equals_one_rank(sp_runs):
+    """sp=2 x dp=2: two SP groups each read their own row; FSDP shards over all four ranks."""
+    import subprocess
+    import sys
+
+    from tests.distributed.tiny import child_env, free_port
+
+    tmp, one, _ = sp_runs
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
+                          f"--master-port={free_port()}", str(HERE / "sp_worker.py"), str(tmp)],
+                         env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    four = torch.load(tmp / "sp2-w4.pt")
+    for case, a in one.items():
+        b = four[case]
+        for x, y in zip(a["losses"], b["losses"]):
+            assert abs(x - y) <= 1e-5 * abs(x), (case, a["losses"], b["losses"])
+        for name, g in a["grads"].items():
+            torch.testing.assert_close(b["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"{case} {name}")
+        assert abs(a["eval"] - b["eval"]) <= 1e-5 * abs(a["eval"])
+    assert four["sdpa_gqa"]["resumed"] == four["sdpa_gqa"]["losses"][2:]
