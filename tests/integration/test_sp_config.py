@@ -33,3 +33,23 @@ def test_sp_size_plan():
     out = xtune("parallel.nproc_per_node=2", "parallel.sp_size=2", "train.global_batch_size=2")
     assert out.returncode == 0, out.stderr
     assert "data x sequence parallel: 1 x 2" in out.stdout and "gradient_accumulation: 2" in out.stdout
+
+
+def test_qwen3_8b_long_recipe_and_heads_from_config_json(tmp_path):
+    import json
+
+    import pytest
+
+    from xtune.config.compose import load_spec
+    from xtune.config.validate import plan
+    from xtune.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_attention_heads": 32,
+                                                      "num_key_value_heads": 8}))
+    _, spec = load_spec(["recipe=qwen3_8b_long", f"model.load_from={tmp_path}"], check_files=False)
+    p = spec.parallel
+    assert (p.sp_size, p.nproc_per_node, p.activation_checkpointing, spec.data.pack_max_length) == (4, 8, True, 65536)
+    assert plan(spec)["data x sequence parallel"] == "2 x 4"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_attention_heads": 30}))
+    with pytest.raises(ConfigError, match="num_attention_heads=30"):
+        load_spec(["recipe=qwen3_8b_long", f"model.load_from={tmp_path}"], check_files=False)
