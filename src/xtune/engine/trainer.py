@@ -91,6 +91,8 @@ def describe_layout(layout: dict) -> str:
     if layout.get("replicate_degree", 1) > 1:
         rep = layout["replicate_degree"]
         text += f" (HSDP {rep} replicas x {n // rep} shards)"
+    if layout.get("sp_size", 1) > 1:
+        text += f" (sequence parallel {layout['sp_size']}: {n // layout['sp_size']} data-parallel groups)"
     if "grad_accum" in layout:
         text += (f" x {layout['grad_accum']} micro-batches of {layout['micro_batch_size']} rows"
                  f" = global batch {layout['global_batch_size']}")
@@ -353,6 +355,7 @@ class Trainer:
     def layout(self) -> dict:
         d, t = self.denv, self.spec.train
         return {"world_size": d.world_size, "dp_size": d.dp_size, "replicate_degree": self.spec.parallel.replicate_degree,
+                "sp_size": d.sp_size,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
                 "global_batch_size": t.global_batch_size}
 
