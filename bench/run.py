@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, sp, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "sp", "gpu")
 
 
 def module(name: str):
@@ -124,6 +124,23 @@ def tables(res: dict):
                              f"xtune LoRA {q['lora_speed_vs_peft_hf']:.2f}x peft + HF Trainer tok/s; targets <= 0.6x "
                              f"(blocks shape) and >= 1.5x -> meets: {_ok(sh['meets'])}")
             out.append(t)
+    if "sp" in b and "error" not in b["sp"]:
+        r = b["sp"]
+        t = Table(title=f"Sequence parallel (Ulysses): one {r['config']['row']}-token row, tiny Qwen3 (hidden 256, 4 layers), "
+                        "fp32, gloo; memory = per-rank RSS growth during forward+backward")
+        for c in ("layout", "activation peak MB/rank", "tokens/s", "all-to-all share", "loss"):
+            t.add_column(c, justify="right" if c != "layout" else "left")
+        for key in ("sp1", "sp2"):
+            s = r[key]
+            if "error" in s:
+                t.add_row(key, f"[red]{s['error'][:80]}[/red]")
+                continue
+            t.add_row(f"sp={s['sp']}", f"{s['activation_peak_mb']:.0f}", f"{s['tok_s']:.0f}", f"{s['a2a_share']:.1%}",
+                      f"{s['loss']:.6f}")
+        if "memory_ratio" in r:
+            t.caption = (f"sp=2 / sp=1 activation memory {r['memory_ratio']:.2f}x, tokens/s {r['speed_ratio']:.2f}x; "
+                         f"target <= 0.6x -> meets: {_ok(r['meets'])}")
+        out.append(t)
     if "slowtok" in b and "error" not in b["slowtok"]:
         r = b["slowtok"]
         t = Table(title=f"Data preparation with a Python (slow) tokenizer like Intern-S1's (test fixture), "

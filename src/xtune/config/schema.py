@@ -189,6 +189,8 @@ class ParallelSpec:
     replicate_degree: int = 1
     # Attention kernel for packed rows; auto: flash-attn varlen on CUDA when installed, else sdpa.
     attn: str = "auto"
+    # Ulysses sequence parallelism: each packed row is cut over this many ranks (divides the world and the heads).
+    sp_size: int = 1
 
 
 @dataclass(frozen=True)

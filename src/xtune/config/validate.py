@@ -91,6 +91,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         ("train.max_bad_steps", t.max_bad_steps),
         ("parallel.nproc_per_node", p.nproc_per_node),
         ("parallel.replicate_degree", p.replicate_degree),
+        ("parallel.sp_size", p.sp_size),
         ("loss.chunk_size", spec.loss.chunk_size),
         ("optim.lr", o.lr),
         ("model.image_size", m.image_size),
@@ -128,7 +129,10 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         problems.append(
             f"parallel.replicate_degree={p.replicate_degree} does not divide the world size {world}"
         )
-    dp = world  # every rank is data-parallel (FSDP / HSDP shard the model, not the batch)
+    problems.extend(sp_problems(spec, world))
+    # Every rank is data-parallel (FSDP / HSDP shard the model, not the batch), except that the ranks of one
+    # sequence-parallel group share their rows.
+    dp = world // p.sp_size if p.sp_size > 0 and world % p.sp_size == 0 else world
     per_step = dp * max(t.micro_batch_size, 1)
     if t.global_batch_size > 0 and t.global_batch_size % per_step:
         lower = max(per_step, t.global_batch_size // per_step * per_step)
@@ -166,6 +170,38 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     if check_files:
         problems.extend(_file_problems(spec))
     return list(dict.fromkeys(problems))
+
+
+def attention_heads(m: ModelSpec) -> tuple:
+    """(query heads, KV heads) of the text model from model.arch over load_from's config.json; None where unknown."""
+    cfg = folder_config(m.load_from) or {}
+    arch = dict(m.arch or {})
+    text = {**(cfg.get("text_config") or cfg), **dict(arch.get("text_config") or arch)}
+    heads = text.get("num_attention_heads")
+    return heads, text.get("num_key_value_heads", heads)
+
+
+def sp_problems(spec: RunSpec, world: int) -> List[str]:
+    """What parallel.sp_size (Ulysses sequence parallelism) needs of the world, the model and the rows."""
+    p, sp = spec.parallel, spec.parallel.sp_size
+    if sp <= 1:
+        return []
+    out = []
+    shard = world // p.replicate_degree if p.replicate_degree > 0 and world % p.replicate_degree == 0 else world
+    where = "the shard group size" if p.replicate_degree > 1 else "the world size"
+    if shard % sp:
+        out.append(f"parallel.sp_size={sp} does not divide {where} {shard} (parallel.nproc_per_node="
+                   f"{p.nproc_per_node}, parallel.replicate_degree={p.replicate_degree}); use a divisor of {shard}")
+    heads, _ = attention_heads(spec.model)
+    if heads and heads % sp:
+        out.append(f"parallel.sp_size={sp} does not divide the model's num_attention_heads={heads} "
+                   "(model.arch or model.load_from's config.json): each rank attends with heads / sp_size heads")
+    if spec.data.pack_max_length < sp:
+        out.append(f"data.pack_max_length={spec.data.pack_max_length} is shorter than parallel.sp_size={sp}: "
+                   "each rank of a sequence-parallel group needs a piece of every row")
+    if spec.method != "sft":
+        out.append(f"parallel.sp_size={sp} works with method=sft only (got method={spec.method})")
+    return out
 
 
 # Why adamw_8bit cannot update FSDP2 shards (checked with bitsandbytes 0.50.2 on torch 2.13): its update is a
@@ -398,13 +434,15 @@ def _file_problems(spec: RunSpec) -> List[str]:
 def plan(spec: RunSpec, world_size: Optional[int] = None) -> dict:
     """What a run will do, for --dry-run: computed from the spec alone, no model, no data read."""
     world = world_size_of(spec, world_size)
-    accum = spec.train.global_batch_size // (world * spec.train.micro_batch_size)
+    dp = world // spec.parallel.sp_size if world % spec.parallel.sp_size == 0 else world
+    accum = spec.train.global_batch_size // (dp * spec.train.micro_batch_size)
     return {
         "recipe": spec.recipe,
         "model": f"{spec.model.name} ({spec.model.family}, "
         f"{'weights from ' + spec.model.load_from if spec.model.load_from else 'random init'})",
         "world_size": world,
         "replicate x shard": f"{spec.parallel.replicate_degree} x {world // spec.parallel.replicate_degree}",
+        "data x sequence parallel": f"{dp} x {spec.parallel.sp_size}",
         "global_batch_size": spec.train.global_batch_size,
         "micro_batch_size": spec.train.micro_batch_size,
         "gradient_accumulation": accum,

@@ -59,6 +59,9 @@ class DistEnv:
     backend: str
     mesh: DeviceMesh
     owns_group: bool  # we created the process group, so we destroy it
+    # Ulysses sequence parallelism: consecutive ranks [k*sp, (k+1)*sp) share one row (engine/ulysses.py).
+    sp_size: int = 1
+    sp_group: object = None  # this rank's SP process group (None when sp_size == 1)
 
     @property
     def is_main(self) -> bool:
@@ -66,8 +69,17 @@ class DistEnv:
 
     @property
     def dp_size(self) -> int:
-        # Only data parallelism (FSDP/HSDP): every rank reads its own data.
-        return self.world_size
+        # Data-parallel groups: FSDP/HSDP shard the model over every rank, but the ranks of an SP group read
+        # the same rows.
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
 
     def barrier(self) -> None:
         dist.barrier()
@@ -136,4 +148,16 @@ def init_distributed(parallel) -> DistEnv:
         mesh = init_device_mesh(device.type, (rep, world // rep), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    return DistEnv(rank, world, env["local_rank"], device, backend, mesh, owns)
+    sp = getattr(parallel, "sp_size", 1)
+    if sp < 1 or world % sp:
+        if owns:
+            dist.destroy_process_group()
+        raise ConfigError([f"parallel.sp_size={sp} must divide the world size {world}"])
+    sp_group = None
+    if sp > 1:
+        # Every rank creates every group (new_group is collective); each keeps its own.
+        for start in range(0, world, sp):
+            group = dist.new_group(list(range(start, start + sp)))
+            if start <= rank < start + sp:
+                sp_group = group
+    return DistEnv(rank, world, env["local_rank"], device, backend, mesh, owns, sp, sp_group)

@@ -58,13 +58,27 @@ class LossModel(nn.Module):
         self.attn_impl = attn_impl
         self.loss_spec = loss_spec
         self.loss_mode = loss_mode
+        self.sp = None  # engine/ulysses.SeqParallel under sequence parallelism: this rank runs one piece of the row
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         from xtune.ops.loss import linear_cross_entropy
 
-        hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)
-        labels = batch.labels.reshape(-1)
-        weights = token_weights(batch, self.loss_spec.reduction)
+        if self.sp is None:
+            hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)
+            labels = batch.labels.reshape(-1)
+            weights = token_weights(batch, self.loss_spec.reduction)
+        else:
+            from xtune.engine import ulysses
+
+            batch = ulysses.pad_batch(batch, self.sp.size)
+            with ulysses.cut_inputs(self.adapter.language_model(self.model), self.sp):
+                hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)
+            # The full row's labels (already shifted within documents) and weights, cut like the inputs:
+            # a piece boundary between a token and its label loses nothing.
+            piece = self.sp.piece(batch.num_tokens)
+            labels = batch.labels.reshape(-1)[piece]
+            weights = token_weights(batch, self.loss_spec.reduction)
+            weights = None if weights is None else weights[piece]
         ce_sum = linear_cross_entropy(
             hidden.reshape(labels.shape[0], -1),
             self.adapter.output_weight(self.model),

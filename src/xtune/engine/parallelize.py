@@ -106,6 +106,11 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
+    if denv.sp_size > 1:
+        from xtune.engine import ulysses
+
+        ulysses.register(denv.sp_group)
+        ulysses.use_on(adapter.language_model(model), attn_impl)
     model.to(dtype=_DTYPES[spec.model.dtype])
     adapter.apply_freeze(model)
     lora_config = tuning.inject(model, adapter, spec.peft) if tuning.enabled(spec.peft) else None

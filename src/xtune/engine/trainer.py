@@ -26,6 +26,7 @@ from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
+from xtune.engine.ulysses import attn_name
 from xtune.errors import ConfigError, DataError, XtuneError
 from xtune import tuning
 from xtune.launch_env import launch_env
@@ -90,6 +91,8 @@ def describe_layout(layout: dict) -> str:
     if layout.get("replicate_degree", 1) > 1:
         rep = layout["replicate_degree"]
         text += f" (HSDP {rep} replicas x {n // rep} shards)"
+    if layout.get("sp_size", 1) > 1:
+        text += f" (sequence parallel {layout['sp_size']}: {n // layout['sp_size']} data-parallel groups)"
     if "grad_accum" in layout:
         text += (f" x {layout['grad_accum']} micro-batches of {layout['micro_batch_size']} rows"
                  f" = global batch {layout['global_batch_size']}")
@@ -125,17 +128,19 @@ class Trainer:
         self.grad_accum = t.global_batch_size // (d.dp_size * t.micro_batch_size)
         self.device = d.device
         attn_impl = resolve_attn(spec.parallel.attn, d.device)
+        # The root's forward passes what the SP attention wrapper reads (the model itself is switched in build_sharded).
+        root_attn = attn_name(attn_impl) if d.sp_size > 1 else attn_impl
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         # Data first: a bad record or image stops the run before any model is built.
         if loader is None:
             from xtune.data import build_train_loader
 
-            loader = build_train_loader(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size, rank=d.rank)
+            loader = build_train_loader(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size, rank=d.rank)
         self.loader = loader
         if eval_batches is None and spec.data.eval_datasets:
             from xtune.data import build_eval_batches
 
-            eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.rank, dp_size=d.dp_size)
+            eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size)
         self.eval_batches = eval_batches or []
         self.peft = tuning.enabled(spec.peft)
         from xtune.methods import get_method
@@ -144,9 +149,13 @@ class Trainer:
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not getattr(adapter.spec, "load_from", None) else None
         self.root, self.model_config, self.lora_config = build_sharded(
-            adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, attn_impl, loss_mode),
+            adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, root_attn, loss_mode),
             on_base_ready=save_base)
         self.model = self.root.model
+        if d.sp_size > 1:
+            from xtune.engine.ulysses import SeqParallel
+
+            self.root.sp = SeqParallel(d.sp_size, d.sp_rank)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_counts = tuning.parameter_counts(self.model)
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
@@ -190,18 +199,21 @@ class Trainer:
 
         Each micro-batch contributes sum(w_i CE_i) / W with W summed over the whole global batch
         (one all_reduce before the micro-steps), so any split of the batch gives the same loss.
-        FSDP averages gradients over ranks; multiplying by dp_size turns that into the sum.
+        FSDP averages gradients over all ranks; multiplying by world_size turns that into the sum. Under
+        sequence parallelism each rank's loss covers its piece of the rows its SP group shares, so the sums over
+        all ranks stay those of the global batch; the counts are taken once per SP group.
         """
         d = self.denv
-        local = [sum(self.method.normaliser(mb) for mb in micro_batches),
-                 sum(mb.num_tokens for mb in micro_batches),
-                 sum(mb.num_trained for mb in micro_batches)]
+        once = 1 if d.sp_rank == 0 else 0
+        local = [once * sum(self.method.normaliser(mb) for mb in micro_batches),
+                 once * sum(mb.num_tokens for mb in micro_batches),
+                 once * sum(mb.num_trained for mb in micro_batches)]
         w_total, n_tokens, n_trained = d.all_reduce_sum(local).tolist()
         w_total = w_total if w_total > 0 else 1.0  # no trained token anywhere: zero loss, zero grads
         n_micro = len(micro_batches)
         # Accumulated on the device: no host sync per micro-batch, one all_reduce per step.
         acc = torch.zeros(2 + len(self.method.stat_names), dtype=torch.float64, device=self.device)
-        first = d.rank * n_micro  # this rank's first micro-batch in the global batch
+        first = d.dp_rank * n_micro  # this rank's first micro-batch in the global batch
         for j, mb in enumerate(micro_batches):
             # Randomness (dropout) is a function of (seed, step, micro-batch): nothing to checkpoint, and
             # the same on any number of ranks that splits the global batch into the same micro-batches.
@@ -210,7 +222,7 @@ class Trainer:
             if stats is not None:
                 acc[2:] += stats.detach().double()
             loss = loss_sum.float() / w_total
-            objective = loss * d.dp_size
+            objective = loss * d.world_size
             if aux is not None:
                 # aux is a per-micro-batch mean: average it over micro-batches (and, via FSDP, ranks).
                 objective = objective + aux.float() / n_micro
@@ -220,7 +232,7 @@ class Trainer:
         acc = acc.to(d.comm_device)
         torch.distributed.all_reduce(acc)
         loss, aux_sum, *stats = acc.tolist()
-        return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.dp_size), "tokens": int(n_tokens),
+        return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.world_size), "tokens": int(n_tokens),
                 "trained_tokens": int(n_trained), "method": self.method.metrics(stats, w_total)}
 
     def grad_norm(self) -> float:
@@ -315,7 +327,7 @@ class Trainer:
         d = self.denv
         n = len(self.method.stat_names)
         local = torch.zeros(2 + n, dtype=torch.float64)
-        local[0] = sum(self.method.normaliser(mb) for mb in self.eval_batches)
+        local[0] = sum(self.method.normaliser(mb) for mb in self.eval_batches) if d.sp_rank == 0 else 0.0
         for mb in self.eval_batches:
             loss_sum, _, stats = self.method.forward(self.root, mb.to(self.device), split="eval")
             local[1] += float(loss_sum)
@@ -343,6 +355,7 @@ class Trainer:
     def layout(self) -> dict:
         d, t = self.denv, self.spec.train
         return {"world_size": d.world_size, "dp_size": d.dp_size, "replicate_degree": self.spec.parallel.replicate_degree,
+                "sp_size": d.sp_size,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
                 "global_batch_size": t.global_batch_size}
 

@@ -65,7 +65,8 @@ def packed_kwargs(batch, impl: str, dtype: torch.dtype = torch.float32) -> Dict[
     `dtype` is the compute dtype (only the eager mask uses it).
     """
     kwargs: Dict[str, Any] = {"position_ids": batch.position_ids, "use_cache": False}
-    if impl == "flash_attention_2":
+    if impl == "flash_attention_2" or impl.startswith("xtune_sp_"):
+        # (sequence parallel: the full row's, read by engine/ulysses.py's wrapper around each attention call)
         cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch.max_seqlen),
                       max_length_k=int(batch.max_seqlen))
