@@ -6,13 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_recipe_learns_and_reports_its_results(tmp_path):
+# The README's command as is (300 steps, minutes on 2 cores) is slow; the default run trains the same recipe
+# for 80 steps (the same schedule shape, compressed), which already more than halves the loss.
+@pytest.mark.parametrize("steps", [pytest.param(300, marks=pytest.mark.slow, id="as-in-readme"),
+                                   pytest.param(80, id="80-steps")])
+def test_demo_recipe_learns_and_reports_its_results(steps, tmp_path):
     run = tmp_path / "run"
+    shorter = [] if steps == 300 else [f"train.max_steps={steps}", f"train.eval_every={steps}",
+                                       f"train.save_every={steps}"]
     out = subprocess.run(
-        [sys.executable, "-m", "xtune", "sft", "recipe=demo", f"train.work_dir={run}", f"data.cache_dir={tmp_path}/c"],
+        [sys.executable, "-m", "xtune", "sft", "recipe=demo", *shorter, f"train.work_dir={run}",
+         f"data.cache_dir={tmp_path}/c"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -20,13 +29,13 @@ def test_demo_recipe_learns_and_reports_its_results(tmp_path):
     train = [r["loss"] for r in records if "loss" in r]
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert train[-1] <= 0.5 * train[0], train
-    assert evals[300] <= 0.5 * evals[0], evals
+    assert evals[steps] <= 0.5 * evals[0], evals
     # It ends by saying where the checkpoint and the export are, and by a generation from the export.
-    assert f"checkpoint: {run}/checkpoints/step-300" in out.stdout
+    assert f"checkpoint: {run}/checkpoints/step-{steps}" in out.stdout
     assert f"export:     {run}/hf" in out.stdout
     samples = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["completion"].strip() for s in samples)
-    assert f"sample @ step 300> {samples[0]['prompt']} -> " in out.stdout
+    assert f"sample @ step {steps}> {samples[0]['prompt']} -> " in out.stdout
     assert (run / "hf" / "model.safetensors").exists() and (run / "checkpoints" / "latest").read_text().strip()
 
 

@@ -118,7 +118,7 @@ def assert_same_losses(reference: list, got: list) -> None:
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
 
 
-# -- bad-input tables (test_bad_inputs.py, test_bad_input_table.py) ---------------------------------------------
+# -- the bad-input table (test_bad_input_table.py) ----------------------------------------------------------------------------
 GOOD = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:12]]
 IMAGE = next(p for p in sorted((DEMO / "images").iterdir()) if p.suffix in (".png", ".jpg"))
 

@@ -311,6 +311,23 @@ ROWS = [
      ["data.cache_dir: cannot write the tokenised data to {t}/afile/cache", "Not a directory"]),
     ("cache_dir_permission", config_row("data.cache_dir=/sys/xtune-bad-cache", files=ok_data),
      ["data.cache_dir: cannot write the tokenised data to /sys/xtune-bad-cache", "Operation not permitted"]),
+    ("misspelt_key", config_row("train.max_stpes=3", files=ok_data),
+     ["train.max_stpes=3: unknown key 'max_stpes' in train", "Did you mean 'max_steps'?"]),
+    ("wrong_type", config_row("train.save_every=often", files=ok_data),
+     ["train.save_every=often", "could not be converted to Integer"]),
+    ("bad_group_option", config_row("optim=adamww", files=ok_data), ["optim=adamww: no such optim", "Did you mean 'adamw'?"]),
+    ("bad_choice", config_row("data.on_error=ignore", files=ok_data),
+     ["data.on_error=ignore: not allowed; choose one of raise, skip"]),
+    ("cross_field", config_row("train.epochs=2", files=ok_data), ["give exactly one of train.epochs and train.max_steps"]),
+    ("dataset_file_missing", config_row("data.datasets=[{{name:x,path:{t}/nope.jsonl}}]"),
+     ["data.datasets[0] (x).path={t}/nope.jsonl: no such file or folder"]),
+    ("load_from_missing", config_row("model.load_from={t}/no_model", files=ok_data),
+     ["model.load_from={t}/no_model: no such folder"]),
+    ("load_from_not_hf", config_row("model.load_from={t}/no_config", files=lambda t: (ok_data(t), (t / "no_config").mkdir())),
+     ["model.load_from={t}/no_config: no config.json there"]),
+    ("tokenizer_files_missing", config_row("model.tokenizer={t}/no_tok", files=lambda t: (
+        ok_data(t), (t / "no_tok").mkdir(), (t / "no_tok" / "README.md").write_text("tokenizer went missing\n"))),
+     ["model.tokenizer={t}/no_tok: no tokenizer files there"]),
     ("disk_full_while_caching", with_fault(config_row(files=ok_data), cache_fills_up),
      ["data.cache_dir: cannot write the tokenised data to {t}/cache (No space left on device)",
       "the disk is full"]),
@@ -321,6 +338,17 @@ ROWS = [
     ("folder_without_jsonl", lambda t: ((t / "data").mkdir(), (t / "data" / "notes.txt").write_text("x"),
                                         quick_run(t, f"data.datasets=[{{name:x,path:{t}/data}}]"), {})[2:],
      ["{t}/data: no data file in this folder"]),
+    ("malformed_json", data_row(GOOD[:2] + ['{"messages": [{"role": "user", "content": "hi"}'] + GOOD[2:4]),
+     ["{f}:3:", "malformed JSON"]),
+    ("no_messages", data_row(GOOD[:4] + [{"id": "x", "conversation": [text("user", "hi")]}]),
+     ["{f}:5:", "no 'messages' key"]),
+    ("unknown_role", data_row(GOOD[:1] + [{"messages": [text("user", "hi"), text("bot", "yo")]}]),
+     ["{f}:2: message 1: unknown role 'bot'"]),
+    ("empty_file", data_row([]), ["{f}:0:", "empty file"]),
+    ("image_missing", data_row(GOOD[:3] + [image_msg(1, "images/nowhere.png")]),
+     ["{f}:4:", "image file not found", "images/nowhere.png"]),
+    ("placeholders_vs_images", data_row(GOOD[:2] + [image_msg(2, IMAGE)]),
+     ["{f}:3:", "2 <IMG_CONTEXT> placeholder(s) for 1 image(s)"]),
     ("content_not_text", data_row(GOOD[:1] + [{"messages": [text("user", 5), text("assistant", "x")]}]),
      ["{f}:2: message 0: 'content' must be a string or a list of parts, got int"]),
     ("loss_not_bool", data_row(GOOD[:1] + [{"messages": [text("user", "a"), {**text("assistant", "b"), "loss": 1}]}]),
@@ -430,8 +458,8 @@ def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, set
 
 
 # -- the same errors on 2 ranks: `xtune sft` starts torchrun; the message is printed exactly once -------------
-TWO_RANK_ROWS = ["not_utf8", "image_not_an_image", "template_raise_for_a_record", "safetensors_truncated",
-                 "index_not_json"]
+# One error found while preparing data (before any model is built), one while loading weights (every rank).
+TWO_RANK_ROWS = ["not_utf8", "safetensors_truncated"]
 
 
 @pytest.fixture(scope="module")
