@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, ckpt, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "ckpt", "gpu")
 
 
 def module(name: str):
