@@ -4,7 +4,7 @@ A model sharded with FSDP2 on a 1-rank group (fp32 Linear stack + AdamW: the che
 both moments) trains with a save every few steps through xtune's `Checkpointer`. Stall = the time the training
 loop spends inside `save()` (for async: staging to host memory, plus waiting for a previous save still in
 flight); also the loop's total time against the same steps without saves (the background write shares the
-CPU cores with training), and the cost of the checksums (sha256 of every file, re-read after the write) inside
+CPU cores with training), and the cost of the checksums (xxh3_128 of every file, re-read after the write) inside
 a synchronous save. Sizes: `demo` (the demo recipe's ~1.8M parameters) and `large` (a few hundred MB on disk).
 """
 
@@ -110,7 +110,7 @@ def run(quick: bool, log=print) -> dict:
             continue
         s, a = r["sync"], r["async"]
         log(f"ckpt {name}: {r['params'] / 1e6:.1f}M params, {s['bytes'] / 2**20:.0f} MiB per checkpoint; "
-            f"stall per save sync {s['stall_s']:.3f}s (of which sha256 {s['hash_s']:.3f}s), "
+            f"stall per save sync {s['stall_s']:.3f}s (of which checksums {s['hash_s']:.3f}s), "
             f"async {a['stall_s']:.3f}s = {r['stall_ratio']:.3f}x sync; loop overhead per save "
             f"sync {r['overhead_per_save_s']['sync']:.3f}s, async {r['overhead_per_save_s']['async']:.3f}s")
     return {"sizes": res, "config": {"steps": steps, "save_every": every, "shapes": sizes}}

@@ -17,7 +17,7 @@ SEED = int(os.environ.get("XTUNE_RELIABILITY_SEED", "20261123"))
 
 def shard_sums(ckpt):
     files = json.loads((ckpt / "meta.json").read_text())["files"]
-    return {name: f["sha256"] for name, f in files.items() if name.endswith(".distcp")}
+    return {name: f for name, f in files.items() if name.endswith(".distcp")}
 
 
 def test_sigkill_during_background_write_resumes_exactly(workspace, reference, tmp_path):

@@ -4,7 +4,7 @@ Layout of a run directory's `checkpoints/`:
     step-N/              one complete checkpoint
         .metadata, *.distcp   DCP shards of {"model", "optim"} (resharded on load)
         state.json            the run's global state: LR schedule, data position, counters (no pickle)
-        meta.json             completion marker with a sha256 of every other file, written last
+        meta.json             completion marker with a checksum (xxh3_128) of every other file, written last
     latest               text file naming the newest complete folder, replaced atomically last
 
 A save goes to `.tmp-step-N`, gets its marker, is renamed to `step-N`, and only then does `latest`
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -79,21 +80,26 @@ def read_marker(ckpt: Path) -> dict:
 # ----------------------------------------------------------------------------------------- checksums
 
 _CHUNK = 8 << 20
-_HASH_THREADS = 8  # hashlib releases the GIL on large buffers: the threads hash files in parallel
+_HASH_THREADS = 8  # the hashers release the GIL on large buffers: the threads hash files in parallel
+# The checksum of new markers: xxh3_128 hashes ~6x faster than sha256 here (3.4 against 0.53 GB/s on one core),
+# which is most of a synchronous save's hashing and of a resume's verification. Markers written with sha256
+# (xtune before it) are still verified with sha256.
+HASH = "xxh3_128"
+_HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
-def file_digest(path: Path) -> dict:
-    h = hashlib.sha256()
+def file_digest(path: Path, algo: str = HASH) -> dict:
+    h = _HASHERS[algo]()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
-    return {"sha256": h.hexdigest(), "bytes": size}
+    return {algo: h.hexdigest(), "bytes": size}
 
 
 def digest_files(folder: Path, names: list) -> dict:
-    """{name: {sha256, bytes}} of `names` under `folder`, hashed in parallel threads."""
+    """{name: {xxh3_128, bytes}} of `names` under `folder`, hashed in parallel threads."""
     if not names:
         return {}
     with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
@@ -101,19 +107,22 @@ def digest_files(folder: Path, names: list) -> dict:
 
 
 def checksum_problems(ckpt: Path, expected: dict, names: list) -> list:
-    """One message per file of `names` whose size or sha256 differs from `expected` (the marker's)."""
+    """One message per file of `names` whose size or checksum differs from `expected` (the marker's)."""
     problems = []
 
     def check(name):
         want = expected[name]
+        algo = next((a for a in _HASHERS if a in want), None)
+        if algo is None:
+            return f"{name} has no checksum xtune knows ({', '.join(k for k in want if k != 'bytes')})"
         try:
             size = (ckpt / name).stat().st_size
             if size != want["bytes"]:
                 return f"{name} has {size} bytes, expected {want['bytes']} (truncated or replaced)"
-            got = file_digest(ckpt / name)["sha256"]
+            got = file_digest(ckpt / name, algo)[algo]
         except OSError as e:
             return f"{name} cannot be read ({e})"
-        return None if got == want["sha256"] else f"{name} does not match its sha256 checksum (changed on disk)"
+        return None if got == want[algo] else f"{name} does not match its {algo} checksum (changed on disk)"
 
     if names:
         with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
