@@ -21,15 +21,16 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from xtune.engine.checkpoint import load_model_only, read_marker
 from xtune.engine.distributed import init_distributed
 from xtune.engine.export import build_plain_model
-from xtune.engine.trainer import Trainer
-from xtune.errors import CheckpointSaveError
+from xtune.engine.trainer import Trainer, train
+from xtune.errors import CheckpointSaveError, XtuneError
 
 
 @contextmanager
 def writes_held(monkeypatch):
-    """DCP's shard writes for `.tmp-step-N` wait until held[N] is set; fail[N] makes them fail with ENOSPC."""
+    """DCP's shard writes for `.tmp-step-N` wait until held[N] is set (by the test, or by itself release[N] seconds
+    after the write began); fail[N] makes them fail with ENOSPC."""
     real = FileSystem.create_stream
-    held, fail = {}, set()
+    held, fail, release = {}, set(), {}
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -37,6 +38,8 @@ def writes_held(monkeypatch):
         step = int(name[len(".tmp-step-"):]) if name else None
         if step in held:
             assert threading.current_thread() is not threading.main_thread(), "an async write on the main thread"
+            if step in release:
+                threading.Timer(release.pop(step), held[step].set).start()
             assert held[step].wait(60), "the test never released the write"
         if step in fail:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -44,7 +47,7 @@ def writes_held(monkeypatch):
             yield stream
 
     monkeypatch.setattr(FileSystem, "create_stream", create_stream)
-    yield held, fail
+    yield held, fail, release
 
 
 def listing(tmp_path):
@@ -63,7 +66,7 @@ def test_async_save_writes_the_staged_state_in_the_background(init_dir, tmp_path
     denv = init_distributed(spec.parallel)
     tr = None
     try:
-        with writes_held(monkeypatch) as (held, fail):
+        with writes_held(monkeypatch) as (held, fail, _):
             tr = Trainer(spec, tmp_path, adapter=TinyAdapter(), tokenizer=None, denv=denv,
                          loader=ListLoader(6, 1, 0, 1, 1, seed=4))
             assert tr.checkpointer.async_save
@@ -117,3 +120,19 @@ def test_async_save_writes_the_staged_state_in_the_background(init_dir, tmp_path
         if tr is not None:
             tr.checkpointer.close()
         denv.close()
+
+
+def test_an_error_in_training_waits_for_the_save_in_flight(init_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Step 4 fails (a non-finite gradient with max_bad_steps=1) while step 3's save is still being written: the run
+    stops with its error only after that save is complete, marker and `latest` included."""
+    spec = make_spec(init_dir, steps=6, save_every=1, max_bad_steps=1, async_save=True)
+    spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
+    with writes_held(monkeypatch) as (held, _, release):
+        held[3], release[3] = threading.Event(), 1.0  # written 1 s after it began: long after step 4 failed
+        with pytest.raises(XtuneError, match="1 steps in a row had a non-finite gradient norm"):
+            train(spec, tmp_path, adapter=TinyAdapter(nan_at_steps={3}), tokenizer=None,
+                  loader=ListLoader(6, 1, 0, 1, 1, seed=4))
+        assert held[3].is_set()
+    assert listing(tmp_path) == ["latest", "step-2", "step-3"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-3"
+    assert read_marker(tmp_path / "checkpoints" / "step-3")["step"] == 3
