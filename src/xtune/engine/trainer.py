@@ -498,7 +498,6 @@ class Trainer:
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
                     self.export_hf(self.run_dir / "hf" / f"step-{self.step}")
                 if stop:
-                    logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
                     result["stopped_early"] = True
                     break
             if not result["stopped_early"] and self.last_saved != self.step:
@@ -506,7 +505,9 @@ class Trainer:
             # An async save in flight (the one of a stop, the final one) completes, marker and `latest` included,
             # before anything reports it or exports.
             self.checkpointer.wait()
-            if not result["stopped_early"]:
+            if result["stopped_early"]:
+                logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
+            else:
                 result["hf_dir"] = str(self.export_hf())
                 if t.sample_prompts and d.is_main:
                     result["samples"] = self.generate_samples(Path(result["hf_dir"]))
