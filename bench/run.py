@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, sp, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, sp, ckpt, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "sp", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "sp", "ckpt", "gpu")
 
 
 def module(name: str):
@@ -68,6 +68,24 @@ def tables(res: dict):
                       " ".join(f"{x:.4f}" for x in s["losses"]))
         t.caption = (f"auto / qwen3 tokens/s {r['speed_ratio']:.3f}, max |loss diff| {r['loss_max_abs_diff']:.2e}; "
                      f"target: >= 0.9 and equal losses -> meets: {_ok(r['meets'])}")
+        out.append(t)
+    if "ckpt" in b:
+        r = b["ckpt"]
+        t = Table(title=f"Checkpoint save: training stall per save (FSDP2 Linear stack + AdamW, 1 rank, a save every "
+                        f"{r['config']['save_every']} steps)")
+        for c in ("size", "params", "MiB", "sync stall s", "of which checksums s", "async stall s", "async / sync",
+                  "loop cost/save sync s", "async s"):
+            t.add_column(c, justify="right" if c != "size" else "left")
+        for name, s in r["sizes"].items():
+            if "error" in s:
+                t.add_row(name, f"[red]{s['error'][:80]}[/red]")
+                continue
+            sy, an, over = s["sync"], s["async"], s["overhead_per_save_s"]
+            t.add_row(name, f"{s['params'] / 1e6:.1f}M", f"{sy['bytes'] / 2**20:.0f}", f"{sy['stall_s']:.3f}",
+                      f"{sy['hash_s']:.3f}", f"{an['stall_s']:.3f}", f"{s['stall_ratio']:.3f}x",
+                      f"{over['sync']:.3f}", f"{over['async']:.3f}")
+        t.caption = ("stall: time inside save(); loop cost: the loop's extra time per save against no saves (the "
+                     "background write shares the cores)")
         out.append(t)
     if "loss" in b:
         r = b["loss"]

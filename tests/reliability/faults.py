@@ -3,6 +3,9 @@
     XTUNE_FAULT=kill-before-marker:K  python tests/reliability/faults.py sft ...
         SIGKILL this process while checkpoint K is being written: its DCP shards and per-rank state are on
         disk in checkpoints/.tmp-step-K, its completion marker (meta.json) is not (the last file a save writes).
+    XTUNE_FAULT=kill-in-async-write:K  python tests/reliability/faults.py sft ... train.async_save=true
+        SIGKILL this process while checkpoint K is written in the background: its shard writer (in DCP's
+        background thread) waits until training has finished step K + 1, says so on stderr, then kills.
     XTUNE_FAULT=enospc:K:BYTES  python tests/reliability/faults.py sft ...
         The disk fills up while checkpoint K is written: writes to its DCP shard files fail with
         OSError(ENOSPC) once BYTES bytes have gone to them (the bytes before that land on disk).
@@ -35,6 +38,36 @@ def kill_before_marker(step: int) -> None:
         return real(path, text)
 
     checkpoint._write_atomic = write_atomic
+
+
+def kill_in_async_write(step: int) -> None:
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from xtune.engine.trainer import Trainer
+
+    real_step, real_stream = Trainer.train_step, FileSystem.create_stream
+    trained = threading.Event()
+
+    def train_step(self, micro):
+        rec = real_step(self, micro)
+        if self.step >= step + 1:
+            trained.set()
+        return rec
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" in mode and f".tmp-step-{step}" in Path(path).parts and threading.current_thread() is not \
+                threading.main_thread() and trained.wait(120):
+            print(f"fault: step {step + 1} trained while checkpoint {step} was being written; SIGKILL",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        with real_stream(self, path, mode) as stream:
+            yield stream
+
+    Trainer.train_step = train_step
+    FileSystem.create_stream = create_stream
 
 
 class _FillingStream:
@@ -78,6 +111,8 @@ def main() -> None:
     kind, *args = os.environ.get("XTUNE_FAULT", "none").split(":")
     if kind == "kill-before-marker":
         kill_before_marker(int(args[0]))
+    elif kind == "kill-in-async-write":
+        kill_in_async_write(int(args[0]))
     elif kind == "enospc":
         enospc(int(args[0]), int(args[1]))
     elif kind != "none":

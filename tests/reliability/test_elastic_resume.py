@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests.reliability.helpers import ROOT, records, run_args, write_chat_data, xtune
+from tests.reliability.helpers import ROOT, checkpoint_state, records, run_args, write_chat_data, xtune
 from tests.reliability.test_kill_resume import kill_after_step, resumed_from
 
 SEED = int(os.environ.get("XTUNE_RELIABILITY_SEED", "20261123"))
@@ -75,10 +75,30 @@ def test_two_ranks_to_one_and_back_is_exact(ws, reference, tmp_path):
     kill_after_step(args(ws, run, 2), run, k1)
     out = kill_after_step(args(ws, run, 1, "train.resume=auto"), run, k1 + 2)
     step = check_resume(out, 2, 1, k1 - 1, k1 + 1)  # the newest complete checkpoint when killed
-    out = xtune(*args(ws, run, 2, "train.resume=auto"), timeout=300)
+    # The last segment saves asynchronously: DCP's background writes on 2 ranks over their own gloo group.
+    out = xtune(*args(ws, run, 2, "train.resume=auto", "train.async_save=true"), timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    check_resume(out.stdout + out.stderr, 1, 2, step + 1, STEPS - 2)  # an epoch boundary (after 2, 4) lies ahead
+    step2 = check_resume(out.stdout + out.stderr, 1, 2, step + 1, STEPS - 2)  # an epoch boundary (after 2, 4) lies ahead
     assert_close_losses(reference, records(run))
+    # Each of its checkpoints is complete (marker after both ranks' shards) and holds what was exported at the end.
+    st = checkpoint_state(run)
+    assert st["tmp"] == [] and st["latest"] == f"step-{STEPS}" and set(range(step2, STEPS + 1)) <= set(st["complete"])
+    assert_checkpoint_is_export(run / "checkpoints" / f"step-{STEPS}", run / "hf")
+
+
+def assert_checkpoint_is_export(ckpt, hf):
+    """The checkpoint's weights (read by the checksum-verifying loader) equal the HF export's."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from xtune.engine.checkpoint import load_model_only
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
+    load_model_only(ckpt, model)
+    exported = load_file(str(hf / "model.safetensors"))
+    got = model.state_dict()
+    assert exported and all(torch.equal(v, got[k]) for k, v in exported.items())
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """SIGTERM to the `parallel.nproc_per_node` launcher (what a scheduler sends): it is forwarded to the
 workers, which finish the step, save a checkpoint and exit; xtune exits 0 and the run resumes from it
-(here on one rank: checkpoints reshard)."""
+(here on one rank: checkpoints reshard). The save is asynchronous (train.async_save): the workers wait for its
+background write, marker and `latest` before they exit."""
 
 import signal
 import time
@@ -12,7 +13,8 @@ from tests.reliability.test_orphans_and_lock import workers_of
 def test_sigterm_to_the_launcher_stops_cleanly_with_a_checkpoint_then_resumes(workspace, tmp_path):
     run = tmp_path / "run"
     args = run_args(workspace["data"], workspace["cache"], run, "parallel.nproc_per_node=2",
-                    "train.global_batch_size=2", "train.max_steps=100000", "train.save_every=0")
+                    "train.global_batch_size=2", "train.max_steps=100000", "train.save_every=0",
+                    "train.async_save=true")
     log = tmp_path / "out.log"
     proc = start_logged(args, log)
     try:

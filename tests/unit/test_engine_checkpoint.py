@@ -239,11 +239,11 @@ def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage)
     if damage in ("model_shard", "optim_shard"):
         path, offset = _region(ck, "model." if damage == "model_shard" else "optim.")
         flip(path, offset)
-        why = "does not match its sha256"
+        why = "does not match its xxh3_128 checksum"
     elif damage == "state":
         path = ck / "state.json"
         path.write_text(path.read_text().replace('"step": 4', '"step": 5'))  # same size, other bytes
-        why = "does not match its sha256"
+        why = "does not match its xxh3_128 checksum"
     else:
         path = max(ck.glob("*.distcp"), key=lambda p: p.stat().st_size)
         path.write_bytes(path.read_bytes()[:-100])
@@ -256,6 +256,24 @@ def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage)
     with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}"):
         export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter())
     assert not (tmp_path / "hf").exists()
+
+
+def test_sha256_marker_of_an_earlier_xtune_is_verified_with_sha256(finished, tmp_path):
+    """Markers written before the switch to xxh3_128 carry sha256 checksums: they are checked with sha256 (computed
+    here with hashlib), so an intact checkpoint passes and a changed file is named."""
+    import hashlib
+
+    from xtune.engine.checkpoint import verify_checkpoint
+
+    ck = tmp_path / "step-4"
+    shutil.copytree(finished / "checkpoints" / "step-4", ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["files"] = {n: {"sha256": hashlib.sha256((ck / n).read_bytes()).hexdigest(), "bytes": f["bytes"]}
+                     for n, f in meta["files"].items()}
+    (ck / "meta.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(ck) == []
+    (ck / "state.json").write_text((ck / "state.json").read_text().replace('"step": 4', '"step": 5'))
+    assert verify_checkpoint(ck) == ["state.json does not match its sha256 checksum (changed on disk)"]
 
 
 def _legacy(ck):

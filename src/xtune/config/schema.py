@@ -213,6 +213,8 @@ class TrainSpec:
     keep_last: int = 2
     # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
     resume: Optional[str] = None
+    # Write checkpoints in the background (staged to host memory, training goes on); null: true on CUDA only.
+    async_save: Optional[bool] = None
     # Eval loss every N steps (0: only at the end); needs data.eval_datasets.
     eval_every: int = 0
     # Metrics every N steps (metrics.jsonl, TensorBoard, progress).

@@ -27,7 +27,7 @@ from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
 from xtune.engine.ulysses import attn_name
-from xtune.errors import ConfigError, DataError, XtuneError
+from xtune.errors import CheckpointSaveError, ConfigError, DataError, XtuneError
 from xtune import tuning
 from xtune.launch_env import launch_env
 
@@ -168,7 +168,8 @@ class Trainer:
         # This spec's optimizer settings, which a resume with a changed optim/sched section re-applies.
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # With adapters a checkpoint holds only what trains; the frozen base is reloaded from load_from.
-        self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last, trainable_only=self.peft)
+        async_save = t.async_save if t.async_save is not None else d.device.type == "cuda"
+        self.checkpointer = Checkpointer(self.run_dir, d, t.keep_last, trainable_only=self.peft, async_save=async_save)
         self.step = 0
         self.bad_streak = 0
         self.skipped_steps = 0
@@ -510,12 +511,16 @@ class Trainer:
                 if t.hf_every and self.step % t.hf_every == 0 and not done:
                     self.export_hf(self.run_dir / "hf" / f"step-{self.step}")
                 if stop:
-                    logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
                     result["stopped_early"] = True
                     break
-            if not result["stopped_early"]:
-                if self.last_saved != self.step:
-                    self.save()
+            if not result["stopped_early"] and self.last_saved != self.step:
+                self.save()
+            # An async save in flight (the one of a stop, the final one) completes, marker and `latest` included,
+            # before anything reports it or exports.
+            self.checkpointer.wait()
+            if result["stopped_early"]:
+                logger.message(f"stop requested: saved checkpoint at step {self.step}, exiting")
+            else:
                 result["hf_dir"] = str(self.export_hf())
                 if t.sample_prompts and d.is_main:
                     result["samples"] = self.generate_samples(Path(result["hf_dir"]))
@@ -529,9 +534,18 @@ class Trainer:
                 self.summarize(result)
             return result
         finally:
+            self._close_checkpointer()
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             logger.close()
+
+    def _close_checkpointer(self) -> None:
+        """On every way out of fit (an error too) a save in flight finishes or fails cleanly: no checkpoint is left
+        half written with its writer gone. Its failure is logged when another error is already on its way."""
+        try:
+            self.checkpointer.close()
+        except CheckpointSaveError as e:
+            log.error("%s", e)
 
     def summarize(self, result: dict) -> None:
         """The last lines a user reads: how training went and where its results are."""
