@@ -36,7 +36,10 @@ def losses(run_dir):
 LR = {"adamw": 1e-2, "sgd": 0.5, "muon": 1e-2, "adamw_8bit": 1e-2}
 
 
-@pytest.mark.parametrize("name,nproc", [("adamw", 2), ("sgd", 2), ("muon", 2), ("adamw_8bit", 1)])
+# Muon on 2 ranks (its update on DTensor shards is what differs); the others' state resumes through the same
+# DCP path on 1 rank (AdamW's on 2 ranks is the default of every resume test, tests/reliability included).
+@pytest.mark.parametrize("name,nproc", [pytest.param("adamw", 2, marks=pytest.mark.slow), ("sgd", 1), ("muon", 2),
+                                        ("adamw_8bit", 1)])
 def test_optimizer_trains_and_resumes_exactly(tmp_path, name, nproc):
     if name == "adamw_8bit":
         pytest.importorskip("bitsandbytes")

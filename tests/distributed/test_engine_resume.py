@@ -65,6 +65,9 @@ def test_uninterrupted_run_layout(baseline):
     assert (run / "config.yaml").is_file() and (run / "hf" / "config.json").is_file()
 
 
+# Slow: tests/reliability/test_elastic_resume.py SIGKILLs a 2-rank run and resumes it exactly on the user's
+# path (and on 1 rank and back), and test_kill_resume.py at random moments.
+@pytest.mark.slow
 def test_sigkill_then_resume_is_exact(baseline):
     run = baseline / "killed"
     proc = torchrun("--run-dir", run, "--init", baseline / "init", "--steps", STEPS, "--sleep", "0.25", wait=False)

@@ -66,6 +66,50 @@ def test_every_source_and_format_gives_the_template_tokens(tmp_path, run_spec, q
     assert ds.sample(0).input_ids == reference_ids(qwen_tok, as_messages("Add\n\n2 and 3", "5", "Be brief."))
 
 
+HUB_CHILD = """
+import json, sys
+from xtune.data.sources import list_files, iter_file
+from xtune.errors import DataError
+for path in sys.argv[1:]:
+    try:
+        files = list_files(path)
+        print(json.dumps({"files": files, "records": [json.loads(r) for f in files for _, r in iter_file(f)]}))
+    except DataError as e:
+        print(json.dumps({"error": str(e)}))
+"""
+
+
+def test_hub_dataset_is_read_offline_from_the_hf_cache(tmp_path, write_jsonl):
+    """`hf://org/name[:split]` on a machine without the hub: `datasets` finds the copy of the dataset that an
+    earlier online `load_dataset("org/name")` left in HF_DATASETS_CACHE. That copy is made here the way datasets
+    5.2 lays it out (`org___name/default/0.0.0/<hash>/name-<split>.arrow`, checked): built from local JSONL
+    files, then moved under the hub name. The records read back are the files' records, per split; an unknown
+    name is a DataError naming it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    splits = {split: [{"messages": as_messages(q + f" ({split})", a)} for q, a in PAIRS] for split in ("train", "test")}
+    files = {split: str(write_jsonl(tmp_path / f"{split}.jsonl", rows)) for split, rows in splits.items()}
+    build = ("import datasets, json, sys; datasets.load_dataset('json', data_files=json.loads(sys.argv[1]), "
+             f"cache_dir={str(tmp_path / 'build')!r})")
+    subprocess.run([sys.executable, "-c", build, json.dumps(files)], env=env, check=True, capture_output=True)
+    built = next(p for p in (tmp_path / "build" / "json").glob("*/0.0.0/*") if p.is_dir())
+    cached = tmp_path / "hf" / "acme___chat" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, cached)
+    for split in splits:
+        (cached / f"json-{split}.arrow").rename(cached / f"chat-{split}.arrow")
+
+    out = subprocess.run([sys.executable, "-c", HUB_CHILD, "hf://acme/chat", "hf://acme/chat:test", "hf://acme/nope"],
+                         env=env, check=True, capture_output=True, text=True)
+    train, test, unknown = [json.loads(line) for line in out.stdout.splitlines()]
+    assert train["records"] == splits["train"] and test["records"] == splits["test"]
+    assert all(f.startswith(str(cached)) and f.endswith(".arrow") for f in train["files"] + test["files"])
+    assert unknown["error"].startswith("hf://acme/nope: could not load dataset 'acme/nope' split 'train'")
+
+
 def test_text_format_trains_every_token(run_spec, qwen_tok, write_jsonl):
     text = "Plain text for continued pre-training, every token counts."
     ds = tokens(run_spec, qwen_tok, write_jsonl("t.jsonl", [{"text": text}]))
