@@ -132,6 +132,9 @@ def _steps(run_dir):
     return [r["step"] for r in records if "loss" in r]
 
 
+# Slow: tests/integration/test_engine_e2e.py runs the same launch (nproc_per_node=2 starts torchrun) with
+# more checks, and every 2-rank family test goes through this command line.
+@pytest.mark.slow
 def test_nproc_per_node_starts_the_workers_itself(tmp_path):
     run = tmp_path / "run"
     out = xtune("sft", "recipe=demo", "parallel.nproc_per_node=2", *FAST, f"train.work_dir={run}",

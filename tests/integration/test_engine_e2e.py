@@ -45,6 +45,7 @@ def test_run_dir_contents(run_dir):
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval_loss"] > 0 for r in evals)
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert len(list((run_dir / "checkpoints" / "step-4").glob("*.distcp"))) == 2  # both ranks wrote their shard
     assert any((run_dir / "tb").iterdir())
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     prompts = list(spec_from_yaml(run_dir / "config.yaml").train.sample_prompts)
