@@ -1,7 +1,7 @@
 """The fast data path equals transformers' own: rendering, special ids, worker results.
 
 `Renderer.render` uses a template compiled once per process in a sandbox with short-cut checks
-(`xtune.data.templates._FastSandbox`); it must return exactly what `apply_chat_template` does,
+(`xtune.data.fast_render._FastSandbox`); it must return exactly what `apply_chat_template` does,
 keep the sandbox's refusals, and fall back to `apply_chat_template` where it does not apply.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xtune.data import multimodal, templates
+from xtune.data import fast_render, multimodal
 from xtune.data.formats import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
@@ -124,10 +124,10 @@ def test_fast_sandbox_keeps_the_sandbox():
         "{{ messages | tojson }}|{{ dict(a=1) }}",
     ]
     for tpl in cases:
-        fast = _outcome(templates._compile(tpl), messages=msgs)
+        fast = _outcome(fast_render.compile_template(tpl), messages=msgs)
         assert fast == _outcome(_compile_jinja_template(tpl), messages=msgs), tpl
     for tpl in cases[:4]:
-        assert _outcome(templates._compile(tpl), messages=msgs)[0] == "SecurityError", tpl
+        assert _outcome(fast_render.compile_template(tpl), messages=msgs)[0] == "SecurityError", tpl
 
 
 def test_template_rejecting_probes_still_renders_like_transformers(qwen_tok):

@@ -117,11 +117,11 @@ class SampleTokenizer:
                 text += c
                 pos += len(c)
             return text, spans
-        try:
+        try:  # the markers are probed on first use: a template failing there fails for this record too
             text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+            header, eot = self.renderer.header, self.renderer.eot
         except DataError as e:
             raise DataError(f"{rec.source}: {e}") from None
-        header, eot = self.renderer.header, self.renderer.eot
         spans, cursor = [], 0
         for i, (m, flag) in enumerate(zip(msgs, rec.loss)):
             content = m["content"]
