@@ -110,14 +110,27 @@ def _decision(env, obj, name):
     return out
 
 
+class Marked:
+    """An object with methods jinja2's sandbox must not call (its documented markers)."""
+
+    def delete(self):
+        pass
+
+    def run(self):
+        pass
+
+    delete.alters_data = True
+    run.unsafe_callable = True
+
+
 def _reachable(env):
-    """One object of every kind a chat template can reach."""
+    """One object of every kind a chat template can reach, and one whose methods carry jinja2's markers."""
     g = env.globals
     ns = g["namespace"](a=1)
     loop = LoopContext(iter([1, 2]), env.undefined)
     values = [MESSAGES, MESSAGES[0], "text", 1, 1.5, True, None, (1, 2), [1, "a"], {"k": [1]}]
     return values + [ns, loop, g["dict"], g["raise_exception"], g["strftime_now"], g["cycler"], g["joiner"],
-                     g["lipsum"], g["range"], env.filters["tojson"], env.undefined(name="x"), "".join, "a".format]
+                     g["lipsum"], g["range"], env.filters["tojson"], env.undefined(name="x"), "".join, "a".format, Marked()]
 
 
 def test_attribute_decisions_equal_jinja2s_sandbox_on_every_reachable_name():
@@ -164,9 +177,33 @@ def test_other_versions_are_rendered_by_apply_chat_template(qwen_tok, monkeypatc
 
 
 # -- labels: the fast path against apply_chat_template on every data file ----------------------------------------
-def _data_files():
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+# What the files lack: reasoning under each of its names, None values, tool calls (JSON text and objects),
+# think blocks, text that looks like jinja
+TRICKY = [
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r1"},
+                  {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "reasoning": "r2"}]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "t",
+                                                     "reasoning_content": None, "name": None}]},
+    {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "<tool_response>x</tool_response>"},
+                  {"role": "assistant", "content": "<think>\nplan\n</think>\n\nanswer"}]},
+    {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "call"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}, {"role": "assistant", "content": "ok"}]},
+    {"messages": [{"role": "user", "content": "héllo 世界 {{ not jinja }} {% raw %}"},
+                  {"role": "assistant", "content": "{{ messages }}"}]},
+]
+
+
+def _data_files(tmp_path):
     """(file, media root) of every data file: the resource files name their images as `resource/...`."""
-    files = [(p, p.parent) for p in sorted(DEMO.glob("*.jsonl"))]
+    tricky = tmp_path / "tricky.jsonl"
+    tricky.write_text("".join(json.dumps(r) + "\n" for r in TRICKY))
+    files = [(tricky, tmp_path)] + [(p, p.parent) for p in sorted(DEMO.glob("*.jsonl"))]
     return files + ([(p, RESOURCE.parent) for p in sorted(RESOURCE.glob("*.jsonl"))] if RESOURCE.is_dir() else [])
 
 
@@ -195,11 +232,11 @@ def _tokenize_file(st: SampleTokenizer, path: Path, root: Path):
 
 
 @pytest.mark.parametrize("tok_name", ["qwen_tok", "intern_tok"])
-def test_labels_equal_apply_chat_template_rendering_on_every_data_file(tok_name, request):
+def test_labels_equal_apply_chat_template_rendering_on_every_data_file(tok_name, request, tmp_path):
     tok = request.getfixturevalue(tok_name)
     tpl = resolve_template(tok, "auto", FAMILY[tok_name])
     samples = 0
-    for path, root in _data_files():
+    for path, root in _data_files(tmp_path):
         pref = path.name.startswith("pref_")
         settings = TokenizeSettings(tpl, 10**6, preference=pref, pair_max_length=10**6 if pref else 0)
         fast, ref = SampleTokenizer(tok, settings), SampleTokenizer(tok, settings)
@@ -214,4 +251,5 @@ def test_labels_equal_apply_chat_template_rendering_on_every_data_file(tok_name,
         for x, y, lx, ly in zip(a.ids, b.ids, a.labels, b.labels):
             assert np.array_equal(x, y) and np.array_equal(lx, ly), path
         samples += len(a.ids)
+        assert len(a.ids) == len(TRICKY) or path.name != "tricky.jsonl"
     assert samples > 3000
