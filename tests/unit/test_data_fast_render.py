@@ -84,7 +84,8 @@ def _envs(template="{{ messages }}"):
     fast = fast_render.compile_template(template)
     ref = _compile_jinja_template(template)
     assert type(ref.environment) is ImmutableSandboxedEnvironment  # jinja2's own sandbox, as configured by transformers
-    assert isinstance(fast.environment, ImmutableSandboxedEnvironment) and type(fast.environment) is not ImmutableSandboxedEnvironment
+    assert isinstance(fast.environment, ImmutableSandboxedEnvironment)
+    assert type(fast.environment) is not ImmutableSandboxedEnvironment  # the fast one subclasses it
     return fast, ref
 
 
