@@ -1,19 +1,18 @@
 """The fast data path equals transformers' own: rendering, special ids, worker results.
 
 `Renderer.render` uses a template compiled once per process in a sandbox with short-cut checks
-(`xtune.data.fast_render._FastSandbox`); it must return exactly what `apply_chat_template` does,
-keep the sandbox's refusals, and fall back to `apply_chat_template` where it does not apply.
+(`xtune.data.fast_render`); it must return exactly what `apply_chat_template` does and fall back to
+`apply_chat_template` where it does not apply. Its sandbox decisions: tests/unit/test_data_fast_render.py.
 """
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xtune.data import fast_render, multimodal
+from xtune.data import multimodal
 from xtune.data.formats import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
@@ -95,39 +94,6 @@ def test_non_json_input_falls_back_to_apply_chat_template(qwen_tok):
     msgs = [{"role": "user", "content": Text("hi")}, {"role": "assistant", "content": "yo", "extra": (1, 2)}]
     assert r._fast(msgs, None, False) is None  # not handled by the fast path...
     assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, tokenize=False)  # ...but rendered all the same
-
-
-def _outcome(template, **kw):
-    try:
-        out = "ok", template.render(**kw)
-    except Exception as e:  # noqa: BLE001
-        out = type(e).__name__, str(e)
-    return out[0], re.sub(r" at 0x[0-9a-f]+", "", out[1])  # object addresses differ
-
-
-def test_fast_sandbox_keeps_the_sandbox():
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    msgs = [{"role": "user", "content": "hi", "n": 1}]
-    cases = [
-        "{{ messages.append(1) }}",  # mutating a list
-        "{{ messages[0].update({'a': 1}) }}",  # mutating a dict
-        "{{ messages[0].pop('role') }}",
-        "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # reaching object
-        "[{{ messages[0].__class__ }}|{{ messages.__len__ }}|{{ messages[0].content.__class__ }}]",
-        "[{{ messages[0].items }}|{{ messages[0].keys() | list }}|{{ messages[0].get('role') }}|{{ messages[0].nope }}]",
-        "{{ '{0.__class__}'.format(messages) }}|{{ 'a{x}'.format_map({'x': 1}) }}|{{ messages[0].content.upper() }}",
-        "{{ messages[0].content.format }}",
-        "{% set ns = namespace(a=1) %}{% set ns.b = 'x' %}{{ ns.a }}{{ ns.b.upper() }}{{ ns._c }}",
-        "{% for m in messages %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.__class__ }}{% endfor %}",
-        "{{ raise_exception('nope') }}",
-        "{{ messages | tojson }}|{{ dict(a=1) }}",
-    ]
-    for tpl in cases:
-        fast = _outcome(fast_render.compile_template(tpl), messages=msgs)
-        assert fast == _outcome(_compile_jinja_template(tpl), messages=msgs), tpl
-    for tpl in cases[:4]:
-        assert _outcome(fast_render.compile_template(tpl), messages=msgs)[0] == "SecurityError", tpl
 
 
 def test_template_rejecting_probes_still_renders_like_transformers(qwen_tok):
