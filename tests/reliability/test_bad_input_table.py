@@ -382,6 +382,9 @@ ROWS = [
       'can only concatenate str (not "int") to str']),
     ("template_syntax_error", template_row("{% for m in messages %}\n{{ m.content }", in_config=True),
      ["{f}:1: the chat template of {tok} failed at template line 2: TemplateSyntaxError"]),
+    ("template_without_generation_prompt", template_row("{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                                       "</s>{% endfor %}"),
+     ["{f}:1: the chat template has no generation prompt; cannot find assistant turns"]),
     ("template_raise_for_a_record",
      template_row("{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM here') }}"
                   "{% endif %}{% endfor %}" + QWEN3_TPL,
