@@ -21,6 +21,7 @@ workers do not mix).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -110,6 +111,9 @@ def work(a: dict) -> dict:
     from xtune.data.loader import PackedData
 
     _use.compile = fast_render.compile_template
+    # The tokenizer's thread pool only for the raw baseline, at the end: xtune's workers are forked, and a child
+    # forked after the pool has run waits for the pool's threads forever (`fast_1proc` encodes in this process).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = AutoTokenizer.from_pretrained(a["tok_dir"])
     rounds = a.get("rounds", 3)
     lines = (ROOT / "src" / "xtune" / "assets" / "demo" / "train.jsonl").read_text().splitlines()
@@ -139,6 +143,7 @@ def work(a: dict) -> dict:
         assert not packed.datasets[0].built
         render = _render_us(tok, chats, rounds)
     raw, raw_cpu = [], []
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     for _ in range(max(3, rounds)):
         c, t = _cpu(), time.perf_counter()
         enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
