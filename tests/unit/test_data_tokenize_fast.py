@@ -177,3 +177,33 @@ def test_trained_tokens_over_mixed_items_equals_per_item_count():
                 for d, i in items)
     assert _trained_tokens(datasets, items) == naive
     assert _trained_tokens(datasets, np.zeros((0, 2), dtype=np.int64)) == 0
+
+
+HANG = """
+import os, sys
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+from transformers import AutoTokenizer
+from xtune.data.templates import resolve_template
+from xtune.data.tokenize import TokenizeSettings, tokenize_files
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.backend_tokenizer.encode_batch(["warm the thread pool"] * 2000)  # the pool has run in the parent
+out = tokenize_files(tok, TokenizeSettings(resolve_template(tok), 4096), [sys.argv[2]], None, num_workers=2,
+                     chunk_lines=300)
+print("records", out.records)
+"""
+
+
+def test_workers_forked_after_the_tokenizer_pool_ran_do_not_hang(tmp_path):
+    """With TOKENIZERS_PARALLELISM=true set by the user, a worker forked after the parent's encode_batch used the
+    Rust thread pool would wait for the pool's (absent) threads forever: the workers encode on their own thread."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    tok = ROOT / "src" / "xtune" / "assets" / "tokenizers" / "qwen3_tiny"
+    p = subprocess.run([sys.executable, str(script), str(tok), str(DEMO / "train.jsonl")], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "records 3600" in p.stdout

@@ -339,7 +339,9 @@ _WORKER: Dict[str, object] = {}
 
 
 def _worker_init(tokenizer, settings: TokenizeSettings) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Workers are the parallelism: each encodes on its own thread. Set even when the user set it to true: a
+    # child forked after the parent's thread pool ran would wait for the pool's threads, which fork did not copy.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = tokenizer
     _WORKER["settings"] = settings
 
