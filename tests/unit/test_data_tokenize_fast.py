@@ -203,7 +203,14 @@ def test_workers_forked_after_the_tokenizer_pool_ran_do_not_hang(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANG)
     tok = ROOT / "src" / "xtune" / "assets" / "tokenizers" / "qwen3_tiny"
-    p = subprocess.run([sys.executable, str(script), str(tok), str(DEMO / "train.jsonl")], capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "records 3600" in p.stdout
+    p = subprocess.Popen([sys.executable, str(script), str(tok), str(DEMO / "train.jsonl")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # the script and its hung workers
+        p.communicate()
+        raise AssertionError("tokenize_files hung in workers forked after the tokenizer's thread pool ran") from None
+    assert p.returncode == 0, err[-2000:]
+    assert "records 3600" in out
