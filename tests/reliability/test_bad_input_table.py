@@ -90,14 +90,19 @@ def image_row(write_image, **extra):
     return setup
 
 
-def template_row(template, lines=None):
-    """The demo run with a copy of its tokenizer whose chat template is `template`."""
+def template_row(template, lines=None, in_config=False):
+    """The demo run with a copy of its tokenizer whose chat template is `template`: in `chat_template.jinja`
+    (transformers 5's layout), or in `tokenizer_config.json` with `in_config`."""
     def setup(t):
         tok = t / "tok"
         shutil.copytree(TOKENIZER, tok)
         (tok / "chat_template.jinja").unlink(missing_ok=True)
         cfg = json.loads((tok / "tokenizer_config.json").read_text())
-        cfg["chat_template"] = template
+        cfg.pop("chat_template", None)
+        if in_config:
+            cfg["chat_template"] = template
+        else:
+            (tok / "chat_template.jinja").write_text(template)
         (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
         f = write_lines(t / "data.jsonl", lines or GOOD[:4])
         return quick_run(t, f"data.datasets=[{{name:x,path:{f}}}]", f"model.tokenizer={tok}"), {"f": f, "tok": tok}
@@ -386,12 +391,28 @@ ROWS = [
     ("image_wh_malformed", image_row(lambda p: shutil.copyfile(IMAGE, p), image_wh=[0, "x"]),
      ["{f}:3: message 0: 'image_wh' must be [width, height]"]),
     # -- chat templates (the tokenizer folder's): the folder, the template line and jinja2's reason
-    ("template_security_error", template_row("{{ messages.append(1) }}" + QWEN3_TPL),
-     ["the chat template of {tok} failed at template line 1: SecurityError"]),
-    ("template_type_error", template_row("{% for m in messages %}{{ m.content + 1 }}{% endfor %}"),
-     ["the chat template of {tok} failed at template line 1: TypeError"]),
-    ("template_syntax_error", template_row("{% for m in messages %}\n{{ m.content }"),
-     ["the chat template of {tok} failed at template line 2: TemplateSyntaxError"]),
+    # A template the sandbox refuses or that fails on the data is the user's to fix: the record, the folder,
+    # the template line and jinja2's reason (a template failing on every chat fails on the first record).
+    ("template_class_access", template_row("{{ messages[0].__class__.__mro__ }}" + QWEN3_TPL),
+     ["{f}:1: the chat template of {tok} failed at template line 1: SecurityError: "
+      "access to attribute '__class__' of 'dict' object is unsafe"]),
+    ("template_globals_access", template_row("{{ raise_exception.__globals__['os'] }}" + QWEN3_TPL),
+     ["{f}:1: the chat template of {tok} failed at template line 1: SecurityError: "
+      "access to attribute '__globals__' of 'function' object is unsafe"]),
+    ("template_list_append", template_row("{{ messages.append(1) }}" + QWEN3_TPL),
+     ["{f}:1: the chat template of {tok} failed at template line 1: SecurityError: "
+      "access to attribute 'append' of 'list' object is unsafe"]),
+    ("template_list_pop", template_row("{% if messages | length > 1 %}{{ messages.pop() }}{% endif %}" + QWEN3_TPL),
+     ["{f}:1: the chat template of {tok} failed at template line 1: SecurityError: "
+      "access to attribute 'pop' of 'list' object is unsafe"]),
+    ("template_type_error", template_row("{% for m in messages %}\n{{ m.content + 1 }}{% endfor %}"),
+     ["{f}:1: the chat template of {tok} failed at template line 2: TypeError: "
+      'can only concatenate str (not "int") to str']),
+    ("template_syntax_error", template_row("{% for m in messages %}\n{{ m.content }", in_config=True),
+     ["{f}:1: the chat template of {tok} failed at template line 2: TemplateSyntaxError"]),
+    ("template_without_generation_prompt", template_row("{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                                       "</s>{% endfor %}"),
+     ["{f}:1: the chat template has no generation prompt; cannot find assistant turns"]),
     ("template_raise_for_a_record",
      template_row("{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM here') }}"
                   "{% endif %}{% endfor %}" + QWEN3_TPL,

@@ -1,19 +1,18 @@
 """The fast data path equals transformers' own: rendering, special ids, worker results.
 
 `Renderer.render` uses a template compiled once per process in a sandbox with short-cut checks
-(`xtune.data.templates._FastSandbox`); it must return exactly what `apply_chat_template` does,
-keep the sandbox's refusals, and fall back to `apply_chat_template` where it does not apply.
+(`xtune.data.fast_render`); it must return exactly what `apply_chat_template` does and fall back to
+`apply_chat_template` where it does not apply. Its sandbox decisions: tests/unit/test_data_fast_render.py.
 """
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xtune.data import multimodal, templates
+from xtune.data import multimodal
 from xtune.data.formats import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
@@ -97,39 +96,6 @@ def test_non_json_input_falls_back_to_apply_chat_template(qwen_tok):
     assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, tokenize=False)  # ...but rendered all the same
 
 
-def _outcome(template, **kw):
-    try:
-        out = "ok", template.render(**kw)
-    except Exception as e:  # noqa: BLE001
-        out = type(e).__name__, str(e)
-    return out[0], re.sub(r" at 0x[0-9a-f]+", "", out[1])  # object addresses differ
-
-
-def test_fast_sandbox_keeps_the_sandbox():
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    msgs = [{"role": "user", "content": "hi", "n": 1}]
-    cases = [
-        "{{ messages.append(1) }}",  # mutating a list
-        "{{ messages[0].update({'a': 1}) }}",  # mutating a dict
-        "{{ messages[0].pop('role') }}",
-        "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # reaching object
-        "[{{ messages[0].__class__ }}|{{ messages.__len__ }}|{{ messages[0].content.__class__ }}]",
-        "[{{ messages[0].items }}|{{ messages[0].keys() | list }}|{{ messages[0].get('role') }}|{{ messages[0].nope }}]",
-        "{{ '{0.__class__}'.format(messages) }}|{{ 'a{x}'.format_map({'x': 1}) }}|{{ messages[0].content.upper() }}",
-        "{{ messages[0].content.format }}",
-        "{% set ns = namespace(a=1) %}{% set ns.b = 'x' %}{{ ns.a }}{{ ns.b.upper() }}{{ ns._c }}",
-        "{% for m in messages %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.__class__ }}{% endfor %}",
-        "{{ raise_exception('nope') }}",
-        "{{ messages | tojson }}|{{ dict(a=1) }}",
-    ]
-    for tpl in cases:
-        fast = _outcome(templates._compile(tpl), messages=msgs)
-        assert fast == _outcome(_compile_jinja_template(tpl), messages=msgs), tpl
-    for tpl in cases[:4]:
-        assert _outcome(templates._compile(tpl), messages=msgs)[0] == "SecurityError", tpl
-
-
 def test_template_rejecting_probes_still_renders_like_transformers(qwen_tok):
     tpl = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
            "[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}[assistant:{% endif %}")
@@ -211,3 +177,40 @@ def test_trained_tokens_over_mixed_items_equals_per_item_count():
                 for d, i in items)
     assert _trained_tokens(datasets, items) == naive
     assert _trained_tokens(datasets, np.zeros((0, 2), dtype=np.int64)) == 0
+
+
+HANG = """
+import os, sys
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+from transformers import AutoTokenizer
+from xtune.data.templates import resolve_template
+from xtune.data.tokenize import TokenizeSettings, tokenize_files
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.backend_tokenizer.encode_batch(["warm the thread pool"] * 2000)  # the pool has run in the parent
+out = tokenize_files(tok, TokenizeSettings(resolve_template(tok), 4096), [sys.argv[2]], None, num_workers=2,
+                     chunk_lines=300)
+print("records", out.records)
+"""
+
+
+def test_workers_forked_after_the_tokenizer_pool_ran_do_not_hang(tmp_path):
+    """With TOKENIZERS_PARALLELISM=true set by the user, a worker forked after the parent's encode_batch used the
+    Rust thread pool would wait for the pool's (absent) threads forever: the workers encode on their own thread."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    tok = ROOT / "src" / "xtune" / "assets" / "tokenizers" / "qwen3_tiny"
+    p = subprocess.Popen([sys.executable, str(script), str(tok), str(DEMO / "train.jsonl")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # the script and its hung workers
+        p.communicate()
+        raise AssertionError("tokenize_files hung in workers forked after the tokenizer's thread pool ran") from None
+    assert p.returncode == 0, err[-2000:]
+    assert "records 3600" in out

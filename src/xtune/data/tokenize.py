@@ -117,11 +117,11 @@ class SampleTokenizer:
                 text += c
                 pos += len(c)
             return text, spans
-        try:
+        try:  # the markers are probed on first use: a template failing there fails for this record too
             text = self.renderer.render(msgs, tools=rec.meta.get("tools"))
+            header, eot = self.renderer.header, self.renderer.eot
         except DataError as e:
             raise DataError(f"{rec.source}: {e}") from None
-        header, eot = self.renderer.header, self.renderer.eot
         spans, cursor = [], 0
         for i, (m, flag) in enumerate(zip(msgs, rec.loss)):
             content = m["content"]
@@ -339,7 +339,9 @@ _WORKER: Dict[str, object] = {}
 
 
 def _worker_init(tokenizer, settings: TokenizeSettings) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Workers are the parallelism: each encodes on its own thread. Set even when the user set it to true: a
+    # child forked after the parent's thread pool ran would wait for the pool's threads, which fork did not copy.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = tokenizer
     _WORKER["settings"] = settings
 
