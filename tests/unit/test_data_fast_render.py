@@ -12,12 +12,11 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import pytest
-import transformers
 from jinja2.runtime import LoopContext, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -168,11 +167,13 @@ def test_hostile_templates_get_jinja2s_own_decision(k):
 def test_other_versions_are_rendered_by_apply_chat_template(qwen_tok, monkeypatch):
     tpl = resolve_template(qwen_tok)
     assert fast_render.versions_supported() and Renderer(qwen_tok, tpl)._fast is not None
-    for mod, version in ((transformers, "6.0.0"), (transformers, "4.57.1"), (jinja2, "3.2.0"), (jinja2, "dev")):
+    for name, version in (("transformers", "6.0.0"), ("transformers", "4.57.1"), ("jinja2", "3.2.0"), ("jinja2", "dev")):
         with monkeypatch.context() as m:
-            m.setattr(mod, "__version__", version)
+            # The module fast_render imports now: inside a full session sys.modules can hold another
+            # transformers module object than the one this file imported at collection.
+            m.setattr(sys.modules[name], "__version__", version)
             r = Renderer(qwen_tok, tpl)
-            assert r._fast is None, (mod.__name__, version)
+            assert r._fast is None, (name, version)
             msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
             assert r.render(msgs) == qwen_tok.apply_chat_template(msgs, tokenize=False)
 
