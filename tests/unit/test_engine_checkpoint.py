@@ -30,7 +30,7 @@ def make_spec(init_dir, steps=4, **train_kw):
 
 
 def run(spec, run_dir, steps=4, adapter=None):
-    return train(spec, run_dir, adapter=adapter or TinyAdapter(), tokenizer=None,
+    return train(spec, run_dir, adapter=adapter or TinyAdapter(spec.model), tokenizer=None,
                  loader=ListLoader(steps, 2, 0, 1, 2, seed=4, cycle=2))
 
 
@@ -136,7 +136,7 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
     denv = init_distributed(spec.parallel)
     try:
         # Forward calls 2 and 4,5 (one micro-batch per step here) produce NaN hidden states.
-        adapter = TinyAdapter(nan_at_steps={2, 4, 5})
+        adapter = TinyAdapter(spec.model, nan_at_steps={2, 4, 5})
         spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
         tr = Trainer(spec, tmp_path, adapter=adapter, tokenizer=None, denv=denv,
                      loader=ListLoader(6, 1, 0, 1, 1, seed=4))
@@ -195,7 +195,7 @@ def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
         spec = dc.replace(make_spec(init_dir), parallel=ParallelSpec(param_dtype=dtype))
         denv = init_distributed(spec.parallel)
         try:
-            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(), tokenizer=None, denv=denv,
+            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
                          loader=ListLoader(1, 2, 0, 1, 2, seed=4))
             losses[dtype] = tr.forward_backward(next(tr.loader))["loss"]
             params = list(tr.model.parameters())

@@ -136,10 +136,6 @@ class AutoAdapter(ModelAdapter):
                                f"_no_split_modules nor a layer list in its decoder); it cannot be sharded per block"])
         return found
 
-    def final_hidden_module(self, model: nn.Module) -> nn.Module:
-        # The decoder's output is its final (normed) hidden state, whatever its last norm is called.
-        return self.language_model(model)
-
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
         from ..ops.attention import packed_kwargs
 
