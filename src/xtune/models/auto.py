@@ -115,7 +115,8 @@ class AutoAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> List[nn.Module]:
         """The decoder blocks in forward order: the outermost modules of a class transformers lists in
         `_no_split_modules` (what accelerate's device maps never split), else the decoder's longest
-        layer list."""
+        layer list. (`_no_split_modules` is a class attribute with no public accessor, checked on transformers
+        5.24; this is xtune's only read of it.)"""
         decoder = self.language_model(model)
         names = set(getattr(model, "_no_split_modules", None) or ())
         found: List[nn.Module] = []
