@@ -98,7 +98,7 @@ def random_init_check(out_dir):
     res = {}
     for name, par in [("fsdp", ParallelSpec()), ("hsdp", ParallelSpec(replicate_degree=2))]:
         denv = init_distributed(par)
-        root, _, _ = build_sharded(TinyAdapter(), RunSpec(parallel=par), denv, "sdpa", Root)
+        root, _, _ = build_sharded(TinyAdapter(ModelSpec()), RunSpec(parallel=par), denv, "sdpa", Root)
         local = root.model.model.embed_tokens.weight.to_local().contiguous()
         both = [torch.empty_like(local) for _ in range(2)]
         torch.distributed.all_gather(both, local)

@@ -34,8 +34,8 @@ class TinyAdapter(Qwen3Adapter):
     """The qwen3 family on `tiny_config()`, whatever the spec's arch; the weights come from `spec.load_from`.
     The hidden states of the forward calls numbered in `nan_at_steps` are made NaN."""
 
-    def __init__(self, spec: ModelSpec | None = None, nan_at_steps=()):
-        super().__init__(spec or ModelSpec(name="tiny"))
+    def __init__(self, spec: ModelSpec, nan_at_steps=()):
+        super().__init__(spec)
         self.config = tiny_config()
         self.nan_at_calls = set(nan_at_steps)  # forward-call indices whose hidden states become NaN
         self.calls = 0

@@ -176,7 +176,8 @@ def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
     assert sorted(p.name for p in hf.iterdir() if p.is_dir()) == ["step-4", "step-6"]  # step-2 pruned
     weights = {name: load_file(str(hf / name / "model.safetensors")) for name in ("step-4", "step-6", ".")}
     for step, name in ((6, "step-6"), (8, ".")):
-        model, _ = build_plain_model(TinyAdapter(), spec_from_yaml(tmp_path / "config.yaml"))
+        spec = spec_from_yaml(tmp_path / "config.yaml")
+        model, _ = build_plain_model(TinyAdapter(spec.model), spec)
         load_model_only(tmp_path / "checkpoints" / f"step-{step}", model)
         want = model.state_dict()
         assert all(torch.equal(weights[name][k], want[k]) for k in weights[name]), name
@@ -254,7 +255,7 @@ def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage)
     assert not torch.distributed.is_initialized()
     assert max(json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == 4
     with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}"):
-        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter())
+        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter(ModelSpec()))
     assert not (tmp_path / "hf").exists()
 
 
