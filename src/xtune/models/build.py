@@ -123,6 +123,10 @@ class ModelBuilder:
         """The text decoder (has .layers and .norm)."""
         return model.model
 
+    def vision_layers(self, model: nn.Module) -> List[nn.Module]:
+        """The vision encoder's layers (none for a text model)."""
+        return []
+
     def blocks(self, model: nn.Module) -> List[nn.Module]:
         return list(self.language_model(model).layers)
 
