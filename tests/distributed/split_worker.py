@@ -32,15 +32,6 @@ def full_grads(model):
     return out
 
 
-class LoraTinyAdapter(TinyAdapter):
-    """The test adapter plus what adapter injection asks of a family: the language model and a name."""
-
-    spec = ModelSpec(name="tiny")
-
-    def language_model(self, model):
-        return model.model
-
-
 LORA = PeftSpec(method="lora", r=4, alpha=8.0)
 
 
@@ -52,7 +43,7 @@ def lora_layout(init_dir, out_dir, name, parallel, micro_of_rank):
     spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=parallel, peft=LORA,
                    loss=LossSpec(mode="chunk", chunk_size=7), train=TrainSpec(global_batch_size=4, max_steps=1))
     denv = init_distributed(parallel)
-    trainer = Trainer(spec, out_dir, adapter=LoraTinyAdapter(), tokenizer=None,
+    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(spec.model), tokenizer=None,
                       loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
     g = torch.Generator().manual_seed(17)
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
@@ -75,7 +66,7 @@ def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
                    optim=OptimSpec(max_grad_norm=0.05), train=TrainSpec(global_batch_size=4, max_steps=1))
     denv = init_distributed(parallel)
     rows = ListLoader(1, 4, 0, 1, 1, seed=5).rows_of_step(0)
-    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(), tokenizer=None,
+    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(spec.model), tokenizer=None,
                       loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
     result = {}
     for red in REDUCTIONS:
@@ -107,7 +98,7 @@ def random_init_check(out_dir):
     res = {}
     for name, par in [("fsdp", ParallelSpec()), ("hsdp", ParallelSpec(replicate_degree=2))]:
         denv = init_distributed(par)
-        root, _, _ = build_sharded(TinyAdapter(), RunSpec(parallel=par), denv, "sdpa", Root)
+        root, _, _ = build_sharded(TinyAdapter(ModelSpec()), RunSpec(parallel=par), denv, "sdpa", Root)
         local = root.model.model.embed_tokens.weight.to_local().contiguous()
         both = [torch.empty_like(local) for _ in range(2)]
         torch.distributed.all_gather(both, local)
@@ -128,7 +119,7 @@ def freeze_check(init_dir, out_dir):
     spec = RunSpec(model=ModelSpec(load_from=init_dir), loss=LossSpec(mode="chunk"),
                    train=TrainSpec(global_batch_size=2, max_steps=1))
     denv = init_distributed(spec.parallel)
-    tr = Trainer(spec, out_dir, adapter=FreezingAdapter(), tokenizer=None, denv=denv,
+    tr = Trainer(spec, out_dir, adapter=FreezingAdapter(spec.model), tokenizer=None, denv=denv,
                  loader=ListLoader(1, 2, denv.rank, denv.world_size, 1))
     attn = tr.model.model.layers[0].self_attn
     named = {"embed": tr.model.model.embed_tokens.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight}

@@ -119,7 +119,7 @@ def test_export_round_trip_logits(baseline, tmp_path):
     from xtune.config.io import spec_from_yaml
 
     spec = spec_from_yaml(run / "config.yaml")
-    trained, _ = build_plain_model(TinyAdapter(), spec)
+    trained, _ = build_plain_model(TinyAdapter(spec.model), spec)
     load_model_only(run / "checkpoints" / "step-8", trained)
     want = trained(input_ids=ids).logits
     initial = AutoModelForCausalLM.from_pretrained(str(baseline / "init"))(input_ids=ids).logits
@@ -129,9 +129,9 @@ def test_export_round_trip_logits(baseline, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     # xtune export from a checkpoint (single process, resharding the 2-rank DCP shards).
-    out = export_checkpoint(run / "checkpoints" / "step-8", tmp_path / "hf8", adapter=TinyAdapter())
+    out = export_checkpoint(run / "checkpoints" / "step-8", tmp_path / "hf8", adapter=TinyAdapter(spec.model))
     got8 = AutoModelForCausalLM.from_pretrained(str(out))(input_ids=ids).logits
     torch.testing.assert_close(got8, want, atol=1e-5, rtol=1e-5)
-    out = export_checkpoint(run / "checkpoints" / "step-6", tmp_path / "hf6", adapter=TinyAdapter())
+    out = export_checkpoint(run / "checkpoints" / "step-6", tmp_path / "hf6", adapter=TinyAdapter(spec.model))
     got6 = AutoModelForCausalLM.from_pretrained(str(out))(input_ids=ids).logits
     assert (got6 - want).abs().max() > 1e-4  # step 6 is not step 8

@@ -1,8 +1,6 @@
-"""Test fixtures for the engine: a tiny Qwen3 adapter on transformers directly, hand-made packed batches,
-a stateful list loader, and a single-process reference loss computed from transformers' own logits.
-
-The adapter follows the ModelAdapter contract (docs/CONTRACTS.md) so the engine is tested on its own;
-the end-to-end test uses the real `xtune.models` adapter and data loader.
+"""Test fixtures for the engine: the qwen3 adapter on a fixed tiny config (with NaN injection), hand-made
+packed batches, a stateful list loader, and a single-process reference loss computed from transformers' own
+logits (independent of the adapter's forward).
 """
 
 from __future__ import annotations
@@ -12,12 +10,13 @@ import os
 import random
 import socket
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from xtune.config.schema import ModelSpec
 from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.models.qwen3 import Qwen3Adapter
 
 VOCAB = 96
 
@@ -31,13 +30,18 @@ def tiny_config(**over):
     return Qwen3Config(**{**kw, **over})
 
 
-class TinyAdapter:
-    auto_class = "AutoModelForCausalLM"
+class TinyAdapter(Qwen3Adapter):
+    """The qwen3 family on `tiny_config()`, whatever the spec's arch; the weights come from `spec.load_from`.
+    The hidden states of the forward calls numbered in `nan_at_steps` are made NaN."""
 
-    def __init__(self, nan_at_steps=()):
+    def __init__(self, spec: ModelSpec, nan_at_steps=()):
+        super().__init__(spec)
         self.config = tiny_config()
         self.nan_at_calls = set(nan_at_steps)  # forward-call indices whose hidden states become NaN
         self.calls = 0
+
+    def validate(self):
+        return []  # the model spec names no family and no tokenizer: the tests hand over token ids
 
     def load_tokenizer(self):
         return None
@@ -45,51 +49,12 @@ class TinyAdapter:
     def build_config(self):
         return self.config
 
-    def build_model(self, config, attn_impl):
-        from transformers import Qwen3ForCausalLM
-
-        config._attn_implementation = attn_impl
-        return Qwen3ForCausalLM(config)
-
-    def init_weights(self, model):
-        model.apply(model._init_weights)
-
-    def init_buffers(self, model):
-        for m in model.modules():
-            if "RotaryEmbedding" in type(m).__name__:
-                model._init_weights(m)
-
-    def read_hf_state_dict(self, folder):
-        from safetensors.torch import load_file
-
-        return load_file(str(Path(folder) / "model.safetensors"))
-
-    def blocks(self, model):
-        return list(model.model.layers)
-
-    def apply_freeze(self, model):
-        pass
-
     def hidden_states(self, model, batch, attn_impl):
-        from xtune.ops.attention import packed_kwargs
-
-        out = model.model(input_ids=batch.input_ids, **packed_kwargs(batch, attn_impl))
-        h = out.last_hidden_state[0]
+        h, aux = super().hidden_states(model, batch, attn_impl)
         if self.calls in self.nan_at_calls:
             h = h * float("nan")
         self.calls += 1
-        return h, None
-
-    def output_weight(self, model):
-        return model.lm_head.weight
-
-    def save_hf(self, full_state_dict, config, tokenizer, out_dir):
-        from transformers import Qwen3ForCausalLM
-
-        with torch.device("meta"):
-            model = Qwen3ForCausalLM(config)
-        model.load_state_dict(full_state_dict, assign=True)
-        model.save_pretrained(str(out_dir))
+        return h, aux
 
 
 # ----------------------------------------------------------------------------------------- batches

@@ -67,7 +67,7 @@ def main():
     loader = SignallingLoader(a.steps, 4, rank, world, 4 // world // 1, seed=11, sleep=a.sleep, cycle=2,
                               sigterm_at=a.sigterm_at)
     nan_at = [a.nan_at_call] if a.nan_at_call is not None and rank == 0 else []
-    result = train(spec, a.run_dir, adapter=TinyAdapter(nan_at_steps=nan_at), tokenizer=None, loader=loader)
+    result = train(spec, a.run_dir, adapter=TinyAdapter(spec.model, nan_at_steps=nan_at), tokenizer=None, loader=loader)
     if rank == 0:
         print("RESULT", result, flush=True)
     from xtune.engine.worker import _exit

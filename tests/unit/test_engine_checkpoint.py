@@ -30,7 +30,7 @@ def make_spec(init_dir, steps=4, **train_kw):
 
 
 def run(spec, run_dir, steps=4, adapter=None):
-    return train(spec, run_dir, adapter=adapter or TinyAdapter(), tokenizer=None,
+    return train(spec, run_dir, adapter=adapter or TinyAdapter(spec.model), tokenizer=None,
                  loader=ListLoader(steps, 2, 0, 1, 2, seed=4, cycle=2))
 
 
@@ -136,7 +136,7 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
     denv = init_distributed(spec.parallel)
     try:
         # Forward calls 2 and 4,5 (one micro-batch per step here) produce NaN hidden states.
-        adapter = TinyAdapter(nan_at_steps={2, 4, 5})
+        adapter = TinyAdapter(spec.model, nan_at_steps={2, 4, 5})
         spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
         tr = Trainer(spec, tmp_path, adapter=adapter, tokenizer=None, denv=denv,
                      loader=ListLoader(6, 1, 0, 1, 1, seed=4))
@@ -176,7 +176,8 @@ def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
     assert sorted(p.name for p in hf.iterdir() if p.is_dir()) == ["step-4", "step-6"]  # step-2 pruned
     weights = {name: load_file(str(hf / name / "model.safetensors")) for name in ("step-4", "step-6", ".")}
     for step, name in ((6, "step-6"), (8, ".")):
-        model, _ = build_plain_model(TinyAdapter(), spec_from_yaml(tmp_path / "config.yaml"))
+        spec = spec_from_yaml(tmp_path / "config.yaml")
+        model, _ = build_plain_model(TinyAdapter(spec.model), spec)
         load_model_only(tmp_path / "checkpoints" / f"step-{step}", model)
         want = model.state_dict()
         assert all(torch.equal(weights[name][k], want[k]) for k in weights[name]), name
@@ -195,7 +196,7 @@ def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
         spec = dc.replace(make_spec(init_dir), parallel=ParallelSpec(param_dtype=dtype))
         denv = init_distributed(spec.parallel)
         try:
-            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(), tokenizer=None, denv=denv,
+            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
                          loader=ListLoader(1, 2, 0, 1, 2, seed=4))
             losses[dtype] = tr.forward_backward(next(tr.loader))["loss"]
             params = list(tr.model.parameters())
@@ -254,7 +255,7 @@ def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage)
     assert not torch.distributed.is_initialized()
     assert max(json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == 4
     with pytest.raises(CheckpointError, match=f"checkpoint {ck} is corrupt: {name}"):
-        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter())
+        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter(ModelSpec()))
     assert not (tmp_path / "hf").exists()
 
 

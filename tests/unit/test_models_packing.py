@@ -90,7 +90,21 @@ def _setup(family, impl):
     return adapter, model
 
 
-@pytest.mark.parametrize("family,impl", [("qwen3", "sdpa"), ("qwen3", "eager"), ("qwen3_moe", "sdpa")])
+def _reference_aux(model, docs):
+    """The router load-balancing loss over the tokens of all documents, each run alone through transformers'
+    model (its router logits per layer, concatenated over the documents), times the config's coefficient."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    with torch.no_grad():
+        per_doc = [model(input_ids=ids[None], use_cache=False, output_router_logits=True).router_logits
+                   for ids, _ in docs]
+    layers = tuple(torch.cat(layer) for layer in zip(*per_doc))
+    cfg = model.config
+    return cfg.router_aux_loss_coef * load_balancing_loss_func(layers, cfg.num_experts, cfg.num_experts_per_tok)
+
+
+@pytest.mark.parametrize("family,impl", [("qwen3", "sdpa"), ("qwen3", "eager"), ("qwen3_moe", "sdpa"),
+                                         ("qwen3_moe", "eager")])
 def test_packed_equals_unpacked_text(family, impl):
     adapter, model = _setup(family, impl)
     g = torch.Generator().manual_seed(1)
@@ -98,8 +112,9 @@ def test_packed_equals_unpacked_text(family, impl):
     ref = _reference(model, docs, None)
     per_token, grads, aux = _packed(adapter, model, _pack(docs), impl)
     _compare(ref, (per_token, grads))
-    if family == "qwen3_moe":
-        assert aux is not None and aux.item() > 0  # router load-balancing loss over the packed tokens
+    if family == "qwen3_moe":  # router load-balancing loss over the packed tokens
+        expected = _reference_aux(model, docs)
+        assert expected > 0 and abs(aux.item() - expected.item()) <= TOL, (aux, expected)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

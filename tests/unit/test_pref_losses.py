@@ -110,7 +110,7 @@ def test_loss_and_gradients_match_the_papers_formulas(name, kw, loss_mode):
     expected.backward()
 
     spec = dataclasses.replace(RunSpec(), method="dpo", pref=pref)
-    root = PrefLossModel(ours, TinyAdapter(), "eager", spec, loss_mode)
+    root = PrefLossModel(ours, TinyAdapter(spec.model), "eager", spec, loss_mode)
     reference = torch.tensor([[float(a), float(b)] for a, b in ref_lp]) if name in ("dpo", "ipo") else None
     loss_sum, _, stats = root(_packed(pairs), reference)
     (loss_sum / len(pairs)).backward()
@@ -126,7 +126,7 @@ def test_dpo_loss_at_the_first_step_is_ln_2():
     pairs = _pairs(seed=1, n=4)
     policy, _ = _models(seed=1)
     spec = dataclasses.replace(RunSpec(), method="dpo")
-    root = PrefLossModel(policy, TinyAdapter(), "eager", spec, "chunk")
+    root = PrefLossModel(policy, TinyAdapter(spec.model), "eager", spec, "chunk")
     batch = _packed(pairs)
     with torch.no_grad():
         reference = root(batch, logps_only=True)
@@ -140,7 +140,7 @@ def test_packed_pairs_equal_pairs_run_alone():
     pairs = _pairs(seed=2, n=3)
     policy, _ = _models(seed=2)
     spec = dataclasses.replace(RunSpec(), method="dpo", pref=PrefSpec(loss="simpo"))
-    root = PrefLossModel(policy, TinyAdapter(), "sdpa", spec, "chunk")
+    root = PrefLossModel(policy, TinyAdapter(spec.model), "sdpa", spec, "chunk")
     together = root(_packed(pairs))[0]
     alone = sum(root(_packed([p]))[0] for p in pairs)
     assert abs(float(together) - float(alone)) < 1e-5

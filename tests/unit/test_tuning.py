@@ -311,3 +311,21 @@ def test_adapter_of_multimodal_gemma3_loads_onto_the_multimodal_model(tmp_path, 
         torch.testing.assert_close(whole(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(load_export(tr.adapter, out)(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     assert (base - want).abs().max().item() > 1e-3  # the adapters change the output
+
+
+@pytest.mark.parametrize("family", ["intern_s1", "qwen3"])
+def test_adapters_on_a_vlm_warn_that_the_vision_tower_stays_frozen(family, caplog):
+    import logging
+
+    from xtune import tuning
+    from xtune.config.schema import ModelSpec, PeftSpec
+    from xtune.models import get_adapter
+    from xtune.models.tiny import INTERN_S1_TINY, QWEN3_TINY
+
+    arch = dict(INTERN_S1_TINY, image_token_id=5) if family == "intern_s1" else QWEN3_TINY
+    adapter = get_adapter(ModelSpec(family=family, arch=arch))
+    with torch.device("meta"):
+        model = adapter.build_model(adapter.build_config(), "sdpa")
+    with caplog.at_level(logging.WARNING, logger="xtune.tuning"):
+        tuning.inject(model, adapter, PeftSpec(method="lora", r=4, alpha=8.0))
+    assert ("vision tower and projector stay frozen" in caplog.text) == (family == "intern_s1")

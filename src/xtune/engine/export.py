@@ -189,7 +189,7 @@ def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
 
 def _build_plain(adapter, spec, attn_impl, peft: bool):
     from xtune import tuning
-    from xtune.engine.parallelize import _DTYPES, _buffer_init, retie
+    from xtune.engine.parallelize import _DTYPES, retie
 
     config = adapter.build_config()
     with torch.device("meta"):
@@ -197,8 +197,6 @@ def _build_plain(adapter, spec, attn_impl, peft: bool):
     model.to(dtype=_DTYPES[spec.model.dtype])
     lora_config = tuning.inject(model, adapter, spec.peft) if peft else None
     model.to_empty(device="cpu")
-    with torch.no_grad():
-        init_buffers = _buffer_init(adapter)
-        (init_buffers or adapter.init_weights)(model)
+    adapter.reset_buffers(model)  # the weights come from a checkpoint next; only the buffers are computed
     retie(model)
     return model, config, lora_config

@@ -101,8 +101,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     from xtune import tuning
 
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
-    # the base it saved); test adapters without one use the run spec's.
-    load_from = getattr(getattr(adapter, "spec", None), "load_from", None) or spec.model.load_from
+    # the base it saved).
+    load_from = adapter.spec.load_from
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
@@ -125,12 +125,10 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
         shard(root, blocks, spec.parallel, denv.mesh, denv.device, ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
     root.to_empty(device="cpu" if offload else denv.device)  # offload: shards stay on CPU
-    init_buffers = _buffer_init(adapter)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators")
-        # The adapter's spec says where the weights come from (an adapter run may reload its saved base).
-        if load_from and init_buffers is not None:
-            init_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
+        if load_from:
+            adapter.reset_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
         else:
             # Each rank initialises only its shard. DTensor's RNG tracker (CUDA) gives every shard its
             # own stream; on CPU there is none, so seed by shard index: distinct shards, identical
@@ -162,11 +160,6 @@ def retie(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def _buffer_init(adapter):
-    """The adapter's hook that recomputes non-persistent buffers only (None if it has none)."""
-    return getattr(adapter, "reset_buffers", None) or getattr(adapter, "init_buffers", None)
-
-
 def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
     """Rank 0 reads the HF folder one shard file at a time (`adapter.iter_hf_state_dict`); each batch
     reaches every rank's shards by broadcast before the next file is read, so no rank ever holds the
@@ -178,9 +171,8 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
     keys = list(model.state_dict().keys()) if denv.is_main else []
     peft_keys = keys if any(tuning.is_adapter_key(k) for k in keys) else None
     batches = None
-    if denv.is_main:  # an adapter without a streaming reader hands over the whole folder as one batch
-        stream = getattr(adapter, "iter_hf_state_dict", None)
-        batches = iter(stream(folder) if stream else [adapter.read_hf_state_dict(folder)])
+    if denv.is_main:
+        batches = iter(adapter.iter_hf_state_dict(folder))
     loaded = set()
     while True:
         batch, status = {}, "done"

@@ -51,7 +51,7 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
     result = model.load_state_dict(weights, strict=False)
     del weights
     model.tie_weights()
-    tied = adapter._tied_output_key(config)  # an export leaves out the tied lm_head
+    tied = adapter.tied_output_key(config)  # an export leaves out the tied lm_head
     missing = [k for k in result.missing_keys if k != tied]
     if missing:
         raise XtuneError(f"{hf_dir} lacks {len(missing)} weights, e.g. {', '.join(missing[:5])}")

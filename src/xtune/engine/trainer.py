@@ -56,7 +56,7 @@ def check_resume_config(spec, ckpt: Path | None):
 
 def preflight(spec, adapter, run_dir: Path):
     """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
-    problems = adapter.validate() if hasattr(adapter, "validate") else []
+    problems = adapter.validate()
     if tuning.enabled(spec.peft) and not problems:
         from xtune.config.validate import peft_problems
 
@@ -147,7 +147,7 @@ class Trainer:
 
         self.method = get_method(spec)  # what sft and dpo do differently (the loss and its preparation)
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
-        save_base = self._save_random_base if self.peft and not getattr(adapter.spec, "load_from", None) else None
+        save_base = self._save_random_base if self.peft and not adapter.spec.load_from else None
         self.root, self.model_config, self.lora_config = build_sharded(
             adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, root_attn, loss_mode),
             on_base_ready=save_base)

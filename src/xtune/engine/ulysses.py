@@ -153,7 +153,7 @@ def attn_name(inner: str) -> str:
 def use_on(language_model, inner: str) -> None:
     """Switch the text decoder's attention to the SP wrapper (a vision tower keeps its own). The name is not a
     mask function, so transformers builds no mask for the piece: the wrapper isolates documents itself."""
-    language_model.config._attn_implementation = attn_name(inner)
+    language_model.set_attn_implementation(attn_name(inner))  # transformers' public switch (5.24)
 
 
 # ------------------------------------------------------------------------------------------- the row

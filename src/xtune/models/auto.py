@@ -115,7 +115,8 @@ class AutoAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> List[nn.Module]:
         """The decoder blocks in forward order: the outermost modules of a class transformers lists in
         `_no_split_modules` (what accelerate's device maps never split), else the decoder's longest
-        layer list."""
+        layer list. (`_no_split_modules` is a class attribute with no public accessor, checked on transformers
+        5.24; this is xtune's only read of it.)"""
         decoder = self.language_model(model)
         names = set(getattr(model, "_no_split_modules", None) or ())
         found: List[nn.Module] = []
@@ -135,10 +136,6 @@ class AutoAdapter(ModelAdapter):
             raise ConfigError([f"model.family=auto: no decoder blocks found in {type(model).__name__} (neither "
                                f"_no_split_modules nor a layer list in its decoder); it cannot be sharded per block"])
         return found
-
-    def final_hidden_module(self, model: nn.Module) -> nn.Module:
-        # The decoder's output is its final (normed) hidden state, whatever its last norm is called.
-        return self.language_model(model)
 
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
         from ..ops.attention import packed_kwargs

@@ -58,14 +58,19 @@ class Qwen3MoeAdapter(ModelAdapter):
         return {"output_router_logits": True}, []
 
     def _aux_loss(self, model, outputs) -> Optional[torch.Tensor]:
-        """Load-balancing loss over the packed tokens (transformers' `load_balancing_loss_func`, computed
-        by the model from its router logits), already multiplied by the coefficient."""
+        """Load-balancing loss over the packed tokens, already multiplied by the coefficient: transformers'
+        `load_balancing_loss_func` on the router logits of the decoder's output, as Qwen3MoeForCausalLM
+        computes it (no padding mask: every token of a packed row is real)."""
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
         coef = self.spec.router_aux_loss_coef
         if coef is None:
             coef = model.config.router_aux_loss_coef
-        if outputs.aux_loss is None or not coef:
+        if not outputs.router_logits or not coef:
             return None
-        return coef * outputs.aux_loss.float()
+        aux = load_balancing_loss_func(outputs.router_logits, model.config.num_experts,
+                                       model.config.num_experts_per_tok, None)
+        return coef * aux.float()
 
 
 class _ExpertFuser(KeyStream):

@@ -123,7 +123,7 @@ def inject(model: nn.Module, adapter, peft_spec):
     config = lora_config(peft_spec, targets)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
     m = adapter.spec
-    if hasattr(adapter, "vision_layers") and not (m.freeze_vision and m.freeze_projector):
+    if adapter.vision_layers(model) and not (m.freeze_vision and m.freeze_projector):
         # peft freezes everything but the adapters; a full vision tower beside them would have to travel in
         # hf_adapter as a second copy (modules_to_save). Say so rather than train less than the flags suggest.
         log.warning("with adapters the vision tower and projector stay frozen (model.freeze_vision/"
