@@ -67,7 +67,7 @@ def test_async_save_writes_the_staged_state_in_the_background(init_dir, tmp_path
     tr = None
     try:
         with writes_held(monkeypatch) as (held, fail, _):
-            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(), tokenizer=None, denv=denv,
+            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
                          loader=ListLoader(6, 1, 0, 1, 1, seed=4))
             assert tr.checkpointer.async_save
             tr.train_step(next(tr.loader))
@@ -99,7 +99,7 @@ def test_async_save_writes_the_staged_state_in_the_background(init_dir, tmp_path
             assert listing(tmp_path) == [".tmp-step-3", "latest", "step-2"]
             # Step 2 holds the weights of the moment its save() returned, not the later ones (read through the
             # checksum-verifying loader into a plain model).
-            model, _ = build_plain_model(TinyAdapter(), spec)
+            model, _ = build_plain_model(TinyAdapter(spec.model), spec)
             load_model_only(tmp_path / "checkpoints" / "step-2", model)
             got = model.state_dict()
             assert all(torch.equal(saved[n], got[n]) for n in saved)
@@ -130,7 +130,7 @@ def test_an_error_in_training_waits_for_the_save_in_flight(init_dir, tmp_path, m
     with writes_held(monkeypatch) as (held, _, release):
         held[3], release[3] = threading.Event(), 1.0  # written 1 s after it began: long after step 4 failed
         with pytest.raises(XtuneError, match="1 steps in a row had a non-finite gradient norm"):
-            train(spec, tmp_path, adapter=TinyAdapter(nan_at_steps={3}), tokenizer=None,
+            train(spec, tmp_path, adapter=TinyAdapter(spec.model, nan_at_steps={3}), tokenizer=None,
                   loader=ListLoader(6, 1, 0, 1, 1, seed=4))
         assert held[3].is_set()
     assert listing(tmp_path) == ["latest", "step-2", "step-3"]
