@@ -220,16 +220,18 @@ def run(quick: bool, log=print, repeats: int = 0) -> dict:
     rounds = []
     for k in range(repeats):
         out = {}
-        for name, extra in SYSTEMS.items():
+        order = list(SYSTEMS) if k % 2 == 0 else list(SYSTEMS)[::-1]  # alternate: xtune brackets TRL over rounds
+        for name in order:
+            extra = SYSTEMS[name]
             t = time.perf_counter()
             out[name] = summarise(run_worker("bench_dpo.py", dict(base, **extra), timeout=3600))
-            out[name]["load_avg"] = round(os.getloadavg()[0], 2)
+            out[name]["load_avg"] = round(os.getloadavg()[1], 2)  # 5-minute average, about the run
             s = out[name]
             log(f"dpo[{k}]: {name} done in {time.perf_counter() - t:.0f}s: " + (s.get("error") or (
                 f"{s['trained_tok_s']:.0f} trained tok/s ({s['trained_tok_s_with_ref']:.0f} with ref), peak "
                 f"{s['peak_rss_gb']:.2f} GB, loss {s['loss_first']:.4f} -> {s['loss_last3']:.4f}, load "
                 f"{s['load_avg']}")))
-        rounds.append(dict(systems=out, ratios=_ratios(out)))
+        rounds.append(dict(systems={n: out[n] for n in SYSTEMS}, ratios=_ratios(out)))
     best = max(rounds, key=lambda r: r["ratios"].get("trl_dpo", {}).get("speedup_with_ref", 0))
     ratios = [r["ratios"] for r in rounds if r["ratios"].get("trl_dpo")]
     meets = bool(ratios) and all(r["trl_dpo"]["speedup_with_ref"] >= 2.0 and r["trl_dpo"]["memory"] <= 0.7
