@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ARCH, SEED, init_model_dir  # noqa: E402
+from bench_train import ARCH, SEED, init_model_dir, step_clock  # noqa: E402
 from common import CACHE, emit, peak_rss_mb, run_worker, worker_args  # noqa: E402
 
 ROW = 2048
@@ -144,7 +144,7 @@ def work_xtune(a: dict) -> dict:
 def work_trl(a: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(SEED)
@@ -153,13 +153,7 @@ def work_trl(a: dict) -> dict:
     pairs = [json.loads(ln) for ln in Path(a["data_path"]).read_text().splitlines()]
     ds = Dataset.from_list(pairs)
     times, counts = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+    Clock = step_clock(times)
 
     class Counted(DPOTrainer):
         def training_step(self, model, inputs, *args, **kw):
