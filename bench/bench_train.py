@@ -125,10 +125,24 @@ def work_xtune(a: dict) -> dict:
     )
 
 
+def step_clock(times: list):
+    """A Trainer callback class appending each step's on_step_begin .. on_step_end seconds to `times`."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    return Clock
+
+
 def _hf_run(a: dict, trl: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     torch.manual_seed(SEED)
     tok = AutoTokenizer.from_pretrained(a["tok_dir"])
@@ -145,13 +159,7 @@ def _hf_run(a: dict, trl: bool) -> dict:
                   report_to=[],
                   seed=SEED, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True)
     times, counts = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+    Clock = step_clock(times)
 
     def counted(cls):
         class Counted(cls):

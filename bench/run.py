@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, lora, loss, pack, data, slowtok, cli, sp, ckpt, gpu
+    python bench/run.py --only pack,cli      # a subset: train, auto, lora, dpo, loss, pack, data, slowtok, cli, sp, ckpt, gpu
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "sp", "ckpt", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "gpu")
 
 
 def module(name: str):
@@ -159,6 +159,28 @@ def tables(res: dict):
             t.caption = (f"sp=2 / sp=1 activation memory {r['memory_ratio']:.2f}x, tokens/s {r['speed_ratio']:.2f}x; "
                          f"target <= 0.6x -> meets: {_ok(r['meets'])}")
         out.append(t)
+    if "dpo" in b and "error" not in b["dpo"]:
+        r = b["dpo"]
+        c = r["config"]
+        for k, rnd in enumerate(r["rounds"]):
+            t = Table(title=f"DPO (beta {c['beta']}): tiny Qwen3 (vocab 151,936), fp32, {c['pairs']} generated pairs, one "
+                            f"epoch ({c['row']}-token rows for xtune, TRL batch {c['trl_batch_size']} pairs), round "
+                            f"{k + 1} of {len(r['rounds'])}; memory = peak RSS of the process")
+            for col in ("system", "trained tok/s", "with ref", "ref pass s", "s/step", "trained tok/step",
+                        "peak RSS GB", "loss step 1", "loss last 3", "load"):
+                t.add_column(col, justify="right" if col != "system" else "left")
+            for name, s in rnd["systems"].items():
+                if "error" in s:
+                    t.add_row(name, f"[red]{s['error'][:80]}[/red]")
+                    continue
+                t.add_row(name, f"{s['trained_tok_s']:.1f}", f"{s['trained_tok_s_with_ref']:.1f}",
+                          f"{s['reference_s']:.0f}", f"{s['step_s']:.1f}", f"{s['trained_per_step']:.0f}",
+                          f"{s['peak_rss_gb']:.2f}", f"{s['loss_first']:.4f}", f"{s['loss_last3']:.4f}",
+                          f"{s['load_avg']:.1f}")
+            t.caption = "; ".join(f"xtune vs {b_}: {q['speedup_with_ref']:.2f}x tok/s with ref ({q['speedup']:.2f}x "
+                                  f"steps only), {q['memory']:.2f}x memory" for b_, q in rnd["ratios"].items())
+            t.caption += f"\ntarget: >= 2x trl_dpo tok/s at <= 0.7x its memory -> meets: {_ok(r['meets'])}"
+            out.append(t)
     if "slowtok" in b and "error" not in b["slowtok"]:
         r = b["slowtok"]
         t = Table(title=f"Data preparation with a Python (slow) tokenizer like Intern-S1's (test fixture), "
