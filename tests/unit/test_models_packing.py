@@ -125,3 +125,45 @@ def test_vlm_batch_without_image_runs_vision_tower_with_zero_effect():
     vision = {n: gr for n, gr in grads.items() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))}
     # The blank tile ran (every vision parameter is in the graph, as FSDP2 needs) but changed nothing.
     assert vision and all(gr is not None and gr.abs().max() == 0 for gr in vision.values())
+
+
+def _per_document_sdpa(adapter, model, docs, pixel_values=None):
+    """The same model switched to ops/packed_sdpa (one SDPA call per document), fed the packed row."""
+    from xtune.ops import packed_sdpa
+
+    assert packed_sdpa.use_on(adapter.language_model(model), "sdpa")
+    return _packed(adapter, model, _pack(docs, pixel_values), packed_sdpa.NAME)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_per_document_sdpa_equals_unpacked(family):
+    adapter, model = _setup(family, "sdpa")
+    g = torch.Generator().manual_seed(4)
+    docs = [_doc(g, 9), _doc(g, 1), _doc(g, 14), _doc(g, 11)]  # (a one-token document too)
+    ref = _reference(model, docs, None)
+    per_token, grads, _ = _per_document_sdpa(adapter, model, docs)
+    _compare(ref, (per_token, grads))
+
+
+def test_per_document_sdpa_equals_unpacked_vlm_with_image():
+    adapter, model = _setup("intern_s1", "sdpa")
+    g = torch.Generator().manual_seed(5)
+    pixel_values = torch.randn(2, 3, 56, 56, generator=g)
+    docs = [_doc(g, 9), _doc(g, 10, image_tokens=8, image_id=model.config.image_token_id), _doc(g, 11)]
+    ref = _reference(model, docs, pixel_values)
+    per_token, grads, _ = _per_document_sdpa(adapter, model, docs, pixel_values)
+    _compare(ref, (per_token, grads))
+
+
+def test_per_document_sdpa_keeps_sliding_windows():
+    """Documents longer than the window get the banded mask transformers' own sdpa uses (all layers sliding)."""
+    arch = dict(QWEN3_TINY, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    adapter = get_adapter(ModelSpec(family="qwen3", tokenizer="builtin:qwen3_tiny", arch=arch))
+    torch.manual_seed(0)
+    model = adapter.build_model(adapter.build_config(), "sdpa")
+    assert set(model.config.layer_types) == {"sliding_attention"}
+    g = torch.Generator().manual_seed(6)
+    docs = [_doc(g, 12), _doc(g, 3), _doc(g, 9)]
+    ref = _reference(model, docs, None)
+    per_token, grads, _ = _per_document_sdpa(adapter, model, docs)
+    _compare(ref, (per_token, grads))
