@@ -167,3 +167,20 @@ def test_per_document_sdpa_keeps_sliding_windows():
     ref = _reference(model, docs, None)
     per_token, grads, _ = _per_document_sdpa(adapter, model, docs)
     _compare(ref, (per_token, grads))
+
+
+def test_per_document_sdpa_model_called_directly_keeps_padding():
+    """The switched model used without packed kwargs (tests, probes): padded rows as transformers' sdpa gives."""
+    from xtune.ops import packed_sdpa
+
+    adapter, model = _setup("qwen3", "sdpa")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 3000, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second row
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert packed_sdpa.use_on(adapter.language_model(model), "sdpa")
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[0], want[0], atol=TOL, rtol=0)
+    torch.testing.assert_close(got[1, 4:], want[1, 4:], atol=TOL, rtol=0)

@@ -7,9 +7,10 @@ Here the row is cut at `cu_seq_lens_q` (passed by `attention.packed_kwargs`) and
 causal SDPA call, as flash-attn's varlen kernel does; the sequence-parallel wrapper (engine/ulysses.py) does the same.
 
 Plugged in through transformers' public `AttentionInterface` registry (checked on transformers 5.24) as
-`xtune_packed_sdpa` on the text decoder of the training model only. The name is not a mask function, so
-transformers builds no [T, T] mask for it. Sliding-window layers get a banded causal mask for documents longer
-than the window; models with bidirectional attention keep transformers' sdpa.
+`xtune_packed_sdpa` on the text decoder of the training model. Its mask function builds only padding masks, so
+no [T, T] mask is built for a packed row. Sliding-window layers get a banded causal mask for documents longer
+than the window; models with bidirectional attention keep transformers' sdpa. Called without `cu_seq_lens_q`
+(the model used directly, e.g. in tests) it is transformers' sdpa with the padding mask, if any.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
-        raise RuntimeError(f"{NAME} needs the packed row's cu_seq_lens_q (xtune.ops.attention.packed_kwargs)")
+        return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
     kwargs.pop("is_causal", None)  # decided per document below
     outs = []
     cu = cu_seq_lens_q.tolist()
@@ -45,6 +46,26 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 
 
+def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs):
+    """Rows that are one sequence each (padding, if any, is in `attention_mask`, built by `_mask`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and sliding_window is not None and kv_len > sliding_window:
+        if q_len != kv_len:
+            raise RuntimeError(f"{NAME}: no sliding-window mask for a cached decode; use attn sdpa for generation")
+        attention_mask = _window_mask(q_len, sliding_window, query.device)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """transformers' sdpa mask where there is padding; None otherwise (causal, or a packed row that
+    `packed_sdpa` cuts by cu_seq_lens_q instead of a [T, T] mask)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 def applies(language_model, attn_impl: str) -> bool:
     """sdpa on a causal decoder (not Gemma-style bidirectional attention)."""
     return attn_impl == "sdpa" and not getattr(language_model.config, "use_bidirectional_attention", False)
@@ -55,8 +76,9 @@ def use_on(language_model, attn_impl: str) -> bool:
     Only for a model that is fed packed rows with `packed_kwargs` (the engine's training model)."""
     if not applies(language_model, attn_impl):
         return False
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(NAME, packed_sdpa)
+    AttentionMaskInterface.register(NAME, _mask)
     language_model.config._attn_implementation = NAME
     return True
