@@ -34,14 +34,15 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
     if cu_seq_lens_q is None:
         return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
     kwargs.pop("is_causal", None)  # decided per document below
-    outs = []
     cu = cu_seq_lens_q.tolist()
-    for s, e in zip(cu[:-1], cu[1:]):
+    lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    # split, not slicing: its backward is one cat, where each slice's would be a zero-filled [T] gradient
+    outs = []
+    for n, q, k, v in zip(lengths, *(t.split(lengths, dim=2) for t in (query, key, value))):
         mask = None  # causal, the kernel's own is_causal path
-        if sliding_window is not None and e - s > sliding_window:
-            mask = _window_mask(e - s, sliding_window, query.device)
-        o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask,
-                                      is_causal=mask is None, **kwargs)
+        if sliding_window is not None and n > sliding_window:
+            mask = _window_mask(n, sliding_window, query.device)
+        o, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 
