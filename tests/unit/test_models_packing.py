@@ -83,8 +83,8 @@ def _compare(ref, got, expect_zero=()):
         assert (g_ref - g_got).abs().max().item() <= TOL, name
 
 
-def _setup(family, impl):
-    adapter = get_adapter(SPECS[family])
+def _setup(family, impl, spec=None):
+    adapter = get_adapter(spec or SPECS[family])
     torch.manual_seed(0)
     model = adapter.build_model(adapter.build_config(), impl)
     return adapter, model
@@ -158,9 +158,7 @@ def test_per_document_sdpa_equals_unpacked_vlm_with_image():
 def test_per_document_sdpa_keeps_sliding_windows():
     """Documents longer than the window get the banded mask transformers' own sdpa uses (all layers sliding)."""
     arch = dict(QWEN3_TINY, use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    adapter = get_adapter(ModelSpec(family="qwen3", tokenizer="builtin:qwen3_tiny", arch=arch))
-    torch.manual_seed(0)
-    model = adapter.build_model(adapter.build_config(), "sdpa")
+    adapter, model = _setup("qwen3", "sdpa", ModelSpec(family="qwen3", tokenizer="builtin:qwen3_tiny", arch=arch))
     assert set(model.config.layer_types) == {"sliding_attention"}
     g = torch.Generator().manual_seed(6)
     docs = [_doc(g, 12), _doc(g, 3), _doc(g, 9)]
