@@ -153,7 +153,9 @@ class Trainer:
         def make_root(model):
             impl = root_attn
             # sdpa without sequence parallelism: attention per packed document (ops/packed_sdpa.py), not over the whole row.
-            if d.sp_size == 1 and packed_sdpa.use_on(adapter.language_model(model), attn_impl):
+            # (adapters without a language_model, as the tests' hand-made ones, keep transformers' sdpa)
+            if d.sp_size == 1 and hasattr(adapter, "language_model") and packed_sdpa.use_on(
+                    adapter.language_model(model), attn_impl):
                 impl = packed_sdpa.NAME
             return self.method.root(model, adapter, impl, loss_mode)
 
