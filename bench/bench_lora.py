@@ -9,6 +9,8 @@ Two shapes:
   are in the transformer blocks, as in real models; this is where LoRA's memory saving shows.
 LoRA: r 16, alpha 32, every linear layer of the blocks (`all-linear`), lr 1e-3 for all systems.
 Goals (issue): LoRA peak memory <= 0.6x full fine-tuning; xtune LoRA >= 1.5x peft + HF Trainer trained tok/s.
+The blocks shape also measures memory with activation checkpointing on both (AC_SYSTEMS). Where a step's time
+goes, per phase and operator, on the same documents: bench/profile_lora.py.
 """
 
 from __future__ import annotations

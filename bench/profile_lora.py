@@ -76,7 +76,7 @@ def xtune_step(tr, mb):
     _, b = timed(lambda: loss.backward())
     _, o = timed(tr.optimizer_step)
     torch.manual_seed(0)
-    return dict(forward=f, backward=b, optimizer=o, loss=float(loss))
+    return dict(forward=f, backward=b, optimizer=o, loss=float(loss.detach()))
 
 
 def hf_step(model, params, opt, batch):
@@ -91,7 +91,7 @@ def hf_step(model, params, opt, batch):
         opt.zero_grad(set_to_none=True)
 
     _, o = timed(step)
-    return dict(forward=f, backward=b, optimizer=o, loss=float(out.loss))
+    return dict(forward=f, backward=b, optimizer=o, loss=float(out.loss.detach()))
 
 
 def ops_table(fn, n=14):
