@@ -127,12 +127,15 @@ def test_vlm_batch_without_image_runs_vision_tower_with_zero_effect():
     assert vision and all(gr is not None and gr.abs().max() == 0 for gr in vision.values())
 
 
-def _per_document_sdpa(adapter, model, docs, pixel_values=None):
-    """The same model switched to ops/packed_sdpa (one SDPA call per document), fed the packed row."""
+def _check_per_document_sdpa(adapter, model, docs, pixel_values=None):
+    """The unpacked reference, then the same model switched to ops/packed_sdpa (one SDPA call per document)
+    fed the packed row: the same per-token losses and gradients."""
     from xtune.ops import packed_sdpa
 
+    ref = _reference(model, docs, pixel_values)
     assert packed_sdpa.use_on(adapter.language_model(model), "sdpa")
-    return _packed(adapter, model, _pack(docs, pixel_values), packed_sdpa.NAME)
+    per_token, grads, _ = _packed(adapter, model, _pack(docs, pixel_values), packed_sdpa.NAME)
+    _compare(ref, (per_token, grads))
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
@@ -140,9 +143,7 @@ def test_per_document_sdpa_equals_unpacked(family):
     adapter, model = _setup(family, "sdpa")
     g = torch.Generator().manual_seed(4)
     docs = [_doc(g, 9), _doc(g, 1), _doc(g, 14), _doc(g, 11)]  # (a one-token document too)
-    ref = _reference(model, docs, None)
-    per_token, grads, _ = _per_document_sdpa(adapter, model, docs)
-    _compare(ref, (per_token, grads))
+    _check_per_document_sdpa(adapter, model, docs)
 
 
 def test_per_document_sdpa_equals_unpacked_vlm_with_image():
@@ -150,9 +151,7 @@ def test_per_document_sdpa_equals_unpacked_vlm_with_image():
     g = torch.Generator().manual_seed(5)
     pixel_values = torch.randn(2, 3, 56, 56, generator=g)
     docs = [_doc(g, 9), _doc(g, 10, image_tokens=8, image_id=model.config.image_token_id), _doc(g, 11)]
-    ref = _reference(model, docs, pixel_values)
-    per_token, grads, _ = _per_document_sdpa(adapter, model, docs, pixel_values)
-    _compare(ref, (per_token, grads))
+    _check_per_document_sdpa(adapter, model, docs, pixel_values)
 
 
 def test_per_document_sdpa_keeps_sliding_windows():
@@ -162,9 +161,7 @@ def test_per_document_sdpa_keeps_sliding_windows():
     assert set(model.config.layer_types) == {"sliding_attention"}
     g = torch.Generator().manual_seed(6)
     docs = [_doc(g, 12), _doc(g, 3), _doc(g, 9)]
-    ref = _reference(model, docs, None)
-    per_token, grads, _ = _per_document_sdpa(adapter, model, docs)
-    _compare(ref, (per_token, grads))
+    _check_per_document_sdpa(adapter, model, docs)
 
 
 def test_per_document_sdpa_model_called_directly_keeps_padding():
