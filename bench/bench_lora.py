@@ -9,6 +9,8 @@ Two shapes:
   are in the transformer blocks, as in real models; this is where LoRA's memory saving shows.
 LoRA: r 16, alpha 32, every linear layer of the blocks (`all-linear`), lr 1e-3 for all systems.
 Goals (issue): LoRA peak memory <= 0.6x full fine-tuning; xtune LoRA >= 1.5x peft + HF Trainer trained tok/s.
+The blocks shape also measures memory with activation checkpointing on both (AC_SYSTEMS). Where a step's time
+goes, per phase and operator, on the same documents: bench/profile_lora.py.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ SYSTEMS = {
                                                    "peft.dropout=0.0", "peft.modules_to_save=[]"]),
     "peft_hf_trainer": dict(system="hf", lora_r=R),
 }
+# Memory with activation checkpointing on both (the usual setting where memory is what limits a run): at
+# 2048-token rows the blocks shape's activations (~1 GB) outweigh its weights and Adam states (~0.45 GB), so
+# without it the peak RSS ratio says more about activations than about what LoRA saves.
+AC = ["parallel.activation_checkpointing=true"]
+AC_SYSTEMS = {
+    "xtune_full_ac": dict(system="xtune", overrides=AC),
+    "xtune_lora_ac": dict(system="xtune", overrides=SYSTEMS["xtune_lora"]["overrides"] + AC),
+}
+# peft's all-linear adapts the same layers as xtune's (every linear layer of the blocks; not lm_head).
+COUNT_AS = {"peft_hf_trainer": SYSTEMS["xtune_lora"]["overrides"]}
 
 
 def parameter_counts(prep: dict, overrides) -> tuple:
@@ -61,11 +73,13 @@ def run(quick: bool, log=print) -> dict:
         batch = max(1, round(prep["samples_per_row"]))
         base = dict(prep, steps=warmup + timed, warmup=warmup, batch_size=batch)
         out = {}
-        for name, extra in SYSTEMS.items():
+        systems = dict(SYSTEMS, **(AC_SYSTEMS if shape == "blocks" else {}))
+        for name, extra in systems.items():
             t = time.perf_counter()
             out[name] = summarise(run_worker("bench_train.py", dict(base, **extra), timeout=3600))
             if "error" not in out[name]:
-                out[name]["trainable"], out[name]["total"] = parameter_counts(prep, extra.get("overrides", ()))
+                out[name]["trainable"], out[name]["total"] = parameter_counts(
+                    prep, COUNT_AS.get(name, extra.get("overrides", ())))
             log(f"lora[{shape}]: {name} done in {time.perf_counter() - t:.0f}s: "
                 + (out[name].get("error") or f"{out[name]['trained_tok_s']:.0f} trained tok/s, "
                    f"peak {out[name]['peak_rss_gb']:.2f} GB, loss {out[name]['loss_first']:.3f} -> "
@@ -78,6 +92,8 @@ def run(quick: bool, log=print) -> dict:
                           qlora_memory_vs_full=out["xtune_qlora"]["peak_rss_gb"] / full["peak_rss_gb"],
                           lora_speed_vs_peft_hf=lora["trained_tok_s"] / hf["trained_tok_s"],
                           lora_loss_vs_peft_hf=lora["loss_last3"] - hf["loss_last3"])
+            if "xtune_full_ac" in out:
+                ratios["lora_memory_vs_full_ac"] = out["xtune_lora_ac"]["peak_rss_gb"] / out["xtune_full_ac"]["peak_rss_gb"]
         shapes[shape] = dict(arch=arch, hf_batch_size=batch, systems=out, ratios=ratios,
                              meets=bool(ratios) and ratios["lora_speed_vs_peft_hf"] >= 1.5
                              and (shape == "embed" or ratios["lora_memory_vs_full"] <= 0.6))

@@ -138,7 +138,9 @@ def tables(res: dict):
                           f"{s['loss_last3']:.4f}")
             q = sh["ratios"]
             if q:
-                t.caption = (f"LoRA memory {q['lora_memory_vs_full']:.2f}x full (QLoRA {q['qlora_memory_vs_full']:.2f}x), "
+                ac = (f", {q['lora_memory_vs_full_ac']:.2f}x with activation checkpointing on both"
+                      if "lora_memory_vs_full_ac" in q else "")
+                t.caption = (f"LoRA memory {q['lora_memory_vs_full']:.2f}x full{ac} (QLoRA {q['qlora_memory_vs_full']:.2f}x), "
                              f"xtune LoRA {q['lora_speed_vs_peft_hf']:.2f}x peft + HF Trainer tok/s; targets <= 0.6x "
                              f"(blocks shape) and >= 1.5x -> meets: {_ok(sh['meets'])}")
             out.append(t)

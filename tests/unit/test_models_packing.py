@@ -83,8 +83,8 @@ def _compare(ref, got, expect_zero=()):
         assert (g_ref - g_got).abs().max().item() <= TOL, name
 
 
-def _setup(family, impl):
-    adapter = get_adapter(SPECS[family])
+def _setup(family, impl, spec=None):
+    adapter = get_adapter(spec or SPECS[family])
     torch.manual_seed(0)
     model = adapter.build_model(adapter.build_config(), impl)
     return adapter, model
@@ -140,3 +140,57 @@ def test_vlm_batch_without_image_runs_vision_tower_with_zero_effect():
     vision = {n: gr for n, gr in grads.items() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))}
     # The blank tile ran (every vision parameter is in the graph, as FSDP2 needs) but changed nothing.
     assert vision and all(gr is not None and gr.abs().max() == 0 for gr in vision.values())
+
+
+def _check_per_document_sdpa(adapter, model, docs, pixel_values=None):
+    """The unpacked reference, then the same model switched to ops/packed_sdpa (one SDPA call per document)
+    fed the packed row: the same per-token losses and gradients."""
+    from xtune.ops import packed_sdpa
+
+    ref = _reference(model, docs, pixel_values)
+    assert packed_sdpa.use_on(adapter.language_model(model), "sdpa")
+    per_token, grads, _ = _packed(adapter, model, _pack(docs, pixel_values), packed_sdpa.NAME)
+    _compare(ref, (per_token, grads))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_per_document_sdpa_equals_unpacked(family):
+    adapter, model = _setup(family, "sdpa")
+    g = torch.Generator().manual_seed(4)
+    docs = [_doc(g, 9), _doc(g, 1), _doc(g, 14), _doc(g, 11)]  # (a one-token document too)
+    _check_per_document_sdpa(adapter, model, docs)
+
+
+def test_per_document_sdpa_equals_unpacked_vlm_with_image():
+    adapter, model = _setup("intern_s1", "sdpa")
+    g = torch.Generator().manual_seed(5)
+    pixel_values = torch.randn(2, 3, 56, 56, generator=g)
+    docs = [_doc(g, 9), _doc(g, 10, image_tokens=8, image_id=model.config.image_token_id), _doc(g, 11)]
+    _check_per_document_sdpa(adapter, model, docs, pixel_values)
+
+
+def test_per_document_sdpa_keeps_sliding_windows():
+    """Documents longer than the window get the banded mask transformers' own sdpa uses (all layers sliding)."""
+    arch = dict(QWEN3_TINY, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    adapter, model = _setup("qwen3", "sdpa", ModelSpec(family="qwen3", tokenizer="builtin:qwen3_tiny", arch=arch))
+    assert set(model.config.layer_types) == {"sliding_attention"}
+    g = torch.Generator().manual_seed(6)
+    docs = [_doc(g, 12), _doc(g, 3), _doc(g, 9)]
+    _check_per_document_sdpa(adapter, model, docs)
+
+
+def test_per_document_sdpa_model_called_directly_keeps_padding():
+    """The switched model used without packed kwargs (tests, probes): padded rows as transformers' sdpa gives."""
+    from xtune.ops import packed_sdpa
+
+    adapter, model = _setup("qwen3", "sdpa")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 3000, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second row
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert packed_sdpa.use_on(adapter.language_model(model), "sdpa")
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[0], want[0], atol=TOL, rtol=0)
+    torch.testing.assert_close(got[1, 4:], want[1, 4:], atol=TOL, rtol=0)

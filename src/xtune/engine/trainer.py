@@ -28,6 +28,7 @@ from xtune.engine.parallelize import build_sharded
 from xtune.engine.rundir import write_run_files
 from xtune.engine.ulysses import attn_name
 from xtune.errors import CheckpointSaveError, ConfigError, DataError, XtuneError
+from xtune.ops import packed_sdpa
 from xtune import tuning
 from xtune.launch_env import launch_env
 
@@ -148,9 +149,17 @@ class Trainer:
         self.method = get_method(spec)  # what sft and dpo do differently (the loss and its preparation)
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not adapter.spec.load_from else None
-        self.root, self.model_config, self.lora_config = build_sharded(
-            adapter, spec, d, attn_impl, lambda m: self.method.root(m, adapter, root_attn, loss_mode),
-            on_base_ready=save_base)
+
+        def make_root(model):
+            impl = root_attn
+            # sdpa without sequence parallelism: attention per packed document (ops/packed_sdpa.py), not over the
+            # whole row.
+            if d.sp_size == 1 and packed_sdpa.use_on(adapter.language_model(model), attn_impl):
+                impl = packed_sdpa.NAME
+            return self.method.root(model, adapter, impl, loss_mode)
+
+        self.root, self.model_config, self.lora_config = build_sharded(adapter, spec, d, attn_impl, make_root,
+                                                                       on_base_ready=save_base)
         self.model = self.root.model
         if d.sp_size > 1:
             from xtune.engine.ulysses import SeqParallel

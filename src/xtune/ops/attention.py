@@ -8,6 +8,8 @@ a different signal to stop attention crossing document boundaries:
   sdpa               per-document `position_ids`, no attention_mask, no cache: transformers'
                      masking_utils (`find_packed_sequence_indices`) then builds a block-diagonal
                      causal mask. With a cache or a 2D mask it does not, so both are excluded here.
+  xtune_packed_sdpa  sdpa one document at a time (ops/packed_sdpa.py): `cu_seq_lens_q` as for flash;
+                     the engine's training model on sdpa uses it (no [T, T] mask, sum(L_i^2) work).
   eager              an explicit float 4D mask (0 allowed / finfo.min blocked); a bool mask is
                      wrong for eager (it is added to the scores).
 """
@@ -21,6 +23,7 @@ import torch
 
 from ..config.schema import CHOICES
 from ..errors import XtuneError
+from .packed_sdpa import NAME as PACKED_SDPA
 
 ATTN_CHOICES = CHOICES["parallel.attn"]
 
@@ -65,8 +68,9 @@ def packed_kwargs(batch, impl: str, dtype: torch.dtype = torch.float32) -> Dict[
     `dtype` is the compute dtype (only the eager mask uses it).
     """
     kwargs: Dict[str, Any] = {"position_ids": batch.position_ids, "use_cache": False}
-    if impl == "flash_attention_2" or impl.startswith("xtune_sp_"):
-        # (sequence parallel: the full row's, read by engine/ulysses.py's wrapper around each attention call)
+    if impl in ("flash_attention_2", PACKED_SDPA) or impl.startswith("xtune_sp_"):
+        # (sequence parallel: the full row's, read by engine/ulysses.py's wrapper around each attention call;
+        # xtune_packed_sdpa: ops/packed_sdpa.py, one SDPA call per document)
         cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch.max_seqlen),
                       max_length_k=int(batch.max_seqlen))

@@ -1,0 +1,85 @@
+"""SDPA over a packed row one document at a time: attention costs sum(L_i^2), not T^2.
+
+transformers' own sdpa path isolates the documents of a packed [1, T] row with a block-diagonal [T, T] mask,
+so the kernel still computes every query against every key of the row: on CPU (and on a GPU without
+flash-attn) that was half of a LoRA step's time on the bench's `blocks` shape (2048-token rows of ~27 documents).
+Here the row is cut at `cu_seq_lens_q` (passed by `attention.packed_kwargs`) and each document gets its own
+causal SDPA call, as flash-attn's varlen kernel does; the sequence-parallel wrapper (engine/ulysses.py) does the same.
+
+Plugged in through transformers' public `AttentionInterface` registry (checked on transformers 5.24) as
+`xtune_packed_sdpa` on the text decoder of the training model. Its mask function builds only padding masks, so
+no [T, T] mask is built for a packed row. Sliding-window layers get a banded causal mask for documents longer
+than the window; models with bidirectional attention keep transformers' sdpa. Called without `cu_seq_lens_q`
+(the model used directly, e.g. in tests) it is transformers' sdpa with the padding mask, if any.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "xtune_packed_sdpa"
+
+
+def _window_mask(n: int, window: int, device) -> torch.Tensor:
+    """Bool [1, 1, n, n]: True where query i may attend key j (j <= i and i - j < window), as masking_utils."""
+    i = torch.arange(n, device=device)
+    diff = i[:, None] - i[None, :]
+    return ((diff >= 0) & (diff < window))[None, None]
+
+
+def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                max_length_q=None, max_length_k=None, sliding_window=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
+    kwargs.pop("is_causal", None)  # decided per document below
+    cu = cu_seq_lens_q.tolist()
+    lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    # split, not slicing: its backward is one cat, where each slice's would be a zero-filled [T] gradient
+    outs = []
+    for n, q, k, v in zip(lengths, *(t.split(lengths, dim=2) for t in (query, key, value))):
+        mask = None  # causal, the kernel's own is_causal path
+        if sliding_window is not None and n > sliding_window:
+            mask = _window_mask(n, sliding_window, query.device)
+        o, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
+        outs.append(o)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs):
+    """Rows that are one sequence each (padding, if any, is in `attention_mask`, built by `_mask`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and sliding_window is not None and kv_len > sliding_window:
+        if q_len != kv_len:
+            raise RuntimeError(f"{NAME}: no sliding-window mask for a cached decode; use attn sdpa for generation")
+        attention_mask = _window_mask(q_len, sliding_window, query.device)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """transformers' sdpa mask where there is padding; None otherwise (causal, or a packed row that
+    `packed_sdpa` cuts by cu_seq_lens_q instead of a [T, T] mask)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def applies(language_model, attn_impl: str) -> bool:
+    """sdpa on a causal decoder (not Gemma-style bidirectional attention)."""
+    return attn_impl == "sdpa" and not getattr(language_model.config, "use_bidirectional_attention", False)
+
+
+def use_on(language_model, attn_impl: str) -> bool:
+    """Switch the text decoder's attention to the per-document SDPA where it applies; returns whether it did.
+    Only for a model that is fed packed rows with `packed_kwargs` (the engine's training model)."""
+    if not applies(language_model, attn_impl):
+        return False
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_sdpa)
+    AttentionMaskInterface.register(NAME, _mask)
+    language_model.set_attn_implementation(NAME)  # transformers' public switch (5.24)
+    return True
