@@ -39,6 +39,9 @@ def test_demo_recipe_learns_and_reports_its_results(steps, tmp_path):
     assert (run / "hf" / "model.safetensors").exists() and (run / "checkpoints" / "latest").read_text().strip()
 
 
+# Slow: LoRA runs through the same command line in tests/reliability/test_lora_resume.py, trains and exports
+# for peft on 2 ranks in tests/integration/test_lora_families.py, and equals peft in tests/unit/test_tuning.py.
+@pytest.mark.slow
 def test_demo_recipe_with_lora_learns_and_exports_adapter_and_merged_model(tmp_path):
     """`xtune sft recipe=demo peft=lora`: adapters on every linear layer (the random-init embeddings and head
     train in full beside them, as the recipe says); the eval loss at least halves in 60 steps."""
