@@ -41,6 +41,9 @@ ROWS = [
 ]
 
 
+# Slow: the bad-input table (test_bad_input_table.py: ckpt_no_marker, ckpt_shard_truncated) gives the same
+# checkpoints to the same command line in-process; this adds only that nothing in the run dir changed.
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, resume, fragments", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_damaged_checkpoint_is_refused_on_the_command_line(workspace, reference, tmp_path, damage, resume,
                                                            fragments):
