@@ -38,8 +38,9 @@ LR = {"adamw": 1e-2, "sgd": 0.5, "muon": 1e-2, "adamw_8bit": 1e-2}
 
 # One rank each: the state of every optimizer resumes through the same DCP path (AdamW's on 2 ranks in every
 # resume test, tests/reliability included), and Muon's update on DTensor shards is proven by the next test.
-@pytest.mark.parametrize("name,nproc", [pytest.param("adamw", 2, marks=pytest.mark.slow), ("sgd", 1), ("muon", 1),
-                                        ("adamw_8bit", 1)])
+# SGD's momentum buffers resume like every other state tensor; kept out of the default run for time.
+@pytest.mark.parametrize("name,nproc", [pytest.param("adamw", 2, marks=pytest.mark.slow),
+                                        pytest.param("sgd", 1, marks=pytest.mark.slow), ("muon", 1), ("adamw_8bit", 1)])
 def test_optimizer_trains_and_resumes_exactly(tmp_path, name, nproc):
     if name == "adamw_8bit":
         pytest.importorskip("bitsandbytes")

@@ -90,7 +90,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resume_finish
 
 
 @pytest.mark.parametrize("override, key", [("model.arch.hidden_size=64", "model.arch.hidden_size"),
-                                           ("train.seed=7", "train.seed")])
+                                           pytest.param("train.seed=7", "train.seed", marks=pytest.mark.slow)])
 def test_resume_with_a_key_that_cannot_change_exits_2(workspace, reference, tmp_path, override, key):
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)

@@ -150,6 +150,17 @@ def _child(folder: str, out: str) -> None:
     denv = init_distributed(ParallelSpec())
     adapter = get_adapter(ModelSpec(name="m", family="qwen3_moe", load_from=folder, tokenizer="builtin:qwen3_tiny"))
     config = adapter.build_config()
+    read = adapter.iter_hf_state_dict
+
+    def read_and_sample(folder_):
+        # Also a sample per shard file, whatever the thread managed on a fast machine: what the reader still
+        # holds of earlier files (heap copies, mappings) shows there.
+        for batch in read(folder_):
+            sampler.sample()
+            yield batch
+            sampler.sample()
+
+    adapter.iter_hf_state_dict = read_and_sample
     with PeakSampler() as sampler:
         with torch.device("meta"):
             model = adapter.build_model(config, "sdpa")
@@ -175,7 +186,7 @@ def test_streaming_moe_load_peak_rss_and_equal_weights(tmp_path):
     ratio = growth / on_disk
     print(f"checkpoint {on_disk / 2**20:.1f} MiB on disk, peak memory growth while loading {growth / 2**20:.1f} MiB "
           f"= {ratio:.2f}x ({report['samples']} samples)")
-    assert report["samples"] >= 20  # the sampler ran through the load
+    assert report["samples"] >= 2 * len(list(folder.glob("*.safetensors")))  # sampled through the load
     assert ratio <= BOUND, f"peak memory growth {ratio:.2f}x the checkpoint size (bound {BOUND}x)"
     loaded = load_file(str(out) + ".safetensors")
     ref = fused_reference(folder)
