@@ -15,6 +15,7 @@ multimodal folder again, vision tower and projector copied unchanged from `load_
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import ModelAdapter
+from .weights import rename_prefix
 
 
 # Composite model_type -> (checkpoint prefix, text-model prefix) of its language model. transformers 5.24
@@ -48,40 +50,34 @@ class AutoAdapter(ModelAdapter):
         return config.get_text_config() if model_type in TEXT_PART_PREFIXES else config
 
     # ----------------------------------------------------------------- the text part of a multimodal folder
+    @cached_property
     def _text_part_prefixes(self) -> Optional[Tuple[Tuple[str, str], ...]]:
-        """The key prefixes when load_from is a multimodal checkpoint trained text-only, else None."""
+        """The key prefixes when load_from is a multimodal checkpoint trained text-only, else None (read once:
+        the weight stream converts one key at a time)."""
         original = self.original_config_dict() if self.spec.load_from is not None else None
         return TEXT_PART_PREFIXES.get((original or {}).get("model_type"))
 
     def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        prefixes = self._text_part_prefixes()
+        prefixes = self._text_part_prefixes
         if prefixes is None:
             return sd
-        out = {}
-        for key, tensor in sd.items():
-            for old, new in prefixes:
-                if key.startswith(old):
-                    out[new + key[len(old):]] = tensor
-                    break
-            # anything else (vision tower, projector) is not part of the text model: export copies it back
-        return out
+        # Keys outside the language model (vision tower, projector) are dropped: the export copies them back.
+        renamed = {key: rename_prefix(key, prefixes) for key in sd}
+        return {new: sd[key] for key, new in renamed.items() if new is not None}
 
     def adapter_module_prefix(self) -> Optional[Tuple[str, str]]:
         # hf_adapter/ loads onto the multimodal model: transformers 5.24 names its language model's
         # modules `model.language_model.*` in memory (the text model's are `model.*`).
-        return ("model.", "model.language_model.") if self._text_part_prefixes() else None
+        return ("model.", "model.language_model.") if self._text_part_prefixes else None
 
     def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        prefixes = self._text_part_prefixes()
+        prefixes = self._text_part_prefixes
         if prefixes is None:
             return sd
-        old_of = {}
+        back = {}
         for old, new in prefixes:
-            old_of.setdefault(new, old)  # the first prefix is the layout transformers writes
-        out = {}
-        for key, tensor in sd.items():
-            new = next(n for n in old_of if key.startswith(n))
-            out[old_of[new] + key[len(new):]] = tensor
+            back.setdefault(new, old)  # the first prefix is the layout transformers writes
+        out = {rename_prefix(key, back.items()): tensor for key, tensor in sd.items()}
         # The parts not trained, read back unchanged (a copy: the source files may be replaced later).
         from .safetensors_io import SafetensorsView
 
@@ -89,7 +85,7 @@ class AutoAdapter(ModelAdapter):
         for fname, keys in self._weight_files(folder).items():
             view = SafetensorsView(folder / fname)
             for key in keys or view.keys():
-                if not any(key.startswith(old) for old, _ in prefixes):
+                if rename_prefix(key, prefixes) is None:
                     out[key] = view.get(key).clone()
         return out
 

@@ -29,6 +29,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from ..data.multimodal import IMG_CONTEXT
 from .base import ModelAdapter
+from .weights import rename_prefix
 
 IMAGE_TOKEN = IMG_CONTEXT
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
@@ -38,6 +39,7 @@ _LEGACY_PREFIXES = (
     ("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
 )
+_REVERSED = tuple((new, old) for old, new in _LEGACY_PREFIXES)
 
 
 class InternS1Adapter(ModelAdapter):
@@ -49,10 +51,7 @@ class InternS1Adapter(ModelAdapter):
     def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out = {}
         for key, tensor in sd.items():
-            for old, new in _LEGACY_PREFIXES:
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
+            key = rename_prefix(key, _LEGACY_PREFIXES) or key
             out[key] = tensor
         return out
 
@@ -61,10 +60,7 @@ class InternS1Adapter(ModelAdapter):
             return sd
         out = {}
         for key, tensor in sd.items():
-            for old, new in _LEGACY_PREFIXES:
-                if key.startswith(new):
-                    key = old + key[len(new):]
-                    break
+            key = rename_prefix(key, _REVERSED) or key
             out[key] = tensor
         return out
 

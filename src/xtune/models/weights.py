@@ -26,6 +26,14 @@ PASSTHROUGH_FILES = ("preprocessor_config.json", "processor_config.json", "video
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
+def rename_prefix(key: str, pairs) -> Optional[str]:
+    """`key` with the first matching `old` prefix of (old, new) `pairs` replaced by `new`; None if none match."""
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
 class KeyStream:
     """Original-layout (key, tensor) pairs in, model-layout ones out as soon as they are complete."""
 
