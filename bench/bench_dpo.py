@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ARCH, SEED, init_model_dir, step_clock  # noqa: E402
+from bench_train import ARCH, SEED, init_model_dir, step_clock, step_stats, train_records  # noqa: E402
 from common import CACHE, emit, peak_rss_mb, run_worker, worker_args  # noqa: E402
 
 ROW = 2048
@@ -126,15 +126,10 @@ def work_xtune(a: dict) -> dict:
         # A fresh reference each run (the data cache folder would otherwise hold the last run's table).
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, cache_dir=str(Path(tmp) / "cache")))
         xtune.engine.train(spec, run_dir)
-        recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    timed_recs = recs[a["warmup"]:]
+        recs = train_records(run_dir)
     return dict(
-        losses=[r["loss"] for r in recs],
+        step_stats(recs, a["warmup"]),
         accuracies=[r.get("rewards/accuracies") for r in recs],
-        step_s=[r["step_time_s"] for r in timed_recs],
-        trained=[round(r["trained_tokens_per_s"] * r["step_time_s"]) for r in timed_recs],
-        tokens=[round(r["tokens_per_s"] * r["step_time_s"]) for r in timed_recs],
         trained_all=sum(round(r["trained_tokens_per_s"] * r["step_time_s"]) for r in recs),
         reference_s=sum(spent),
         peak_rss_mb=peak_rss_mb(),

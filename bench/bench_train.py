@@ -113,15 +113,24 @@ def work_xtune(a: dict) -> dict:
         spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["steps"], a["data_path"],
                           a.get("family", "qwen3"), a.get("overrides", ()))
         xtune.engine.train(spec, run_dir)
-        recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    timed = recs[a["warmup"]:]
+        recs = train_records(run_dir)
+    return dict(step_stats(recs, a["warmup"]), peak_rss_mb=peak_rss_mb())
+
+
+def train_records(run_dir: Path) -> list:
+    """The training steps' records of an xtune run's metrics.jsonl."""
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r]
+
+
+def step_stats(recs: list, warmup: int) -> dict:
+    """Losses of every step; seconds, trained and all tokens of the steps after `warmup`."""
+    timed = recs[warmup:]
     return dict(
         losses=[r["loss"] for r in recs],
         step_s=[r["step_time_s"] for r in timed],
         trained=[round(r["trained_tokens_per_s"] * r["step_time_s"]) for r in timed],
         tokens=[round(r["tokens_per_s"] * r["step_time_s"]) for r in timed],
-        peak_rss_mb=peak_rss_mb(),
     )
 
 

@@ -155,10 +155,7 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     return 1 if failed else 0
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object
+from hydra.experimental.callback import Callback as _HydraCallback  # noqa: E402 (this module loads lazily)
 
 
 class SweepDirRecord(_HydraCallback):
