@@ -71,9 +71,10 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_worker(script: str, args: dict, timeout: float = 900, verbose: bool = False) -> dict:
-    """Run `python bench/<script> '<json args>'` in a fresh process and return its result dict."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="true")
+def run_worker(script: str, args: dict, timeout: float = 900, verbose: bool = False, env: dict | None = None) -> dict:
+    """Run `python bench/<script> '<json args>'` in a fresh process (`env` added to its environment) and
+    return its result dict."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="true", **(env or {}))
     cmd = [sys.executable, str(BENCH / script), json.dumps(args)]
     t = time.perf_counter()
     try:

@@ -138,11 +138,14 @@ def tables(res: dict):
                           f"{s['loss_last3']:.4f}")
             q = sh["ratios"]
             if q:
-                ac = (f", {q['lora_memory_vs_full_ac']:.2f}x with activation checkpointing on both"
-                      if "lora_memory_vs_full_ac" in q else "")
-                t.caption = (f"LoRA memory {q['lora_memory_vs_full']:.2f}x full{ac} (QLoRA {q['qlora_memory_vs_full']:.2f}x), "
-                             f"xtune LoRA {q['lora_speed_vs_peft_hf']:.2f}x peft + HF Trainer tok/s; targets <= 0.6x "
-                             f"(blocks shape) and >= 1.5x -> meets: {_ok(sh['meets'])}")
+                def label(k):
+                    return k.replace("_memory_vs_full", " memory").replace("_ac", " (AC)").replace("_mmap", " mmap")
+
+                parts = [f"{label(k)} {v:.2f}x full" for k, v in q.items() if "_memory_vs_full" in k]
+                if "lora_speed_vs_peft_hf" in q:
+                    parts.append(f"xtune LoRA {q['lora_speed_vs_peft_hf']:.2f}x peft + HF Trainer tok/s")
+                goal = "LoRA (AC) mmap memory <= 0.6x" if shape == "deep" else "tok/s >= 1.5x"
+                t.caption = f"{', '.join(parts)}; target {goal} -> meets: {_ok(sh['meets'])}"
             out.append(t)
     if "sp" in b and "error" not in b["sp"]:
         r = b["sp"]
