@@ -29,7 +29,7 @@ demo: install
 # leave a core idle while their processes start, and this fills it (~22 min -> ~10 min on 2 cores).
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"

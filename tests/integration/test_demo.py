@@ -22,7 +22,7 @@ def test_demo_recipe_learns_and_reports_its_results(steps, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "xtune", "sft", "recipe=demo", *shorter, f"train.work_dir={run}",
          f"data.cache_dir={tmp_path}/c"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_demo_recipe_with_lora_learns_and_exports_adapter_and_merged_model(tmp_p
     out = subprocess.run(
         [sys.executable, "-m", "xtune", "sft", "recipe=demo", "peft=lora", "train.max_steps=60", "train.eval_every=60",
          "train.save_every=60", f"train.work_dir={run}", f"data.cache_dir={tmp_path}/c"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "trainable parameters: " in out.stdout
@@ -68,7 +68,7 @@ def test_demo_dpo_recipe_raises_reward_accuracy(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "xtune", "dpo", f"train.work_dir={run}", f"data.cache_dir={tmp_path}/c",
          "logging.tensorboard=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
