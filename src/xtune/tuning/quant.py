@@ -13,7 +13,8 @@ every layout computes with the same 4-bit weights. The adapters, embeddings, nor
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Set, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Set, Tuple
 
 import torch
 from torch import nn
@@ -46,27 +47,63 @@ def scaler_block_size(numel: int) -> int:
     return size
 
 
-def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
-    """The base weights that will be quantized: FSDP2 must leave them whole (replicated) on every rank."""
+def _quantizable(model: nn.Module) -> List[nn.Module]:
     from xtune.tuning.lora import adapted_bases
 
-    return {base.weight for base in adapted_bases(model) if scaler_block_size(base.weight.numel())}
+    return [base for base in adapted_bases(model) if scaler_block_size(base.weight.numel())]
+
+
+def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
+    """The base weights that will be quantized: FSDP2 must leave them whole (replicated) on every rank."""
+    return {base.weight for base in _quantizable(model)}
+
+
+@contextmanager
+def bases_kept_on_meta(model: nn.Module) -> Iterator[None]:
+    """Inside, the to-be-quantized base weights are unregistered, so `to_empty` leaves them on `meta`; the load
+    then materialises, quantizes and drops them one by one (`meta_bases`, `quantize_into`): the base is never
+    whole in the compute dtype."""
+    held = [(base, base.weight) for base in _quantizable(model)]
+    for base, _ in held:
+        base.register_parameter("weight", None)
+    try:
+        yield
+    finally:
+        for base, weight in held:
+            base.register_parameter("weight", weight)
+
+
+def meta_bases(model: nn.Module) -> Dict[str, nn.Module]:
+    """State-dict key -> base linear layer, for the to-be-quantized base weights still on `meta`."""
+    from xtune.tuning.lora import state_name
+
+    bases = {id(base) for base in _quantizable(model) if base.weight.is_meta}
+    return {f"{state_name(name)}.weight": m for name, m in model.named_modules() if id(m) in bases}
+
+
+@torch.no_grad()
+def quantize_into(base: nn.Module, weight: torch.Tensor) -> None:
+    """`base.weight` <- the NF4 form of `weight` (a full-precision tensor, whole)."""
+    _, to_nf4 = _nf4()
+    sbs = scaler_block_size(weight.numel())
+    base.weight = nn.Parameter(to_nf4(weight.detach(), BLOCK_SIZE, sbs), requires_grad=False)
 
 
 @torch.no_grad()
 def quantize_bases(model: nn.Module) -> Tuple[int, int]:
-    """Replace each adapted base weight by its NF4 form, in place. Returns (quantized, left in full precision)."""
+    """Replace each adapted base weight by its NF4 form, in place (those already NF4 are left as they are).
+    Returns (quantized, left in full precision)."""
     from xtune.tuning.lora import adapted_bases
 
-    _, to_nf4 = _nf4()
     done = kept = 0
     for base in adapted_bases(model):
         w = base.weight
-        sbs = scaler_block_size(w.numel())
-        if not sbs or is_nf4(w):
-            kept += 0 if is_nf4(w) else 1
+        if is_nf4(w):
             continue
-        base.weight = nn.Parameter(to_nf4(w.detach(), BLOCK_SIZE, sbs), requires_grad=False)
+        if not scaler_block_size(w.numel()):
+            kept += 1
+            continue
+        quantize_into(base, w)
         done += 1
     if kept:
         log.warning("%d adapted layers have a weight size not divisible by %d and stay in full precision", kept, BLOCK_SIZE)
