@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -126,11 +125,10 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
         shard(root, blocks, spec.parallel, denv.mesh, denv.device, quant.ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
     device = torch.device("cpu") if offload else denv.device  # offload: shards stay on CPU
-    # QLoRA from a folder: the bases stay on meta here and are quantized one by one as they load. A random-init
+    # QLoRA from a folder: the bases are not materialised here; the load quantizes them one by one. A random-init
     # base is initialised whole and quantized after (the trainer saves it in full precision, on_base_ready).
-    stream_quantize = quantize and bool(load_from)
-    with quant.bases_kept_on_meta(model) if stream_quantize else nullcontext():
-        root.to_empty(device=device)
+    to_quantize = quant.take_off_bases(model) if quantize and load_from else None
+    root.to_empty(device=device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators")
         if load_from:
@@ -144,7 +142,7 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     retie(model)
     torch.manual_seed(spec.train.seed)
     if load_from:
-        load_full_weights(adapter, model, load_from, denv, quantize_on=device if stream_quantize else None)
+        load_full_weights(adapter, model, load_from, denv, to_quantize, device)
     if on_base_ready is not None:
         on_base_ready(model, config)
     if lora_config is not None:
@@ -164,25 +162,24 @@ def retie(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def load_full_weights(adapter, model: nn.Module, folder: str, denv, quantize_on: torch.device | None = None) -> None:
+def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize: dict | None = None,
+                      device: torch.device | None = None) -> None:
     """Rank 0 reads the HF folder one shard file at a time (`adapter.iter_hf_state_dict`); each batch
     reaches every rank's shards by broadcast before the next file is read, so no rank ever holds the
     whole checkpoint (nor a second, converted copy of it).
 
-    `quantize_on`: QLoRA's base weights left on meta (quant.bases_kept_on_meta) are materialised on that
-    device one tensor at a time, broadcast whole to every rank, quantized to NF4 and the full-precision copy
-    dropped, so at most one file's worth of base is ever in full precision."""
+    `to_quantize` (QLoRA, quant.take_off_bases): base weights taken off the model, each materialised on
+    `device` as it arrives, broadcast whole to every rank, quantized to NF4 and its full-precision copy dropped."""
     from xtune import tuning
-    from xtune.tuning.quant import meta_bases
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    to_quantize = dict(to_quantize or {})
     # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
-    keys = list(model.state_dict().keys()) if denv.is_main else []
+    keys = list(model.state_dict().keys()) + list(to_quantize) if denv.is_main else []
     peft_keys = keys if any(tuning.is_adapter_key(k) for k in keys) else None
     batches = None
     if denv.is_main:
         batches = iter(adapter.iter_hf_state_dict(folder))
-    to_quantize = meta_bases(model) if quantize_on is not None else {}
     loaded = set()
     while True:
         batch, status = {}, "done"
@@ -204,7 +201,7 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, quantize_on:
                 batch = tuning.to_peft_keys(peft_keys, batch)
             loaded.update(batch)
         if to_quantize:
-            _load_quantized(to_quantize, batch, denv, quantize_on)
+            _load_quantized(to_quantize, batch, denv, device)
         set_model_state_dict(model, batch if denv.is_main else {}, options=options)
         del batch
         _return_freed_memory()
@@ -218,24 +215,25 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, quantize_on:
 
 
 def _load_quantized(bases: dict, batch: dict, denv, device: torch.device) -> None:
-    """The batch's base weights of `bases` (state key -> base linear on meta), taken out of rank 0's `batch`:
-    each is materialised in the model's dtype, broadcast from rank 0, quantized on every rank and dropped."""
+    """The batch's weights of `bases` ({state key: (base linear, meta weight)}), taken out of rank 0's `batch`:
+    each is materialised in its dtype, broadcast from rank 0, quantized on every rank and dropped."""
     from xtune.tuning.quant import quantize_into
 
     names = [k for k in batch if k in bases] if denv.is_main else None
     if denv.world_size > 1:
         names = denv.broadcast_object(names)
     for name in names:
-        base = bases.pop(name)
-        weight = torch.empty(base.weight.shape, dtype=base.weight.dtype, device=device)
+        base, meta = bases.pop(name)
+        weight = torch.empty(meta.shape, dtype=meta.dtype, device=device)
         if denv.is_main:
             weight.copy_(batch.pop(name))
-        if denv.world_size > 1:  # the base is whole on every rank (FSDP-ignored)
+        if denv.world_size > 1:  # the 4-bit base is whole on every rank (FSDP-ignored)
             comm = weight.to(denv.comm_device)
             dist.broadcast(comm, src=0)
             weight = comm.to(device)
         quantize_into(base, weight)
         del weight
+        _return_freed_memory()  # torchao's temporaries (~16 floats per value) would stay in the heap till the next file
 
 
 def _return_freed_memory() -> None:

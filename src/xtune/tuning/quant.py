@@ -13,8 +13,7 @@ every layout computes with the same 4-bit weights. The adapters, embeddings, nor
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import nn
@@ -58,27 +57,18 @@ def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
     return {base.weight for base in _quantizable(model)}
 
 
-@contextmanager
-def bases_kept_on_meta(model: nn.Module) -> Iterator[None]:
-    """Inside, the to-be-quantized base weights are unregistered, so `to_empty` leaves them on `meta`; the load
-    then materialises, quantizes and drops them one by one (`meta_bases`, `quantize_into`): the base is never
-    whole in the compute dtype."""
-    held = [(base, base.weight) for base in _quantizable(model)]
-    for base, _ in held:
-        base.register_parameter("weight", None)
-    try:
-        yield
-    finally:
-        for base, weight in held:
-            base.register_parameter("weight", weight)
-
-
-def meta_bases(model: nn.Module) -> Dict[str, nn.Module]:
-    """State-dict key -> base linear layer, for the to-be-quantized base weights still on `meta`."""
+def take_off_bases(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Parameter]]:
+    """Unregister the to-be-quantized base weights (still on `meta`): {state key: (base linear, meta weight)}.
+    `to_empty` then leaves them unallocated and the load's `set_model_state_dict` never sees them (a meta
+    parameter makes it assign the file's tensors instead of copying them); the load quantizes each one as it
+    arrives and registers it again in 4 bits (`quantize_into`), so the base is never whole in the compute dtype."""
     from xtune.tuning.lora import state_name
 
-    bases = {id(base) for base in _quantizable(model) if base.weight.is_meta}
-    return {f"{state_name(name)}.weight": m for name, m in model.named_modules() if id(m) in bases}
+    bases = {id(base) for base in _quantizable(model)}
+    taken = {f"{state_name(name)}.weight": (m, m.weight) for name, m in model.named_modules() if id(m) in bases}
+    for base, _ in taken.values():
+        base.register_parameter("weight", None)
+    return taken
 
 
 @torch.no_grad()
