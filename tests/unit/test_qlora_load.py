@@ -86,6 +86,23 @@ def test_streamed_4bit_base_is_torchao_nf4_of_the_weights_and_trains_like_peft(i
         tr.close()
 
 
+def test_a_base_weight_missing_from_the_folder_is_named(init_dir, tmp_path):
+    """The bases quantized on arrival are still checked: a folder without one fails with its name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from xtune.errors import XtuneError
+
+    folder = tmp_path / "lacking"
+    shutil.copytree(init_dir, folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(XtuneError, match=r"lacks 1 weights of the model, e.g. model.layers.1.mlp.down_proj"):
+        trainer_of(spec_of(folder, "peft=qlora"), tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------------------- memory
 
 # Many small layers: the base (~125 MiB in fp32) is large next to what quantizing one weight needs (torchao's
