@@ -11,6 +11,7 @@ import logging
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -95,10 +96,11 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
 
     `make_root(model)` returns the FSDP root module wrapping the model (the loss module).
     `on_base_ready(model, config)` runs once the base weights are initialised or loaded, before quantization
-    (the trainer saves a random-init base there). Returns (root, model config, LoraConfig or None);
-    the HF model is `root.model`.
+    when the base is random-init (the trainer saves it there); a QLoRA base loaded from a folder is 4-bit by
+    then. Returns (root, model config, LoraConfig or None); the HF model is `root.model`.
     """
     from xtune import tuning
+    from xtune.tuning import quant
 
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
     # the base it saved).
@@ -120,11 +122,13 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
     if needs_fsdp(spec, denv):
-        from xtune.tuning.quant import ignored_params
-
-        shard(root, blocks, spec.parallel, denv.mesh, denv.device, ignored_params(model) if quantize else None)
+        shard(root, blocks, spec.parallel, denv.mesh, denv.device, quant.ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
-    root.to_empty(device="cpu" if offload else denv.device)  # offload: shards stay on CPU
+    device = torch.device("cpu") if offload else denv.device  # offload: shards stay on CPU
+    # QLoRA from a folder: the bases are not materialised here; the load quantizes them one by one. A random-init
+    # base is initialised whole and quantized after (the trainer saves it in full precision, on_base_ready).
+    to_quantize = quant.take_off_bases(model) if quantize and load_from else None
+    root.to_empty(device=device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators")
         if load_from:
@@ -138,14 +142,12 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     retie(model)
     torch.manual_seed(spec.train.seed)
     if load_from:
-        load_full_weights(adapter, model, load_from, denv)
+        load_full_weights(adapter, model, load_from, denv, to_quantize, device)
     if on_base_ready is not None:
         on_base_ready(model, config)
     if lora_config is not None:
         if quantize:
-            from xtune.tuning.quant import quantize_bases
-
-            quantize_bases(model)
+            quant.quantize_bases(model)  # a random-init base; or the weights too small to quantize (warns)
         tuning.init_adapter_weights(model, spec.train.seed)
     return root, config, lora_config
 
@@ -160,15 +162,20 @@ def retie(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
+def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize: dict | None = None,
+                      device: torch.device | None = None) -> None:
     """Rank 0 reads the HF folder one shard file at a time (`adapter.iter_hf_state_dict`); each batch
     reaches every rank's shards by broadcast before the next file is read, so no rank ever holds the
-    whole checkpoint (nor a second, converted copy of it)."""
+    whole checkpoint (nor a second, converted copy of it).
+
+    `to_quantize` (QLoRA, quant.take_off_bases): base weights taken off the model, each materialised on
+    `device` as it arrives, broadcast whole to every rank, quantized to NF4 and its full-precision copy dropped."""
     from xtune import tuning
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    to_quantize = dict(to_quantize or {})
     # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
-    keys = list(model.state_dict().keys()) if denv.is_main else []
+    keys = list(model.state_dict().keys()) + list(to_quantize) if denv.is_main else []
     peft_keys = keys if any(tuning.is_adapter_key(k) for k in keys) else None
     batches = None
     if denv.is_main:
@@ -193,6 +200,8 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
             if peft_keys is not None:
                 batch = tuning.to_peft_keys(peft_keys, batch)
             loaded.update(batch)
+        if to_quantize:
+            _load_quantized(to_quantize, batch, denv, device)
         set_model_state_dict(model, batch if denv.is_main else {}, options=options)
         del batch
         _return_freed_memory()
@@ -203,6 +212,28 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv) -> None:
     missing = denv.broadcast_object(missing)
     if missing:
         raise XtuneError(f"{folder} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:5])}")
+
+
+def _load_quantized(bases: dict, batch: dict, denv, device: torch.device) -> None:
+    """The batch's weights of `bases` ({state key: (base linear, meta weight)}), taken out of rank 0's `batch`:
+    each is materialised in its dtype, broadcast from rank 0, quantized on every rank and dropped."""
+    from xtune.tuning.quant import quantize_into
+
+    names = [k for k in batch if k in bases] if denv.is_main else None
+    if denv.world_size > 1:
+        names = denv.broadcast_object(names)
+    for name in names:
+        base, meta = bases.pop(name)
+        weight = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+        if denv.is_main:
+            weight.copy_(batch.pop(name))
+        if denv.world_size > 1:  # the 4-bit base is whole on every rank (FSDP-ignored)
+            comm = weight.to(denv.comm_device)
+            dist.broadcast(comm, src=0)
+            weight = comm.to(device)
+        quantize_into(base, weight)
+        del weight
+        _return_freed_memory()  # torchao's temporaries (~16 floats per value) would stay in the heap till the next file
 
 
 def _return_freed_memory() -> None:

@@ -3,7 +3,8 @@
     targets = resolve_targets(model, adapter, spec.peft)     # module names, checked before any weights exist
     inject(model, adapter, spec.peft)                        # on the meta model, before fully_shard
     ... shard (quantized bases are FSDP-ignored), materialise, load the base ...
-    quant.quantize_bases(model)                              # QLoRA: frozen base -> NF4, in place
+    # QLoRA: the bases are taken off before materialising (quant.take_off_bases) and quantized as they load
+    # (quant.quantize_into); a random-init base is quantized after (quant.quantize_bases)
     init_adapter_weights(model, seed)                        # identical on every rank and layout
     engine.export.write_peft(...)                            # PEFT folder + merged HF weights
 """

@@ -183,7 +183,7 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
     full: Dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for module in model.modules():
-        name = _state_name(names[id(module)])
+        name = state_name(names[id(module)])
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             a = module.lora_A[ADAPTER].weight
             # Seeded by the layer's name: the same values whatever wraps the blocks (checkpointing, FSDP).
@@ -204,7 +204,7 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def _state_name(module_name: str) -> str:
+def state_name(module_name: str) -> str:
     """A module's prefix in state-dict keys: activation checkpointing's wrapper is not part of the names."""
     return module_name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
 

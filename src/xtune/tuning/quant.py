@@ -46,27 +46,54 @@ def scaler_block_size(numel: int) -> int:
     return size
 
 
-def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
-    """The base weights that will be quantized: FSDP2 must leave them whole (replicated) on every rank."""
+def _quantizable(model: nn.Module) -> List[nn.Module]:
     from xtune.tuning.lora import adapted_bases
 
-    return {base.weight for base in adapted_bases(model) if scaler_block_size(base.weight.numel())}
+    return [base for base in adapted_bases(model) if scaler_block_size(base.weight.numel())]
+
+
+def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
+    """The base weights that will be quantized: FSDP2 must leave them whole (replicated) on every rank."""
+    return {base.weight for base in _quantizable(model)}
+
+
+def take_off_bases(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Parameter]]:
+    """Unregister the to-be-quantized base weights (still on `meta`): {state key: (base linear, meta weight)}.
+    `to_empty` then leaves them unallocated and the load's `set_model_state_dict` never sees them (a meta
+    parameter makes it assign the file's tensors instead of copying them); the load quantizes each one as it
+    arrives and registers it again in 4 bits (`quantize_into`), so the base is never whole in the compute dtype."""
+    from xtune.tuning.lora import state_name
+
+    bases = {id(base) for base in _quantizable(model)}
+    taken = {f"{state_name(name)}.weight": (m, m.weight) for name, m in model.named_modules() if id(m) in bases}
+    for base, _ in taken.values():
+        base.register_parameter("weight", None)
+    return taken
+
+
+@torch.no_grad()
+def quantize_into(base: nn.Module, weight: torch.Tensor) -> None:
+    """`base.weight` <- the NF4 form of `weight` (a full-precision tensor, whole)."""
+    _, to_nf4 = _nf4()
+    sbs = scaler_block_size(weight.numel())
+    base.weight = nn.Parameter(to_nf4(weight.detach(), BLOCK_SIZE, sbs), requires_grad=False)
 
 
 @torch.no_grad()
 def quantize_bases(model: nn.Module) -> Tuple[int, int]:
-    """Replace each adapted base weight by its NF4 form, in place. Returns (quantized, left in full precision)."""
+    """Replace each adapted base weight by its NF4 form, in place (those already NF4 are left as they are).
+    Returns (quantized, left in full precision)."""
     from xtune.tuning.lora import adapted_bases
 
-    _, to_nf4 = _nf4()
     done = kept = 0
     for base in adapted_bases(model):
         w = base.weight
-        sbs = scaler_block_size(w.numel())
-        if not sbs or is_nf4(w):
-            kept += 0 if is_nf4(w) else 1
+        if is_nf4(w):
             continue
-        base.weight = nn.Parameter(to_nf4(w.detach(), BLOCK_SIZE, sbs), requires_grad=False)
+        if not scaler_block_size(w.numel()):
+            kept += 1
+            continue
+        quantize_into(base, w)
         done += 1
     if kept:
         log.warning("%d adapted layers have a weight size not divisible by %d and stay in full precision", kept, BLOCK_SIZE)
