@@ -31,7 +31,10 @@ CASES = {
     "eager": (dict(attn="eager"), "sample", None),
     "ac_lora": (dict(attn="sdpa", activation_checkpointing=True), "token", PeftSpec(method="lora", r=4, alpha=8.0)),
     "vlm": (dict(attn="sdpa"), "token", None),  # intern_s1 (InternVL) tiny, rows with images
+    "moe": (dict(attn="sdpa"), "token", None),  # qwen3_moe tiny: the router's load-balancing loss over the row
 }
+FAMILY = {"vlm": "intern_s1", "moe": "qwen3_moe"}  # the others: qwen3
+MOE_COEF = 0.5  # model.router_aux_loss_coef of the moe case: large, so the aux term weighs in the gradients
 IMAGE_TOKEN, TILE_TOKENS, TILE = 95, 4, 56  # the VLM case's config (test_sequence_parallel.save_vlm)
 
 
@@ -72,8 +75,9 @@ def pack_vlm(docs):
 
 def make_trainer(case, out_dir, sp, run_dir, resume=None):
     par_kw, reduction, peft = CASES[case]
-    family = "intern_s1" if case == "vlm" else "qwen3"
-    spec = RunSpec(model=ModelSpec(family=family, load_from=str(Path(out_dir) / f"init-{case}")),
+    coef = MOE_COEF if case == "moe" else None
+    spec = RunSpec(model=ModelSpec(family=FAMILY.get(case, "qwen3"), load_from=str(Path(out_dir) / f"init-{case}"),
+                                   router_aux_loss_coef=coef),
                    parallel=ParallelSpec(sp_size=sp, **par_kw), peft=peft or PeftSpec(),
                    loss=LossSpec(mode="chunk", chunk_size=7, reduction=reduction),
                    optim=OptimSpec(lr=1e-3, max_grad_norm=0.0),
@@ -94,12 +98,14 @@ def run_case(case, out_dir, sp, tag):
     tr.optimizer_step()
     tr.scheduler.step()
     tr.step += 1
-    losses = [stats["loss"]]
+    losses, aux = [stats["loss"]], [stats["aux_loss"]]
     for _ in range(STEPS - 1):
-        losses.append(tr.train_step(next(tr.loader))["loss"])
+        rec = tr.train_step(next(tr.loader))
+        losses.append(rec["loss"])
+        aux.append(rec.get("aux_loss", 0.0))
         if tr.step == 2 and case == "sdpa_gqa":
             ckpt = tr.save()
-    res["losses"] = losses
+    res["losses"], res["aux"] = losses, aux
     res["eval"] = tr.evaluate()
     if case == "sdpa_gqa":  # resume from step 2 under the same layout: steps 3.. exactly as uninterrupted
         tr2 = make_trainer(case, out_dir, sp, Path(out_dir) / f"resumed-{case}-{tag}", resume=str(ckpt))

@@ -1,9 +1,11 @@
 """Ulysses sequence parallelism: sp=2 on 2 ranks (FSDP2 over gloo) equals sp=1 on 1 rank for the same global
 batch -- per-step losses over 5 steps, all gradients after one step, eval loss, exact resume -- and its first step
 equals a plain transformers model run document by document. Cases (one launch, tests/distributed/sp_worker.py):
-sdpa with 1 KV head < sp (repeated), eager with the sample reduction, activation checkpointing + LoRA, and
+sdpa with 1 KV head < sp (repeated), eager with the sample reduction, activation checkpointing + LoRA,
 Intern-S1 tiny (InternVL) with images: their features are merged into the embeddings of the full row before
-the cut, so every rank of the SP group runs the vision tower on all images of the row."""
+the cut, so every rank of the SP group runs the vision tower on all images of the row, and Qwen3-MoE tiny with
+a large router aux coefficient: the load-balancing loss is nonlinear in the row's expert counts, so each piece
+takes the counts of the whole row (without the padding an odd row gets) and the parts add up to the row's loss."""
 
 import math
 from pathlib import Path
@@ -16,7 +18,7 @@ from tests.distributed.tiny import ListLoader, reference_loss, run_on_one_and_tw
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KV_HEADS = {"sdpa_gqa": 1, "eager": 2, "ac_lora": 2}
-CASES = [*KV_HEADS, "vlm"]
+CASES = [*KV_HEADS, "vlm", "moe"]
 
 
 def _save_init(folder, kv_heads):
@@ -41,12 +43,29 @@ def save_vlm(folder):
     InternVLForConditionalGeneration(cfg).save_pretrained(str(folder))
 
 
+def save_moe(folder):
+    """Qwen3-MoE, 4 experts, top-2; the router weights scaled up so that the routing is far from uniform."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                         max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    torch.manual_seed(3)
+    model = Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(20.0)
+    model.save_pretrained(str(folder))
+
+
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
     for case, kv in KV_HEADS.items():
         _save_init(tmp / f"init-{case}", kv)
     save_vlm(tmp / "init-vlm")
+    save_moe(tmp / "init-moe")
     run_on_one_and_two_ranks(str(HERE / "sp_worker.py"), tmp, cwd=ROOT, timeout=300)
     return tmp, torch.load(tmp / "sp1-w1.pt"), torch.load(tmp / "sp2-w2.pt")
 
@@ -86,6 +105,9 @@ def test_sp2_equals_one_rank(sp_runs, case):
     for x, y in zip(a["losses"], b["losses"]):
         assert abs(x - y) <= 1e-5 * abs(x), (case, a["losses"], b["losses"])
     assert len({round(x, 4) for x in a["losses"]}) > 1  # the steps differ: training happened
+    assert len(a["aux"]) == len(b["aux"]) == 5 and (min(a["aux"]) > 0) == (case == "moe")
+    for x, y in zip(a["aux"], b["aux"]):  # the logged router aux loss (zero without MoE)
+        assert abs(x - y) <= 1e-5 * abs(x), (case, a["aux"], b["aux"])
     assert sorted(a["grads"]) == sorted(b["grads"]) and a["grads"]
     for name, g in a["grads"].items():
         torch.testing.assert_close(b["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"{case} {name}")
@@ -104,6 +126,36 @@ def test_sp2_first_step_matches_plain_transformers(sp_runs, case, reduction):
     ref.backward()
     res = two[case]
     assert math.isclose(res["losses"][0], ref.item(), rel_tol=1e-5), (res["losses"][0], ref.item())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sp2_moe_first_step_matches_plain_transformers(sp_runs):
+    """Qwen3-MoE under sp=2 against transformers' model run document by document: the CE as above, and the aux
+    loss is transformers' load_balancing_loss_func on the router logits of each row's documents (concatenated),
+    times the coefficient, averaged over the rows; the gradients are those of the sum."""
+    from transformers import Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from tests.distributed.sp_worker import MOE_COEF
+
+    tmp, _, two = sp_runs
+    model = Qwen3MoeForCausalLM.from_pretrained(str(tmp / "init-moe"), attn_implementation="eager").float()
+    cfg, rows = model.config, _rows(0)
+    assert any(sum(len(ids) for ids, _ in row) % 2 for row in rows)  # an odd row: the sp=2 cut pads it
+    ce = reference_loss(model, [d for row in rows for d in row])
+    aux = 0.0
+    for row in rows:
+        per_doc = [model(input_ids=torch.tensor([ids]), use_cache=False, output_router_logits=True).router_logits
+                   for ids, _ in row]
+        layers = tuple(torch.cat(layer) for layer in zip(*per_doc))
+        aux = aux + MOE_COEF * load_balancing_loss_func(layers, cfg.num_experts, cfg.num_experts_per_tok) / len(rows)
+    (ce + aux).backward()
+    res = two["moe"]
+    assert math.isclose(res["losses"][0], ce.item(), rel_tol=1e-5), (res["losses"][0], ce.item())
+    assert math.isclose(res["aux"][0], aux.item(), rel_tol=1e-5), (res["aux"][0], aux.item())
+    router = [k for k in res["grads"] if k.endswith("mlp.gate.weight")]
+    assert router and all(res["grads"][k].abs().sum() > 0 for k in router)
     for name, p in model.named_parameters():
         torch.testing.assert_close(res["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 

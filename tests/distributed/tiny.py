@@ -49,8 +49,8 @@ class TinyAdapter(Qwen3Adapter):
     def build_config(self):
         return self.config
 
-    def hidden_states(self, model, batch, attn_impl):
-        h, aux = super().hidden_states(model, batch, attn_impl)
+    def hidden_states(self, model, batch, attn_impl, share=None):
+        h, aux = super().hidden_states(model, batch, attn_impl, share)
         if self.calls in self.nan_at_calls:
             h = h * float("nan")
         self.calls += 1

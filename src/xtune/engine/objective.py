@@ -70,9 +70,15 @@ class LossModel(nn.Module):
         else:
             from xtune.engine import ulysses
 
+            real = batch.num_tokens
             batch = ulysses.pad_batch(batch, self.sp.size)
+            share = self.sp.share(batch.num_tokens, real)
             with ulysses.cut_inputs(self.adapter.language_model(self.model), self.sp):
-                hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)
+                hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl, share=share)
+            if aux is not None:
+                # aux is this rank's part of the row's aux loss (the parts sum to it over the SP group); the
+                # trainer averages aux over all ranks, sp of which share one row: times sp, as at sp=1.
+                aux = aux * self.sp.size
             # The full row's labels (already shifted within documents) and weights, cut like the inputs:
             # a piece boundary between a token and its label loses nothing.
             piece = self.sp.piece(batch.num_tokens)

@@ -164,7 +164,7 @@ class Trainer:
         if d.sp_size > 1:
             from xtune.engine.ulysses import SeqParallel
 
-            self.root.sp = SeqParallel(d.sp_size, d.sp_rank)
+            self.root.sp = SeqParallel(d.sp_size, d.sp_rank, d.sp_group)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_counts = tuning.parameter_counts(self.model)
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],

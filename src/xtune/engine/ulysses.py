@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,10 +31,26 @@ class SeqParallel:
 
     size: int
     rank: int
+    group: object = field(default=None, compare=False)  # the SP process group (statistics over the whole row)
 
     def piece(self, total: int) -> slice:
         n = total // self.size
         return slice(self.rank * n, (self.rank + 1) * n)
+
+    def share(self, padded: int, real: int) -> "RowShare":
+        """This rank's share of a row of `real` tokens padded to `padded` (see pad_batch)."""
+        p = self.piece(padded)
+        return RowShare(self.group, min(max(real - p.start, 0), p.stop - p.start))
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """What a statistic over the whole row (the MoE load-balancing loss) needs of this rank's piece: the first
+    `real` tokens of the piece are the row's, the rest are the padding pseudo-document; `group` holds the
+    row's other pieces."""
+
+    group: object
+    real: int
 
 
 # ------------------------------------------------------------------------------------------- all-to-all

@@ -23,11 +23,14 @@ class HiddenStates:
         """Family-specific forward kwargs and temporary hooks (removed after the forward)."""
         return {}, []
 
-    def _aux_loss(self, model, outputs) -> Optional[torch.Tensor]:
+    def _aux_loss(self, model, outputs, share=None) -> Optional[torch.Tensor]:
+        """The auxiliary loss of the forward, or None. `share` (engine/ulysses.RowShare): the forward ran one
+        piece of a row under sequence parallelism; the loss is then this rank's part of the row's."""
         return None
 
-    def hidden_states(self, model: nn.Module, batch, attn_impl: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Final hidden states [T, H] and the aux loss or None.
+    def hidden_states(self, model: nn.Module, batch, attn_impl: str,
+                      share=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Final hidden states [T, H] and the aux loss or None (`share`: see `_aux_loss`).
 
         The model's body (`base_model`: the decoder, or a VLM's model that merges the image features before
         its decoder) runs without the output projection; the loss module applies that chunk by chunk. Under
@@ -42,4 +45,4 @@ class HiddenStates:
             for h in hooks:
                 h.remove()
         hidden = outputs.last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1]), self._aux_loss(model, outputs)
+        return hidden.reshape(-1, hidden.shape[-1]), self._aux_loss(model, outputs, share)

@@ -12,6 +12,7 @@ import re
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from ..errors import XtuneError
@@ -57,10 +58,11 @@ class Qwen3MoeAdapter(ModelAdapter):
     def _extra_forward(self, model, batch):
         return {"output_router_logits": True}, []
 
-    def _aux_loss(self, model, outputs) -> Optional[torch.Tensor]:
+    def _aux_loss(self, model, outputs, share=None) -> Optional[torch.Tensor]:
         """Load-balancing loss over the packed tokens, already multiplied by the coefficient: transformers'
         `load_balancing_loss_func` on the router logits of the decoder's output, as Qwen3MoeForCausalLM
-        computes it (no padding mask: every token of a packed row is real)."""
+        computes it (no padding mask: every token of a packed row is real). Under sequence parallelism
+        (`share`) this rank's part of the row's loss (`_row_balance_part`)."""
         from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
         coef = self.spec.router_aux_loss_coef
@@ -68,9 +70,33 @@ class Qwen3MoeAdapter(ModelAdapter):
             coef = model.config.router_aux_loss_coef
         if not outputs.router_logits or not coef:
             return None
-        aux = load_balancing_loss_func(outputs.router_logits, model.config.num_experts,
-                                       model.config.num_experts_per_tok, None)
+        cfg = model.config
+        if share is None:
+            aux = load_balancing_loss_func(outputs.router_logits, cfg.num_experts, cfg.num_experts_per_tok, None)
+        else:
+            aux = _row_balance_part(outputs.router_logits, cfg.num_experts, cfg.num_experts_per_tok, share)
         return coef * aux.float()
+
+
+def _row_balance_part(gate_logits, num_experts: int, top_k: int, share) -> torch.Tensor:
+    """This rank's part of the load-balancing loss of a row cut over an SP group (the parts sum to the row's loss).
+
+    transformers' loss (load_balancing_loss_func, transformers 5.24) is E * sum_e (C_e / N) * (S_e / N) over all
+    layers' tokens: C_e the top-k assignments to expert e, S_e the sum of its router probabilities, N the tokens
+    times layers. It is not a mean of per-piece losses: C and N are summed over the group (no gradient, as at
+    sp=1, where C comes from a top-k), S stays this piece's. The padding at the row's end is left out.
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=gate_logits[0].device)
+    probs = torch.zeros_like(counts)
+    for layer in gate_logits:
+        weights = torch.nn.functional.softmax(layer[:share.real], dim=-1)
+        _, chosen = torch.topk(weights, top_k, dim=-1)
+        counts += torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+        probs = probs + weights.float().sum(dim=0)
+    stats = torch.cat([counts, counts.new_tensor([share.real * len(gate_logits)])])
+    dist.all_reduce(stats, group=share.group)  # sum over the row's pieces
+    total = stats[-1]
+    return num_experts * torch.sum((stats[:num_experts] / total) * (probs / total))
 
 
 class _ExpertFuser(KeyStream):
