@@ -3,7 +3,7 @@
 Usage (1 rank, sp=1):    python sp_worker.py OUT_DIR
        (2 ranks, sp=2):  torchrun --nproc-per-node 2 sp_worker.py OUT_DIR
        (4 ranks, sp=2 x dp=2): torchrun --nproc-per-node 4 sp_worker.py OUT_DIR
-Each case builds the real qwen3 adapter over OUT_DIR/init-<case> (written by the test), takes one step with
+Each case builds its family's real adapter over OUT_DIR/init-<case> (written by the test), takes one step with
 the gradients saved, then more steps; rank 0 writes OUT_DIR/sp<sp>-w<world>.pt: {case: results}.
 """
 
