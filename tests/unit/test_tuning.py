@@ -329,3 +329,28 @@ def test_adapters_on_a_vlm_warn_that_the_vision_tower_stays_frozen(family, caplo
     with caplog.at_level(logging.WARNING, logger="xtune.tuning"):
         tuning.inject(model, adapter, PeftSpec(method="lora", r=4, alpha=8.0))
     assert ("vision tower and projector stay frozen" in caplog.text) == (family == "intern_s1")
+
+
+def test_qlora_resume_reloads_the_same_4bit_base_and_continues_exactly(init_dir, tmp_path, closing):
+    """A QLoRA checkpoint holds only the adapters and their state; the resumed run quantizes the base again from
+    load_from as it loads (tuning/quant.py::take_off_bases) and must continue with the same losses, bit for bit."""
+    spec = spec_of(init_dir, "peft=qlora", "peft.dropout=0.0", "optim.lr=1e-2")
+    a = trainer_of(spec, tmp_path / "a")
+    closing.append(a)
+    a.loader = ListLoader(4, 1, 0, 1, 1, seed=3)  # a new row every step: the loader's position must resume too
+    codes = {n: p.quantized_data.clone() for n, p in a.model.named_parameters() if n.endswith("base_layer.weight")}
+
+    def steps(tr, n):
+        return [tr.train_step(next(tr.loader))["loss"] for _ in range(n)]
+
+    steps(a, 2)
+    ckpt = a.save()
+    after = steps(a, 2)
+
+    b = trainer_of(spec, tmp_path / "b")
+    closing.append(b)
+    b.loader = ListLoader(4, 1, 0, 1, 1, seed=3)
+    b.resume(ckpt)
+    bases = {n: p for n, p in b.model.named_parameters() if n.endswith("base_layer.weight")}
+    assert bases.keys() == codes.keys() and all(torch.equal(p.quantized_data, codes[n]) for n, p in bases.items())
+    assert b.step == 2 and steps(b, 2) == after
