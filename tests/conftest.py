@@ -101,25 +101,27 @@ def s1_tok(s1_tok_dir):
     return AutoTokenizer.from_pretrained(s1_tok_dir, trust_remote_code=True, local_files_only=True)
 
 
-# The longest files (seconds of test time on 2 cores, `--durations=0`, 2026-12-01), run first. `make test` gives
-# whole files to two workers in this order (`--dist loadfile --no-loadscope-reorder`); a long file started last
-# would leave one worker alone at the end. Files not listed keep pytest's order after these.
+# The longest files (seconds of test time in a quiet `make test` on 2 cores, `--durations`, 2026-12-01), run first.
+# `make test` gives whole files to two workers in this order (`--dist loadfile --no-loadscope-reorder`); a long
+# file started last would leave one worker alone at the end. Files not listed keep pytest's order after these.
 LONGEST_FIRST = (
-    "tests/integration/test_cli.py",  # 123
-    "tests/reliability/test_bad_input_table.py",  # 105
-    "tests/integration/test_lora_families.py",  # 98
-    "tests/reliability/test_elastic_resume.py",  # 81
-    "tests/reliability/test_checkpoint_cli.py",  # 73
-    "tests/integration/test_demo.py",  # ~60
-    "tests/reliability/test_orphans_and_lock.py",  # 55
-    "tests/integration/test_model_families.py",  # 54
-    "tests/unit/test_config.py",  # 51
-    "tests/reliability/test_dpo_resume.py",  # 44
-    "tests/integration/test_dpo_run.py",  # 43
-    "tests/integration/test_remote_tokenizer_run.py",  # 41
-    "tests/distributed/test_engine_optimizers.py",  # 39
-    "tests/reliability/test_async_save.py",  # 38
-    "tests/reliability/test_sigterm_launcher.py",  # 36
+    "tests/integration/test_cli.py",  # 108
+    "tests/reliability/test_bad_input_table.py",  # ~100
+    "tests/integration/test_lora_families.py",  # 100
+    "tests/reliability/test_elastic_resume.py",  # 73
+    "tests/integration/test_model_families.py",  # 68
+    "tests/integration/test_demo.py",  # 66
+    "tests/unit/test_config.py",  # ~55
+    "tests/distributed/test_engine_optimizers.py",  # 49
+    "tests/reliability/test_orphans_and_lock.py",  # 48
+    "tests/reliability/test_checkpoint_cli.py",  # 42
+    "tests/unit/test_qlora_load.py",  # 41
+    "tests/reliability/test_kill_resume.py",  # 41
+    "tests/integration/test_remote_tokenizer_run.py",  # 38
+    "tests/reliability/test_sigterm_launcher.py",  # 37
+    "tests/reliability/test_lora_resume.py",  # 37
+    "tests/distributed/test_engine_fp16.py",  # 36
+    "tests/integration/test_dpo_run.py",  # 35
 )
 
 
