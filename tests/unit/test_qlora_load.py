@@ -99,8 +99,12 @@ def test_a_base_weight_missing_from_the_folder_is_named(init_dir, tmp_path):
     sd = load_file(str(folder / "model.safetensors"))
     del sd["model.layers.1.mlp.down_proj.weight"]
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(XtuneError, match=r"lacks 1 weights of the model, e.g. model.layers.1.mlp.down_proj"):
-        trainer_of(spec_of(folder, "peft=qlora"), tmp_path / "run")
+    try:
+        with pytest.raises(XtuneError, match=r"lacks 1 weights of the model, e.g. model.layers.1.mlp.down_proj"):
+            trainer_of(spec_of(folder, "peft=qlora"), tmp_path / "run")
+    finally:  # the trainer never got built, so nothing closed the process group trainer_of started (train() does)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------- memory
