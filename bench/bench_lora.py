@@ -53,11 +53,7 @@ AC_SYSTEMS = {
     "xtune_full_ac": dict(system="xtune", overrides=AC),
     "xtune_lora_ac": dict(system="xtune", overrides=SYSTEMS["xtune_lora"]["overrides"] + AC),
 }
-AC_ONLY = {
-    "xtune_full_ac": AC_SYSTEMS["xtune_full_ac"],
-    "xtune_lora_ac": AC_SYSTEMS["xtune_lora_ac"],
-    "xtune_qlora_ac": dict(system="xtune", overrides=SYSTEMS["xtune_qlora"]["overrides"] + AC),
-}
+DEEP_SYSTEMS = dict(AC_SYSTEMS, xtune_qlora_ac=dict(system="xtune", overrides=SYSTEMS["xtune_qlora"]["overrides"] + AC))
 # glibc's malloc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which a step's
 # transient tensors come from its heap and stay there, fragmented: RSS then grows by ~2 GB within one
 # forward+backward of the deep shape although the live tensors grow by ~0.4 GB (measured with malloc_trim
@@ -66,10 +62,10 @@ AC_ONLY = {
 # max_memory_allocated does. Both are reported; the goal is read on the mapped one. It costs CPU speed
 # (page faults on every fresh block), so xtune leaves the allocator alone.
 MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-AC_ONLY.update({f"{k}_mmap": dict(v, env=MMAP) for k, v in list(AC_ONLY.items())})
+DEEP_SYSTEMS.update({f"{k}_mmap": dict(v, env=MMAP) for k, v in list(DEEP_SYSTEMS.items())})
 # shape -> (tokenizer (None: the real Qwen3 one), arch, systems, timed steps (None: the run's default))
 SHAPES = {"embed": (None, ARCH, SYSTEMS, None), "blocks": (TINY_TOK, BLOCKS, dict(SYSTEMS, **AC_SYSTEMS), None),
-          "deep": (TINY_TOK, DEEP, AC_ONLY, 1)}
+          "deep": (TINY_TOK, DEEP, DEEP_SYSTEMS, 1)}
 # peft's all-linear adapts the same layers as xtune's (every linear layer of the blocks; not lm_head).
 COUNT_AS = {"peft_hf_trainer": SYSTEMS["xtune_lora"]["overrides"]}
 
