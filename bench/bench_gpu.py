@@ -49,6 +49,23 @@ def peak_flops() -> float | None:
     return None
 
 
+def measured_bf16_flops(n: int = 8192, reps: int = 10) -> float:
+    """The roofline measured in this run: a dense n x n x n bf16 matmul (three warm-ups, mean of `reps`)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
+
+
 def work(a: dict) -> dict:
     import xtune.engine
     from xtune.config.compose import load_spec
@@ -83,7 +100,8 @@ def run(quick: bool, log=print) -> dict:
 
     have_liger = importlib.util.find_spec("liger_kernel") is not None
     have_flash = importlib.util.find_spec("flash_attn") is not None
-    flops_per_token, peak = 6 * matmul_params(), peak_flops()
+    flops_per_token, peak, roof = 6 * matmul_params(), peak_flops(), measured_bf16_flops()
+    log(f"gpu: measured bf16 matmul roofline {roof / 1e12:.0f} TFLOP/s (datasheet peak {(peak or 0) / 1e12:.0f})")
     warmup, steps = (2, 5) if quick else (3, 13)
     out = {}
     for loss in ("liger", "chunk"):
@@ -96,15 +114,17 @@ def run(quick: bool, log=print) -> dict:
                                                 steps=steps, warmup=warmup), 1200)
             if "error" not in r:
                 r["mfu"] = r["tok_s"] * flops_per_token / peak if peak else None
+                r["roofline_share"] = r["tok_s"] * flops_per_token / roof
             out[name] = r
             log(f"gpu: {name}: "
-                + (r.get("error") or f"{r['tok_s']:.0f} tok/s per GPU, MFU {r['mfu'] or 0:.1%}"))
+                + (r.get("error") or f"{r['tok_s']:.0f} tok/s per GPU, MFU {r['mfu'] or 0:.1%}, "
+                   f"{r['roofline_share']:.1%} of the measured roofline"))
     base = out.get("chunk+sdpa", {}).get("tok_s")
     for r in out.values():
         if base and "tok_s" in r:
             r["vs_fallback"] = r["tok_s"] / base
     return dict(device=torch.cuda.get_device_name(0), arch=ARCH, row=ROW, flops_per_token=flops_per_token,
-                peak_flops=peak, configs=out)
+                peak_flops=peak, roofline_flops=roof, configs=out)
 
 
 if __name__ == "__main__":
