@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.ops import packed_sdpa
 
 PREFIX = "xtune_sp_"
 _STATE: dict = {"group": None}  # this process's SP group (one per process; set once by `register`)
@@ -136,7 +137,10 @@ def _make_sp_attention(inner_name: str):
         view = _HeadsView(module, q.shape[1] // k.shape[1])
         fn = _inner(inner_name, module)
         cu = cu_seq_lens_q.tolist()
-        if inner_name.startswith("flash"):
+        if inner_name == "sdpa" and packed_sdpa.varlen_applies(q, kwargs.get("dropout", 0.0)):
+            out = packed_sdpa.varlen_forward(q, k, v, cu_seq_lens_q, max_length_q, kwargs.get("scaling"),
+                                             kwargs.get("sliding_window"))
+        elif inner_name.startswith("flash"):
             out, _ = fn(view, q, k, v, None, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_q,
                         max_length_q=max_length_q, max_length_k=max_length_q, **kwargs)
         else:

@@ -6,6 +6,10 @@ flash-attn) that was half of a LoRA step's time on the bench's `blocks` shape (2
 Here the row is cut at `cu_seq_lens_q` (passed by `attention.packed_kwargs`) and each document gets its own
 causal SDPA call, as flash-attn's varlen kernel does; the sequence-parallel wrapper (engine/ulysses.py) does the same.
 
+On CUDA in bf16/fp16 the whole row goes to torch's own varlen FlashAttention kernel instead
+(`torch.nn.attention.varlen.varlen_attn`, public since torch 2.10): one launch per layer, no flash-attn package
+needed. The per-document loop stays the path elsewhere (CPU, fp32), and the reference the GPU tests compare to.
+
 Plugged in through transformers' public `AttentionInterface` registry (checked on transformers 5.24) as
 `xtune_packed_sdpa` on the text decoder of the training model. Its mask function builds only padding masks, so
 no [T, T] mask is built for a packed row. Sliding-window layers get a banded causal mask for documents longer
@@ -15,9 +19,39 @@ than the window; models with bidirectional attention keep transformers' sdpa. Ca
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
+try:  # torch >= 2.10; CUDA only
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
 NAME = "xtune_packed_sdpa"
+_VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else set()
+
+
+def varlen_applies(query: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether a packed row can take torch's varlen FlashAttention kernel: CUDA, half precision, one row,
+    head dim <= 256, no attention dropout (the kernel has none)."""
+    return ("window_size" in _VARLEN_PARAMS and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[0] == 1 and query.shape[-1] <= 256 and not dropout)
+
+
+def varlen_forward(query, key, value, cu: torch.Tensor, max_len: int, scaling=None, sliding_window=None):
+    """Causal attention of every document of a packed [1, H, T, D] row in one kernel call -> [1, T, H, D]."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    kwargs = {"scale": scaling}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    # causal: (left, 0); a sliding window of W keeps keys with i - j < W, as transformers' masks
+    kwargs["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    return _varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), **kwargs)[None]
 
 
 def _window_mask(n: int, window: int, device) -> torch.Tensor:
@@ -34,6 +68,9 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
     if cu_seq_lens_q is None:
         return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
     kwargs.pop("is_causal", None)  # decided per document below
+    if varlen_applies(query, kwargs.get("dropout", 0.0)):
+        return varlen_forward(query, key, value, cu_seq_lens_q, max_length_q, kwargs.get("scaling"),
+                              sliding_window), None
     cu = cu_seq_lens_q.tolist()
     lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
     # split, not slicing: its backward is one cat, where each slice's would be a zero-filled [T] gradient
