@@ -28,9 +28,9 @@ def measure(width: int, layers: int, steps: int, every: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from xtune.config.schema import ParallelSpec
-    from xtune.engine import checkpoint
-    from xtune.engine.checkpoint import Checkpointer
-    from xtune.engine.distributed import init_distributed
+    from xtune.checkpoint import dcp as checkpoint
+    from xtune.checkpoint.dcp import Checkpointer
+    from xtune.parallel.distributed import init_distributed
 
     torch.manual_seed(0)
     denv = init_distributed(ParallelSpec())

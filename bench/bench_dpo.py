@@ -5,7 +5,7 @@ and the real Qwen3 tokenizer; fp32 on CPU; DPO (sigmoid) with beta 0.1, AdamW lr
 0.9/0.95, no weight decay), clipping at 1.0, one epoch over the same generated pairs (`make_pairs`:
 log-normal prompt and response lengths, so padding matters as it does on real preference data).
 
-- xtune: `xtune.engine.train` with `method=dpo`: the two halves of each pair are documents of a soft-packed
+- xtune: `xtune.methods.train` with `method=dpo`: the two halves of each pair are documents of a soft-packed
   2048-token row (one row per step), log-probs from the chunked head, the reference log-probs computed
   once before the first step by the initial weights (one model held).
 - TRL `DPOTrainer` (its defaults): chosen and rejected padded to the longest of the batch, TRL's fused
@@ -107,8 +107,8 @@ def prepare(quick: bool, n_pairs: int) -> dict:
 
 # -- workers (each in its own process) --------------------------------------------------------------
 def work_xtune(a: dict) -> dict:
-    import xtune.engine
-    from xtune.methods import reference
+    import xtune.methods
+    from xtune.methods import reference_logps as reference
 
     spent = []
     compute = reference.reference_logps
@@ -125,7 +125,7 @@ def work_xtune(a: dict) -> dict:
         spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["data_path"], a.get("overrides", ()))
         # A fresh reference each run (the data cache folder would otherwise hold the last run's table).
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, cache_dir=str(Path(tmp) / "cache")))
-        xtune.engine.train(spec, run_dir)
+        xtune.methods.train(spec, run_dir)
         recs = train_records(run_dir)
     return dict(
         step_stats(recs, a["warmup"]),

@@ -67,7 +67,7 @@ def measured_bf16_flops(n: int = 8192, reps: int = 10) -> float:
 
 
 def work(a: dict) -> dict:
-    import xtune.engine
+    import xtune.methods
     from xtune.config.compose import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +82,7 @@ def work(a: dict) -> dict:
             "sched=constant", "sched.warmup_ratio=0.0", "optim.lr=1e-4",
         ])
         spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, arch=dict(ARCH)))
-        xtune.engine.train(spec, Path(tmp) / "run")
+        xtune.methods.train(spec, Path(tmp) / "run")
         recs = [json.loads(ln) for ln in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r][a["warmup"]:]
     t = sum(r["step_time_s"] for r in recs)

@@ -75,7 +75,7 @@ def parameter_counts(prep: dict, overrides) -> tuple:
     import torch
 
     from bench_train import xtune_spec
-    from xtune import tuning
+    from xtune import peft as xpeft
     from xtune.models import get_adapter
 
     spec = xtune_spec(Path(prep["tok_dir"]), Path(prep["model_dir"]), Path("/tmp"), 1, prep["data_path"],
@@ -83,9 +83,9 @@ def parameter_counts(prep: dict, overrides) -> tuple:
     adapter = get_adapter(spec.model)
     with torch.device("meta"):
         model = adapter.build_model(adapter.build_config(), "sdpa")
-    if tuning.enabled(spec.peft):
-        tuning.inject(model, adapter, spec.peft)
-    return tuning.parameter_counts(model)
+    if xpeft.enabled(spec.peft):
+        xpeft.inject(model, adapter, spec.peft)
+    return xpeft.parameter_counts(model)
 
 
 def run(quick: bool, log=print) -> dict:

@@ -67,9 +67,10 @@ def worker(args: dict) -> None:
     import torch
 
     from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec
-    from xtune.engine import ulysses
-    from xtune.engine.distributed import init_distributed
+    from xtune.parallel import ulysses
+    from xtune.parallel.distributed import init_distributed
     from xtune.engine.trainer import Trainer
+    from xtune.methods import get_method
     from xtune.models import get_adapter
 
     spent = [0.0]
@@ -87,7 +88,7 @@ def worker(args: dict) -> None:
                    parallel=ParallelSpec(sp_size=sp, attn="sdpa"), loss=LossSpec(mode="chunk", chunk_size=1024),
                    optim=OptimSpec(lr=1e-4), train=TrainSpec(global_batch_size=1, max_steps=steps + 1))
     denv = init_distributed(spec.parallel)
-    tr = Trainer(spec, "/tmp/xtune_bench_sp", adapter=get_adapter(spec.model), tokenizer=None,
+    tr = Trainer(spec, "/tmp/xtune_bench_sp", method=get_method(spec), adapter=get_adapter(spec.model), tokenizer=None,
                  loader=OneRow(args["row"], steps + 1), denv=denv)
     tr.train_step(next(tr.loader))  # warm-up: optimizer state, first-touch allocations
     times, peaks, shares, losses = [], [], [], []

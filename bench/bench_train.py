@@ -5,7 +5,7 @@ the same saved random init, in fp32 on CPU, on the same tokenised samples (the b
 rendered with Qwen3's chat template by xtune's data stage; assistant-only labels), with the same
 AdamW settings, constant LR and clipping. Each runs in its own process (so its peak RSS is its own).
 
-- xtune: `xtune.engine.train` (soft packing into 2048-token rows, one row per step, chunked CE);
+- xtune: `xtune.methods.train` (soft packing into 2048-token rows, one row per step, chunked CE);
   tokens/s from its metrics.jsonl (`step_time_s` covers forward, backward and the optimizer step).
 - HF Trainer: `DataCollatorForSeq2Seq` padding to the longest sample of the batch; the batch holds
   as many samples as an xtune row does on average, so every system sees about as many samples a step.
@@ -106,13 +106,13 @@ def prepare(quick: bool, tok_dir: Path | None = None, arch: dict = ARCH) -> dict
 
 # -- workers (each in its own process) --------------------------------------------------------------
 def work_xtune(a: dict) -> dict:
-    import xtune.engine
+    import xtune.methods
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         spec = xtune_spec(Path(a["tok_dir"]), Path(a["model_dir"]), run_dir, a["steps"], a["data_path"],
                           a.get("family", "qwen3"), a.get("overrides", ()))
-        xtune.engine.train(spec, run_dir)
+        xtune.methods.train(spec, run_dir)
         recs = train_records(run_dir)
     return dict(step_stats(recs, a["warmup"]), peak_rss_mb=peak_rss_mb())
 

@@ -24,6 +24,7 @@ def build_xtune(prep, work_dir, extra=()):
     from bench_lora import R
     from bench_train import xtune_spec
     from xtune.engine.trainer import Trainer, preflight
+    from xtune.methods import get_method
     from xtune.models import get_adapter
 
     overrides = ["peft=lora", f"peft.r={R}", f"peft.alpha={2 * R}", "peft.modules_to_save=[]", *extra]
@@ -31,7 +32,7 @@ def build_xtune(prep, work_dir, extra=()):
                       extra=overrides)
     adapter = get_adapter(spec.model)
     tok = preflight(spec, adapter, work_dir)
-    return Trainer(spec, work_dir, adapter=adapter, tokenizer=tok)
+    return Trainer(spec, work_dir, method=get_method(spec), adapter=adapter, tokenizer=tok)
 
 
 def build_hf(prep):

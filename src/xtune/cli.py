@@ -112,7 +112,7 @@ def export(
 ):
     """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer), or an adapter run's
     PEFT folder (--adapter-only) or merged model (--merged); without a flag the run's peft.merge_on_export decides."""
-    from xtune.engine.export import export_checkpoint
+    from xtune.checkpoint.hf_export import export_checkpoint
 
     if adapter_only and merged:
         _guarded(_both_export_flags)

@@ -50,7 +50,7 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
 
 def _launch_overrides(overrides: Sequence[str]) -> List[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
-    from xtune.launch_env import launch_env
+    from xtune.launch.env import launch_env
 
     run_id = launch_env().run_id
     if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
@@ -93,9 +93,9 @@ def _print_plan(jobs) -> int:
 
 def _run_job(spec, run_dir: Path) -> int:
     """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
-    from xtune.engine.launch import run
-    from xtune.engine.rundir import user_argv
-    from xtune.launch_env import launch_env
+    from xtune.launch.launcher import run
+    from xtune.launch.rundir import user_argv
+    from xtune.launch.env import launch_env
 
     if launch_env().rank == 0:
         try:
@@ -203,8 +203,8 @@ def _sweep_job(cfg) -> tuple:
     try:
         cfg = cfg.copy()
         OmegaConf.update(cfg, "train.work_dir", str(work_dir))
-        from xtune.engine.launch import run
-        from xtune.engine.rundir import user_argv
+        from xtune.launch.launcher import run
+        from xtune.launch.rundir import user_argv
 
         code = run(to_spec(cfg, validate=False), work_dir, argv=user_argv())
     except XtuneError as e:

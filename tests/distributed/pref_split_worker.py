@@ -16,8 +16,9 @@ from tests.distributed.tiny import ListLoader, TinyAdapter  # noqa: E402
 from tests.unit.test_pref_losses import _packed, _pairs  # noqa: E402
 from xtune.config.schema import LossSpec, ModelSpec, PrefSpec, RunSpec, TrainSpec  # noqa: E402
 from xtune.config.schema import ParallelSpec  # noqa: E402
-from xtune.engine.distributed import init_distributed  # noqa: E402
+from xtune.parallel.distributed import init_distributed  # noqa: E402
 from xtune.engine.trainer import Trainer  # noqa: E402
+from xtune.methods import get_method
 
 LOSSES = ("dpo", "simpo")
 
@@ -44,7 +45,7 @@ def main(init_dir, out_dir):
     for loss in LOSSES:
         spec = RunSpec(model=ModelSpec(load_from=init_dir), method="dpo", pref=PrefSpec(loss=loss),
                        loss=LossSpec(mode="chunk", chunk_size=5), train=TrainSpec(global_batch_size=4, max_steps=1))
-        trainer = Trainer(spec, out_dir, adapter=TinyAdapter(spec.model), tokenizer=None,
+        trainer = Trainer(spec, out_dir, method=get_method(spec), adapter=TinyAdapter(spec.model), tokenizer=None,
                           loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
         trainer.method.reference = {"train": reference_table()}
         mine = batches if denv.world_size == 1 else batches[2 * denv.rank:2 * denv.rank + 2]

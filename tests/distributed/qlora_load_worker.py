@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import TinyAdapter
 from xtune.config.schema import ModelSpec, ParallelSpec, PeftSpec, RunSpec
-from xtune.engine.distributed import init_distributed
-from xtune.engine.parallelize import build_sharded
-from xtune.tuning.quant import is_nf4
+from xtune.parallel.distributed import init_distributed
+from xtune.parallel.fsdp import build_sharded
+from xtune.peft.quant import is_nf4
 
 PARTS = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
 

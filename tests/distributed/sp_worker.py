@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.distributed.split_worker import full_grads
 from tests.distributed.tiny import ListLoader, pack
 from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
-from xtune.engine.distributed import init_distributed
+from xtune.parallel.distributed import init_distributed
 from xtune.engine.trainer import Trainer
+from xtune.methods import get_method
 from xtune.models import get_adapter
 
 STEPS = 5
@@ -86,7 +87,7 @@ def make_trainer(case, out_dir, sp, run_dir, resume=None):
     loader_cls, pack_fn = (VlmLoader, pack_vlm) if case == "vlm" else (ListLoader, pack)
     loader = loader_cls(STEPS, ROWS, denv.dp_rank, denv.dp_size, ROWS // denv.dp_size, seed=11, docs_per_row=4)
     evals = [pack_fn(row) for row in loader_cls(1, 2, 0, 1, 1, seed=99).rows_of_step(0)][denv.dp_rank::denv.dp_size]
-    return Trainer(spec, run_dir, adapter=get_adapter(spec.model), tokenizer=None, loader=loader,
+    return Trainer(spec, run_dir, method=get_method(spec), adapter=get_adapter(spec.model), tokenizer=None, loader=loader,
                    eval_batches=evals, denv=denv)
 
 
@@ -125,7 +126,7 @@ def main():
         torch.save(results, Path(out_dir) / f"sp{sp}-w{world}.pt")
     denv.barrier()
     denv.close()
-    from xtune.engine.worker import _exit
+    from xtune.launch.worker import _exit
 
     _exit(0)
 

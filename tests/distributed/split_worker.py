@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import ListLoader, TinyAdapter, pack
 from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
-from xtune.engine.distributed import init_distributed
+from xtune.parallel.distributed import init_distributed
 from xtune.engine.trainer import Trainer
+from xtune.methods import get_method
 
 REDUCTIONS = ("token", "sample", "square")
 
@@ -43,7 +44,7 @@ def lora_layout(init_dir, out_dir, name, parallel, micro_of_rank):
     spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=parallel, peft=LORA,
                    loss=LossSpec(mode="chunk", chunk_size=7), train=TrainSpec(global_batch_size=4, max_steps=1))
     denv = init_distributed(parallel)
-    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(spec.model), tokenizer=None,
+    trainer = Trainer(spec, out_dir, method=get_method(spec), adapter=TinyAdapter(spec.model), tokenizer=None,
                       loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
     g = torch.Generator().manual_seed(17)
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
@@ -66,7 +67,7 @@ def run_layout(init_dir, out_dir, name, parallel, micro_of_rank):
                    optim=OptimSpec(max_grad_norm=0.05), train=TrainSpec(global_batch_size=4, max_steps=1))
     denv = init_distributed(parallel)
     rows = ListLoader(1, 4, 0, 1, 1, seed=5).rows_of_step(0)
-    trainer = Trainer(spec, out_dir, adapter=TinyAdapter(spec.model), tokenizer=None,
+    trainer = Trainer(spec, out_dir, method=get_method(spec), adapter=TinyAdapter(spec.model), tokenizer=None,
                       loader=ListLoader(1, 4, denv.rank, denv.world_size, 1), denv=denv)
     result = {}
     for red in REDUCTIONS:
@@ -88,7 +89,7 @@ def random_init_check(out_dir):
     """Random init on 2 ranks: FSDP shards differ from each other; HSDP replicas are identical."""
     from torch import nn
 
-    from xtune.engine.parallelize import build_sharded
+    from xtune.parallel.fsdp import build_sharded
 
     class Root(nn.Module):
         def __init__(self, m):
@@ -119,7 +120,7 @@ def freeze_check(init_dir, out_dir):
     spec = RunSpec(model=ModelSpec(load_from=init_dir), loss=LossSpec(mode="chunk"),
                    train=TrainSpec(global_batch_size=2, max_steps=1))
     denv = init_distributed(spec.parallel)
-    tr = Trainer(spec, out_dir, adapter=FreezingAdapter(spec.model), tokenizer=None, denv=denv,
+    tr = Trainer(spec, out_dir, method=get_method(spec), adapter=FreezingAdapter(spec.model), tokenizer=None, denv=denv,
                  loader=ListLoader(1, 2, denv.rank, denv.world_size, 1))
     attn = tr.model.model.layers[0].self_attn
     named = {"embed": tr.model.model.embed_tokens.weight, "q": attn.q_proj.weight, "k": attn.k_proj.weight}
@@ -147,7 +148,7 @@ def main():
         random_init_check(out_dir)
         freeze_check(init_dir, out_dir)
     d.close()
-    from xtune.engine.worker import _exit
+    from xtune.launch.worker import _exit
 
     _exit(0)
 

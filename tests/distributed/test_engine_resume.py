@@ -110,8 +110,8 @@ def test_export_round_trip_logits(baseline, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tests.distributed.tiny import TinyAdapter
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model, export_checkpoint
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model, export_checkpoint
 
     run = baseline / "full"
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""A training run of the tiny model through `xtune.engine.train`, started by torchrun in the tests.
+"""A training run of the tiny model through `xtune.methods.train`, started by torchrun in the tests.
 
 --sleep slows each step so a test can kill the run mid-way; --sigterm-at K makes rank 1 (only) send
 itself SIGTERM while step K runs, to test that all ranks stop together after that step.
@@ -23,7 +23,7 @@ from xtune.config.schema import (
     SchedSpec,
     TrainSpec,
 )
-from xtune.engine.trainer import train
+from xtune.methods import train
 
 
 class SignallingLoader(ListLoader):
@@ -70,7 +70,7 @@ def main():
     result = train(spec, a.run_dir, adapter=TinyAdapter(spec.model, nan_at_steps=nan_at), tokenizer=None, loader=loader)
     if rank == 0:
         print("RESULT", result, flush=True)
-    from xtune.engine.worker import _exit
+    from xtune.launch.worker import _exit
 
     _exit(0)  # as xtune's own worker does (see there)
 

@@ -139,7 +139,7 @@ def _first_losses(tmp_path, param_dtype, loss_mode="auto"):
     import json
 
     from xtune.config.compose import load_spec
-    from xtune.engine import train
+    from xtune.methods import train
 
     run = tmp_path / f"{param_dtype}-{loss_mode}"
     _, spec = load_spec(["recipe=demo", "train.max_steps=3", "train.log_every=1", "train.eval_every=0",
@@ -173,7 +173,7 @@ def test_qlora_on_gpu_keeps_a_4bit_base_and_learns(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from xtune.config.compose import load_spec
-    from xtune.engine import train
+    from xtune.methods import train
 
     run = tmp_path / "qlora"
     _, spec = load_spec(["recipe=demo", "peft=qlora", "peft.r=16", "peft.alpha=32", "peft.dropout=0.0",

@@ -20,8 +20,8 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tmp_path, monkeyp
 
     from xtune.config.compose import load_spec
     from xtune.data.loader import PackedData
-    from xtune.engine.launch import run
-    from xtune.methods import reference as reference_mod
+    from xtune.launch.launcher import run
+    from xtune.methods import reference_logps as reference_mod
     from xtune.models import get_adapter
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

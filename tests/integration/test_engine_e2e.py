@@ -22,7 +22,7 @@ OVERRIDES = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from xtune.config.compose import load_spec
-    from xtune.engine.launch import run
+    from xtune.launch.launcher import run
 
     tmp = tmp_path_factory.mktemp("e2e")
     _, spec = load_spec(OVERRIDES + [f"data.cache_dir={tmp / 'cache'}", f"train.work_dir={tmp / 'run'}"])
@@ -56,8 +56,8 @@ def test_hf_export_matches_checkpoint(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model, export_checkpoint
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model, export_checkpoint
     from xtune.models import get_adapter
 
     tok = AutoTokenizer.from_pretrained(str(run_dir / "hf"))

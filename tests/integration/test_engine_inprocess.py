@@ -22,7 +22,7 @@ def spec_for(tmp_path, *extra):
 
 
 def test_moe_aux_loss_is_logged_separately(tmp_path, monkeypatch):
-    from xtune.engine.launch import run
+    from xtune.launch.launcher import run
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = spec_for(tmp_path, "model=qwen3_moe_tiny")
@@ -37,7 +37,7 @@ def test_moe_aux_loss_is_logged_separately(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", ["load_from", "tokenizer", "wandb"])
 def test_user_errors_before_any_process_group(tmp_path, case):
-    from xtune.engine.trainer import train
+    from xtune.methods import train
 
     spec = spec_for(tmp_path)
     if case == "load_from":

@@ -27,8 +27,8 @@ def test_live_samples_on_two_ranks_match_the_checkpoint(tmp_path):
     assert not (run / ".samples-hf").exists()
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model
     from xtune.models import get_adapter
 
     spec = spec_from_yaml(run / "config.yaml")

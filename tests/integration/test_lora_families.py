@@ -54,8 +54,8 @@ def test_adapters_train_on_two_ranks_and_export_for_peft(model_name, method, tmp
     from torch.distributed.checkpoint import FileSystemReader
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_peft_model
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_peft_model
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

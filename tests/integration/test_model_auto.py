@@ -56,8 +56,8 @@ def test_loaded_folder_gives_transformers_logits(model_type, family, tmp_path, m
     from transformers import AutoModelForCausalLM
 
     from xtune.config.compose import load_spec
-    from xtune.engine.distributed import init_distributed
-    from xtune.engine.parallelize import build_sharded
+    from xtune.parallel.distributed import init_distributed
+    from xtune.parallel.fsdp import build_sharded
     from xtune.models import get_adapter
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -87,8 +87,8 @@ def test_auto_trains_on_two_ranks_and_exports_a_drop_in(model_type, tmp_path):
     import transformers
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

@@ -198,8 +198,8 @@ def test_original_layout_trains_on_two_ranks_and_exports_a_drop_in(model_name, t
     import transformers
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

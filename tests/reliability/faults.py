@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def kill_before_marker(step: int) -> None:
-    from xtune.engine import checkpoint
+    from xtune.checkpoint import dcp as checkpoint
 
     real = checkpoint._write_atomic
 

@@ -92,7 +92,7 @@ def assert_checkpoint_is_export(ckpt, hf):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from xtune.engine.checkpoint import load_model_only
+    from xtune.checkpoint.dcp import load_model_only
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
     load_model_only(ckpt, model)

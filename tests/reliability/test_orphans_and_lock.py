@@ -29,8 +29,8 @@ def workers_of(run: Path) -> list:
         except OSError:
             continue
         line = b" ".join(cmd)
-        if state != "Z" and str(run).encode() in line and b"xtune.engine.worker" in line \
-                and b"xtune.engine.torchrun" not in line:
+        if state != "Z" and str(run).encode() in line and b"xtune.launch.worker" in line \
+                and b"xtune.launch.torchrun" not in line:
             pids.append(int(proc.name))
     return pids
 
@@ -72,10 +72,10 @@ def test_sigkill_of_the_launcher_stops_every_worker_and_a_second_run_is_refused(
 def test_stale_lock_is_taken_over_and_a_held_one_refused(tmp_path):
     """The lock of a run that died (its file still names it) is taken over with a message; one held by a live
     process (another interpreter holding the flock) is refused with exit code 2 naming it."""
-    from xtune.engine.runlock import RunLock, RunLocked
+    from xtune.launch.runlock import RunLock, RunLocked
 
     (tmp_path / ".lock").write_text("pid 4194303 on some-host\n")
-    code = ("import sys; from xtune.engine.runlock import RunLock; "
+    code = ("import sys; from xtune.launch.runlock import RunLock; "
             f"lock = RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

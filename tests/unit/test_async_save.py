@@ -18,10 +18,11 @@ from tests.distributed.tiny import ListLoader, TinyAdapter
 from tests.unit.test_engine_checkpoint import init_dir, make_spec  # noqa: F401 - init_dir is a fixture
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from xtune.engine.checkpoint import load_model_only, read_marker
-from xtune.engine.distributed import init_distributed
-from xtune.engine.export import build_plain_model
-from xtune.engine.trainer import Trainer, train
+from xtune.checkpoint.dcp import load_model_only, read_marker
+from xtune.parallel.distributed import init_distributed
+from xtune.checkpoint.hf_export import build_plain_model
+from xtune.engine.trainer import Trainer
+from xtune.methods import get_method, train
 from xtune.errors import CheckpointSaveError, XtuneError
 
 
@@ -67,7 +68,7 @@ def test_async_save_writes_the_staged_state_in_the_background(init_dir, tmp_path
     tr = None
     try:
         with writes_held(monkeypatch) as (held, fail, _):
-            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
+            tr = Trainer(spec, tmp_path, method=get_method(spec), adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
                          loader=ListLoader(6, 1, 0, 1, 1, seed=4))
             assert tr.checkpointer.async_save
             tr.train_step(next(tr.loader))

@@ -161,11 +161,11 @@ def test_user_recipe_file_and_config_dir(tmp_path):
 def test_readme_config_reference_is_generated_from_the_schema():
     from pathlib import Path
 
-    from xtune.config.reference import BEGIN, END, markdown, rows
+    from xtune.config.key_table import BEGIN, END, markdown, rows
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme[readme.index(BEGIN): readme.index(END) + len(END)]
-    assert table == markdown(), "README table is stale: run python -m xtune.config.reference"
+    assert table == markdown(), "README table is stale: run python -m xtune.config.key_table"
     keys = {r[0] for r in rows()}
     assert {"optim.lr", "train.global_batch_size", "data.pack", "parallel.attn", "model.load_from"} <= keys
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from xtune.data.dataset import load_dataset
-from xtune.data.formats import IMG_PLACEHOLDER, iter_lines, list_files, parse_record
+from xtune.data.records import IMG_PLACEHOLDER, iter_lines, list_files, parse_record
 from xtune.errors import DataError
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

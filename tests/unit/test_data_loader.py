@@ -248,7 +248,7 @@ def test_hard_packing_weighs_a_cut_document_by_its_whole_count(qwen_tok, two_dat
     once) each sample's token weights must add up to what its whole trained-token count gives."""
     from collections import Counter, defaultdict
 
-    from xtune.engine.objective import token_weights
+    from xtune.methods.sft_objective import token_weights
 
     spec = two_datasets(pack="hard", pack_max_length=24, train=dict(global_batch_size=1))
     loader = build_train_loader(spec, qwen_tok)

@@ -13,7 +13,7 @@ import pytest
 from tests.s1_fixture import MODULE_FILE
 from xtune.config.schema import ModelSpec
 from xtune.config.validate import model_problems
-from xtune.data.formats import parse_record
+from xtune.data.records import parse_record
 from xtune.data.slow_tokenize import encode_trained
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files

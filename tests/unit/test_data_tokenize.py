@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from xtune.data.formats import parse_record
+from xtune.data.records import parse_record
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
 from xtune.errors import DataError

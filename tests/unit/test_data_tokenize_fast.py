@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from xtune.data import multimodal
-from xtune.data.formats import iter_lines, parse_record
+from xtune.data.records import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
 from xtune.errors import DataError

@@ -10,9 +10,10 @@ import torch
 from tests.distributed.tiny import ListLoader, TinyAdapter, save_tiny_hf
 
 from xtune.config.schema import LoggingSpec, LossSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec
-from xtune.engine.checkpoint import read_marker, resolve_resume
-from xtune.engine.distributed import init_distributed
-from xtune.engine.trainer import Trainer, train
+from xtune.checkpoint.dcp import read_marker, resolve_resume
+from xtune.parallel.distributed import init_distributed
+from xtune.engine.trainer import Trainer
+from xtune.methods import get_method, train
 from xtune.errors import CheckpointError, XtuneError
 
 
@@ -138,7 +139,7 @@ def test_nonfinite_step_is_skipped_and_streak_stops(init_dir, tmp_path):
         # Forward calls 2 and 4,5 (one micro-batch per step here) produce NaN hidden states.
         adapter = TinyAdapter(spec.model, nan_at_steps={2, 4, 5})
         spec = dc.replace(spec, train=dc.replace(spec.train, global_batch_size=1))
-        tr = Trainer(spec, tmp_path, adapter=adapter, tokenizer=None, denv=denv,
+        tr = Trainer(spec, tmp_path, method=get_method(spec), adapter=adapter, tokenizer=None, denv=denv,
                      loader=ListLoader(6, 1, 0, 1, 1, seed=4))
         params = lambda: {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                           for n, p in tr.model.named_parameters()}
@@ -168,8 +169,8 @@ def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
     from safetensors.torch import load_file
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only
-    from xtune.engine.export import build_plain_model
+    from xtune.checkpoint.dcp import load_model_only
+    from xtune.checkpoint.hf_export import build_plain_model
 
     run(make_spec(init_dir, steps=8, hf_every=2, save_every=2, keep_last=2), tmp_path, steps=8)
     hf = tmp_path / "hf"
@@ -196,7 +197,7 @@ def test_bf16_mixed_precision_single_process(init_dir, tmp_path):
         spec = dc.replace(make_spec(init_dir), parallel=ParallelSpec(param_dtype=dtype))
         denv = init_distributed(spec.parallel)
         try:
-            tr = Trainer(spec, tmp_path, adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
+            tr = Trainer(spec, tmp_path, method=get_method(spec), adapter=TinyAdapter(spec.model), tokenizer=None, denv=denv,
                          loader=ListLoader(1, 2, 0, 1, 2, seed=4))
             losses[dtype] = tr.forward_backward(next(tr.loader))["loss"]
             params = list(tr.model.parameters())
@@ -232,7 +233,7 @@ def flip(path, offset):
 
 @pytest.mark.parametrize("damage", ["model_shard", "optim_shard", "state", "truncated"])
 def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage):
-    from xtune.engine.export import export_checkpoint
+    from xtune.checkpoint.hf_export import export_checkpoint
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
@@ -264,7 +265,7 @@ def test_sha256_marker_of_an_earlier_xtune_is_verified_with_sha256(finished, tmp
     here with hashlib), so an intact checkpoint passes and a changed file is named."""
     import hashlib
 
-    from xtune.engine.checkpoint import verify_checkpoint
+    from xtune.checkpoint.dcp import verify_checkpoint
 
     ck = tmp_path / "step-4"
     shutil.copytree(finished / "checkpoints" / "step-4", ck)

@@ -52,7 +52,7 @@ def test_truncate_history(tmp_path):
 
 
 def test_launched_env(monkeypatch):
-    from xtune.engine.distributed import launched_env
+    from xtune.parallel.distributed import launched_env
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT",
               "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
@@ -81,7 +81,7 @@ def test_replicate_degree_must_divide_world():
     import torch
 
     from xtune.config.schema import ParallelSpec
-    from xtune.engine.distributed import init_distributed
+    from xtune.parallel.distributed import init_distributed
     from xtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="replicate_degree=2"):

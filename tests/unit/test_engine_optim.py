@@ -8,7 +8,7 @@ import torch
 
 from xtune.config.schema import OptimSpec, SchedSpec
 from xtune.data.types import IGNORE_INDEX, PackedBatch
-from xtune.engine.objective import token_weights, weight_sum
+from xtune.methods.sft_objective import token_weights, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler, lr_factor
 
 

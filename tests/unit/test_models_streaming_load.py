@@ -143,8 +143,8 @@ def _child(folder: str, out: str) -> None:
     from safetensors.torch import save_file
 
     from xtune.config.schema import ModelSpec, ParallelSpec
-    from xtune.engine.distributed import init_distributed
-    from xtune.engine.parallelize import load_full_weights
+    from xtune.parallel.distributed import init_distributed
+    from xtune.parallel.fsdp import load_full_weights
     from xtune.models import get_adapter
 
     denv = init_distributed(ParallelSpec())

@@ -66,7 +66,7 @@ def init_dir(tmp_path_factory):
 
 
 def test_streamed_4bit_base_is_torchao_nf4_of_the_weights_and_trains_like_peft(init_dir, tmp_path):
-    from xtune.tuning.quant import is_nf4
+    from xtune.peft.quant import is_nf4
 
     tr = trainer_of(spec_of(init_dir, "peft=qlora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.0"), tmp_path / "run")
     try:
@@ -122,10 +122,10 @@ def _child(folder: str, out: str) -> None:
 
     from tests.unit.test_tuning import BASE
     from xtune.config.compose import load_spec
-    from xtune.engine.distributed import init_distributed
-    from xtune.engine.parallelize import build_sharded
+    from xtune.parallel.distributed import init_distributed
+    from xtune.parallel.fsdp import build_sharded
     from xtune.models import get_adapter
-    from xtune.tuning.quant import is_nf4
+    from xtune.peft.quant import is_nf4
 
     spec = load_spec(BASE + [f"model.load_from={folder}", "peft=qlora", "peft.r=4"])[1]
     denv = init_distributed(spec.parallel)

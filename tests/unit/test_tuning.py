@@ -36,13 +36,14 @@ def spec_of(init_dir, *extra):
 
 def trainer_of(spec, run_dir):
     from xtune.config.schema import ParallelSpec
-    from xtune.engine.distributed import init_distributed
+    from xtune.parallel.distributed import init_distributed
     from xtune.engine.trainer import Trainer
+    from xtune.methods import get_method
     from xtune.models import get_adapter
 
     adapter = get_adapter(spec.model)
     denv = init_distributed(ParallelSpec())
-    return Trainer(spec, run_dir, adapter=adapter, tokenizer=adapter.load_tokenizer(), denv=denv,
+    return Trainer(spec, run_dir, method=get_method(spec), adapter=adapter, tokenizer=adapter.load_tokenizer(), denv=denv,
                    loader=ListLoader(4, 1, 0, 1, 1, seed=3, cycle=1))
 
 
@@ -153,7 +154,7 @@ def test_qlora_base_is_4bit_trains_and_exports(init_dir, tmp_path, closing):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from xtune.tuning.quant import is_nf4, nf4_bytes
+    from xtune.peft.quant import is_nf4, nf4_bytes
 
     tr = trainer_of(spec_of(init_dir, "peft=qlora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.0", "optim.lr=1e-2"),
                     tmp_path / "run")
@@ -231,7 +232,7 @@ def test_qlora_without_the_4bit_library_names_the_extra(init_dir, monkeypatch):
 
 def test_regex_targets_reach_outside_the_language_model_only_when_asked(init_dir):
     from xtune.models import get_adapter
-    from xtune.tuning.lora import resolve_targets
+    from xtune.peft.lora import resolve_targets
 
     spec = spec_of(init_dir, "peft=lora")
     adapter = get_adapter(spec.model)
@@ -317,7 +318,7 @@ def test_adapter_of_multimodal_gemma3_loads_onto_the_multimodal_model(tmp_path, 
 def test_adapters_on_a_vlm_warn_that_the_vision_tower_stays_frozen(family, caplog):
     import logging
 
-    from xtune import tuning
+    from xtune import peft as xpeft
     from xtune.config.schema import ModelSpec, PeftSpec
     from xtune.models import get_adapter
     from xtune.models.tiny import INTERN_S1_TINY, QWEN3_TINY
@@ -326,8 +327,8 @@ def test_adapters_on_a_vlm_warn_that_the_vision_tower_stays_frozen(family, caplo
     adapter = get_adapter(ModelSpec(family=family, arch=arch))
     with torch.device("meta"):
         model = adapter.build_model(adapter.build_config(), "sdpa")
-    with caplog.at_level(logging.WARNING, logger="xtune.tuning"):
-        tuning.inject(model, adapter, PeftSpec(method="lora", r=4, alpha=8.0))
+    with caplog.at_level(logging.WARNING, logger="xtune.peft"):
+        xpeft.inject(model, adapter, PeftSpec(method="lora", r=4, alpha=8.0))
     assert ("vision tower and projector stay frozen" in caplog.text) == (family == "intern_s1")
 
 

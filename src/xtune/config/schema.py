@@ -305,3 +305,8 @@ class RunSpec:
     peft: PeftSpec = field(default_factory=PeftSpec)
     pref: PrefSpec = field(default_factory=PrefSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+
+
+def needs_reference(loss: str) -> bool:
+    """Whether a preference loss compares the policy with a reference model (`pref.reference: auto` -> init)."""
+    return loss in ("dpo", "ipo")

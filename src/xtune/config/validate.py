@@ -15,8 +15,8 @@ from typing import Iterable, List, Optional
 
 from xtune.config.families import family_problems, folder_config
 from xtune.config.resources import assets_dir
-from xtune.config.schema import CHOICES, ModelSpec, RunSpec
-from xtune.launch_env import launch_env
+from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
+from xtune.launch.env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -286,7 +286,6 @@ def pref_problems(spec: RunSpec) -> List[str]:
     """The pref section and what preference data needs of the data section (dpo runs only)."""
     if spec.method != "dpo":
         return []
-    from xtune.methods.preference import needs_reference
 
     q, d, problems = spec.pref, spec.data, []
     if q.beta is not None and q.beta <= 0:
@@ -312,7 +311,7 @@ def pref_problems(spec: RunSpec) -> List[str]:
 
 def peft_problems(spec: RunSpec) -> List[str]:
     """The peft section: ranges, combinations, the 4-bit library (the target names need the model: see
-    xtune.tuning.check_targets, run before any weight exists)."""
+    xtune.peft.check_targets, run before any weight exists)."""
     p, m = spec.peft, spec.model
     problems: List[str] = []
     if p.method == "none":

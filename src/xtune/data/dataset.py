@@ -11,7 +11,7 @@ import numpy as np
 
 from xtune.data import cache
 from xtune.data.convert import Converter, resolve_format
-from xtune.data.formats import count_kinds
+from xtune.data.records import count_kinds
 from xtune.data.sources import iter_file, list_files
 from xtune.data.templates import resolve_template
 from xtune.data.tokenize import TokenizeSettings, tokenize_files

@@ -22,7 +22,7 @@ import torch
 from xtune.data import cache
 from xtune.data.batch import collate, image_tiles_fn
 from xtune.data.dataset import TokenizedDataset, load_dataset
-from xtune.data.formats import count_kinds
+from xtune.data.records import count_kinds
 from xtune.data.mix import mix
 from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
 from xtune.data.types import PackedBatch

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from xtune.data.formats import Record, load_line, parse_record
+from xtune.data.records import Record, load_line, parse_record
 from xtune.data.types import IGNORE_INDEX
 
 

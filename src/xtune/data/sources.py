@@ -63,7 +63,7 @@ def iter_file(file: str) -> Iterator[Tuple[object, str]]:
     suffix = Path(file).suffix
     reader = {".parquet": _parquet, ".arrow": _arrow, ".json": _json}.get(suffix)
     if reader is None:
-        from xtune.data.formats import iter_lines
+        from xtune.data.records import iter_lines
 
         yield from iter_lines(file)
         return

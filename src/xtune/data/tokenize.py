@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from xtune.data import multimodal
-from xtune.data.formats import Record
+from xtune.data.records import Record
 from xtune.data.slow_tokenize import encode_trained, is_slow, token_id
 from xtune.data.templates import Renderer
 from xtune.data.types import IGNORE_INDEX, ImageRef
@@ -289,7 +289,7 @@ def tokenize_lines(
 ) -> TokenizedChunk:
     """Parse and tokenise (line number, text) pairs of one file; `convert(where, text)` maps another record
     format to messages first (`data.convert.Converter`)."""
-    from xtune.data.formats import parse_record
+    from xtune.data.records import parse_record
     from xtune.data.preference import pair_records, parse_pair
 
     st = sample_tokenizer(tokenizer, settings)

@@ -1,19 +1,14 @@
-"""The training engine: distributed setup, FSDP2, the loop, checkpoints, export.
+"""The training engine: the loop, the optimizer and schedule, metrics. It runs the method object it is given
+(`methods.Method`) and never imports `methods`; `xtune.methods.train` pairs a spec with its method.
 
 Imports are lazy so `import xtune.engine` stays cheap for the CLI.
 """
 
 
-def train(spec, work_dir=None, **inject):
+def train(spec, work_dir=None, argv=None, *, method, **inject):
     from xtune.engine.trainer import train as _train
 
-    return _train(spec, work_dir, **inject)
+    return _train(spec, work_dir, argv, method=method, **inject)
 
 
-def run(spec, work_dir) -> int:
-    from xtune.engine.launch import run as _run
-
-    return _run(spec, work_dir)
-
-
-__all__ = ["run", "train"]
+__all__ = ["train"]

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..errors import XtuneError
+from xtune.errors import XtuneError
 
 
 def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
@@ -35,7 +35,7 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
         import shutil
         import tempfile
 
-        from .export import rename_adapter_modules
+        from xtune.checkpoint.hf_export import rename_adapter_modules
 
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("adapter_config.json", "adapter_model.safetensors"):

@@ -20,17 +20,17 @@ from torch.distributed.tensor import DTensor
 
 from xtune.data.types import PackedBatch
 from xtune.config.io import spec_to_dict
-from xtune.engine.checkpoint import Checkpointer, resolve_resume
-from xtune.engine.distributed import DistEnv, init_distributed
+from xtune.checkpoint.dcp import Checkpointer, resolve_resume
+from xtune.parallel.distributed import DistEnv, init_distributed
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
-from xtune.engine.parallelize import build_sharded
-from xtune.engine.rundir import write_run_files
-from xtune.engine.ulysses import attn_name
+from xtune.parallel.fsdp import build_sharded
+from xtune.launch.rundir import write_run_files
+from xtune.parallel.ulysses import attn_name
 from xtune.errors import CheckpointSaveError, ConfigError, DataError, XtuneError
 from xtune.ops import packed_sdpa
-from xtune import tuning
-from xtune.launch_env import launch_env
+from xtune import peft as xpeft
+from xtune.launch.env import launch_env
 
 log = logging.getLogger("xtune.engine")
 
@@ -40,8 +40,8 @@ log = logging.getLogger("xtune.engine")
 
 def check_resume_config(spec, ckpt: Path | None):
     """Changes against the checkpoint's own spec; ConfigError (exit 2) for keys that cannot change."""
-    from xtune.engine.checkpoint import read_marker, read_state
-    from xtune.engine.resume_config import compare, refusal
+    from xtune.checkpoint.dcp import read_marker, read_state
+    from xtune.checkpoint.resume_config import compare, refusal
 
     if ckpt is None:
         return None
@@ -58,10 +58,10 @@ def check_resume_config(spec, ckpt: Path | None):
 def preflight(spec, adapter, run_dir: Path):
     """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
     problems = adapter.validate()
-    if tuning.enabled(spec.peft) and not problems:
+    if xpeft.enabled(spec.peft) and not problems:
         from xtune.config.validate import peft_problems
 
-        problems = peft_problems(spec) or tuning.check_targets(adapter, spec)
+        problems = peft_problems(spec) or xpeft.check_targets(adapter, spec)
     if spec.model.load_from and not Path(spec.model.load_from).expanduser().is_dir() and not problems:
         problems.append(f"model.load_from: {spec.model.load_from} does not exist")
     if problems:
@@ -110,7 +110,7 @@ def derived_seed(seed: int, step: int, index: int) -> int:
 
 
 class Trainer:
-    def __init__(self, spec, run_dir, *, adapter=None, tokenizer=None, loader=None, eval_batches=None,
+    def __init__(self, spec, run_dir, *, method, adapter=None, tokenizer=None, loader=None, eval_batches=None,
                  denv: DistEnv | None = None):
         from xtune.ops.attention import resolve_attn
         from xtune.ops.loss import resolve_loss_mode
@@ -143,10 +143,8 @@ class Trainer:
 
             eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size)
         self.eval_batches = eval_batches or []
-        self.peft = tuning.enabled(spec.peft)
-        from xtune.methods import get_method
-
-        self.method = get_method(spec)  # what sft and dpo do differently (the loss and its preparation)
+        self.peft = xpeft.enabled(spec.peft)
+        self.method = method  # what sft and dpo do differently (the loss and its preparation): methods.Method
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not adapter.spec.load_from else None
 
@@ -162,11 +160,11 @@ class Trainer:
                                                                        on_base_ready=save_base)
         self.model = self.root.model
         if d.sp_size > 1:
-            from xtune.engine.ulysses import SeqParallel
+            from xtune.parallel.ulysses import SeqParallel
 
             self.root.sp = SeqParallel(d.sp_size, d.sp_rank, d.sp_group)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.param_counts = tuning.parameter_counts(self.model)
+        self.param_counts = xpeft.parameter_counts(self.model)
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
                                          spec.optim, d.device, io_param_ids(self.model))
         self.total_steps = self._total_steps()
@@ -376,7 +374,7 @@ class Trainer:
 
     def resume(self, ckpt: Path) -> list:
         """Load `ckpt` (written on any number of ranks); returns the lines that say what changed."""
-        from xtune.engine.checkpoint import read_marker
+        from xtune.checkpoint.dcp import read_marker
 
         changes = check_resume_config(self.spec, ckpt)
         meta = read_marker(ckpt)
@@ -416,7 +414,7 @@ class Trainer:
         """The HF folder (merged with the adapters when there are some and peft.merge_on_export), and with
         adapters the PEFT folder <run_dir>/hf_adapter (periodic exports: hf/step-N, hf_adapter/step-N).
         Returns the folder samples are generated from."""
-        from xtune.engine.export import gather_full_state_dict, prune_step_exports, write_hf, write_peft
+        from xtune.checkpoint.hf_export import gather_full_state_dict, prune_step_exports, write_hf, write_peft
 
         out = Path(out_dir or self.run_dir / "hf")
         full = gather_full_state_dict(self.model)
@@ -426,7 +424,7 @@ class Trainer:
                 if self.peft:
                     adapter_dir = self.run_dir / "hf_adapter" / out.relative_to(self.run_dir / "hf") \
                         if out.is_relative_to(self.run_dir / "hf") else out.with_name(out.name + "_adapter")
-                    spec = tuning.with_saved_base(self.spec, self.run_dir)
+                    spec = xpeft.with_saved_base(self.spec, self.run_dir)
                     merged = out if self.spec.peft.merge_on_export else None
                     write_peft(self.adapter, spec, self.lora_config, full, self.model_config, self.tokenizer,
                                adapter_dir=adapter_dir, merged_dir=merged, dtype=self.compute_dtype)
@@ -446,19 +444,19 @@ class Trainer:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        from xtune.engine.parallelize import param_dtype
+        from xtune.parallel.fsdp import param_dtype
 
         return param_dtype(self.spec.parallel, self.device)
 
     def _save_random_base(self, model, config) -> None:
         """A random-init base cannot be reloaded: write it once, as a HF folder <run_dir>/base that resume and
         export load like model.load_from (and that hf_adapter's base_model_name_or_path names)."""
-        from xtune.engine.export import gather_full_state_dict, write_hf
+        from xtune.checkpoint.hf_export import gather_full_state_dict, write_hf
 
-        base = tuning.saved_base_dir(self.run_dir)
+        base = xpeft.saved_base_dir(self.run_dir)
         full = gather_full_state_dict(model)
         if self.denv.is_main:
-            write_hf(self.adapter, tuning.base_state(full), config, self.tokenizer, base)
+            write_hf(self.adapter, xpeft.base_state(full), config, self.tokenizer, base)
         self.denv.barrier()
 
     # ------------------------------------------------------------------------------------- the loop
@@ -478,7 +476,7 @@ class Trainer:
             # The run dir holds the whole history; a resumed run restarts at its checkpoint's step.
             truncate_history(metrics_path, self.step)
             logger = MetricsLogger(spec.logging, self.run_dir, self.total_steps, self.step, spec_to_dict(spec))
-            logger.message(tuning.describe(*self.param_counts))
+            logger.message(xpeft.describe(*self.param_counts))
             if ckpt is not None:
                 logger.message(f"resumed from {ckpt} at step {self.step}")
                 for line in resume_notes:
@@ -570,7 +568,7 @@ class Trainer:
 
     def generate_samples(self, hf_dir: Path) -> list:
         """Greedy completions of train.sample_prompts by the exported model (rank 0 only)."""
-        from .samples import generate_samples
+        from xtune.engine.samples import generate_samples
 
         t = self.spec.train
         return generate_samples(self.adapter, self.tokenizer, hf_dir, t.sample_prompts, t.sample_max_new_tokens,
@@ -605,9 +603,9 @@ def make_scaler(denv):
     return ShardedGradScaler(device=denv.device.type)
 
 
-def train(spec, work_dir=None, argv=None, **inject) -> dict:
-    """Train `spec` in this process (one rank of a launch, or a whole single-process run).
-    `argv` (the command line as typed) goes to the run dir's cmd.txt."""
+def train(spec, work_dir=None, argv=None, *, method, **inject) -> dict:
+    """Train `spec` with `method` (a `methods.Method`) in this process (one rank of a launch, or a whole
+    single-process run). `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     run_dir = Path(work_dir or spec.train.work_dir or ".").expanduser().resolve()
     adapter = inject.pop("adapter", None)
     if adapter is None:
@@ -620,7 +618,7 @@ def train(spec, work_dir=None, argv=None, **inject) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = None
     if launch_env().rank == 0:
-        from xtune.engine.runlock import lock_run_dir
+        from xtune.launch.runlock import lock_run_dir
 
         # One writer per run directory (exit 2 if another run holds it); None for the workers of a launcher
         # that holds it for them (and has written the run files).
@@ -630,10 +628,11 @@ def train(spec, work_dir=None, argv=None, **inject) -> dict:
     try:
         resume_from = resolve_resume(spec.train.resume, run_dir)
         if resume_from is not None:  # an adapter run from random init reloads the base it saved
-            adapter.spec = tuning.with_saved_base(spec, resume_from.resolve().parent.parent).model
+            adapter.spec = xpeft.with_saved_base(spec, resume_from.resolve().parent.parent).model
         denv = inject.pop("denv", None) or init_distributed(spec.parallel)
         try:
-            result = Trainer(spec, run_dir, adapter=adapter, tokenizer=tokenizer, denv=denv, **inject).fit()
+            result = Trainer(spec, run_dir, method=method, adapter=adapter, tokenizer=tokenizer, denv=denv,
+                             **inject).fit()
             # No rank tears the group down while another still talks to it (gloo aborts on a closed peer).
             denv.barrier()
             return result

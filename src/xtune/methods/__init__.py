@@ -19,4 +19,11 @@ def get_method(spec) -> Method:
     return SftMethod(spec)
 
 
-__all__ = ["Method", "get_method"]
+def train(spec, work_dir=None, argv=None, **inject) -> dict:
+    """Train `spec` in this process with the method its `method` key names (the engine's entry for a spec)."""
+    from xtune.engine.trainer import train as engine_train
+
+    return engine_train(spec, work_dir, argv, method=get_method(spec), **inject)
+
+
+__all__ = ["Method", "get_method", "train"]

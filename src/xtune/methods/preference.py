@@ -24,16 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtune.data.types import PackedBatch
+from xtune.config.schema import needs_reference
 from xtune.methods.base import Method
 
 # The papers' inverse temperatures (see PrefSpec.loss); orpo's coefficient is pref.orpo_lambda.
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
          "logps/rejected")
-
-
-def needs_reference(loss: str) -> bool:
-    return loss in ("dpo", "ipo")
 
 
 def beta_of(pref) -> float:
@@ -134,6 +131,6 @@ class PreferenceMethod(Method):
 
     def prepare(self, trainer) -> None:
         if self.use_reference:
-            from xtune.methods.reference import reference_logps
+            from xtune.methods.reference_logps import reference_logps
 
             self.reference = reference_logps(trainer, self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xtune.engine.objective import LossModel, weight_sum
+from xtune.methods.sft_objective import LossModel, weight_sum
 from xtune.methods.base import Method
 
 

@@ -1,5 +1,5 @@
 """Model families behind one adapter interface (see base.ModelAdapter and docs/CONTRACTS.md)."""
 
-from .registry import FAMILIES, get_adapter
+from xtune.models.registry import FAMILIES, get_adapter
 
 __all__ = ["FAMILIES", "get_adapter"]

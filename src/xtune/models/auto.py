@@ -22,9 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import ModelAdapter
-from .weights import rename_prefix
+from xtune.errors import ConfigError
+from xtune.models.base import ModelAdapter
+from xtune.models.weights import rename_prefix
 
 
 # Composite model_type -> (checkpoint prefix, text-model prefix) of its language model. transformers 5.24
@@ -79,7 +79,7 @@ class AutoAdapter(ModelAdapter):
             back.setdefault(new, old)  # the first prefix is the layout transformers writes
         out = {rename_prefix(key, back.items()): tensor for key, tensor in sd.items()}
         # The parts not trained, read back unchanged (a copy: the source files may be replaced later).
-        from .safetensors_io import SafetensorsView
+        from xtune.models.safetensors_io import SafetensorsView
 
         folder = Path(str(self.spec.load_from)).expanduser()
         for fname, keys in self._weight_files(folder).items():
@@ -134,7 +134,7 @@ class AutoAdapter(ModelAdapter):
         return found
 
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
-        from ..ops.attention import packed_kwargs
+        from xtune.ops.attention import packed_kwargs
 
         if attn_impl == "eager":
             # One explicit 4D block mask would be used for every layer and drop sliding windows (Mistral,

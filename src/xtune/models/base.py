@@ -27,11 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from ..config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
-from ..errors import XtuneError
-from .build import ModelBuilder
-from .forward import HiddenStates
-from .weights import KeyStream, HFWeights
+from xtune.config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
+from xtune.errors import XtuneError
+from xtune.models.build import ModelBuilder
+from xtune.models.forward import HiddenStates
+from xtune.models.weights import KeyStream, HFWeights
 
 __all__ = ["KeyStream", "ModelAdapter"]
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..errors import XtuneError
+from xtune.errors import XtuneError
 
 
 def deep_update(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:

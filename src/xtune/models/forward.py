@@ -14,7 +14,7 @@ from torch import nn
 
 class HiddenStates:
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
-        from ..ops.attention import packed_kwargs
+        from xtune.ops.attention import packed_kwargs
 
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         return packed_kwargs(batch, attn_impl, dtype=dtype)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from ..data.multimodal import IMG_CONTEXT
-from .base import ModelAdapter
-from .weights import rename_prefix
+from xtune.data.multimodal import IMG_CONTEXT
+from xtune.models.base import ModelAdapter
+from xtune.models.weights import rename_prefix
 
 IMAGE_TOKEN = IMG_CONTEXT
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
@@ -97,7 +97,7 @@ class InternS1Adapter(ModelAdapter):
         tok = self.load_tokenizer()
         tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         if tid is None or tid == tok.unk_token_id:
-            from ..errors import XtuneError
+            from xtune.errors import XtuneError
 
             raise XtuneError(f"tokenizer {self.tokenizer_path()} has no {IMAGE_TOKEN} token; set model.arch.image_token_id")
         return int(tid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from .base import ModelAdapter
+from xtune.models.base import ModelAdapter
 
 
 class Qwen3Adapter(ModelAdapter):

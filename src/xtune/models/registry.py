@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from ..config.families import detect_family
-from ..config.schema import CHOICES
-from ..errors import XtuneError
+from xtune.config.families import detect_family
+from xtune.config.schema import CHOICES
+from xtune.errors import XtuneError
 
 
 def _adapters():
     # Imported lazily: transformers' model modules are slow to import and the CLI must start fast.
-    from .auto import AutoAdapter
-    from .intern_s1 import InternS1Adapter
-    from .qwen3 import Qwen3Adapter
-    from .qwen3_moe import Qwen3MoeAdapter
+    from xtune.models.auto import AutoAdapter
+    from xtune.models.intern_s1 import InternS1Adapter
+    from xtune.models.qwen3 import Qwen3Adapter
+    from xtune.models.qwen3_moe import Qwen3MoeAdapter
 
     return {a.family: a for a in (AutoAdapter, Qwen3Adapter, Qwen3MoeAdapter, InternS1Adapter)}
 

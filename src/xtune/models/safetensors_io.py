@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import torch
 
-from ..errors import XtuneError
+from xtune.errors import XtuneError
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..errors import XtuneError
-from .build import deep_update, plain
+from xtune.errors import XtuneError
+from xtune.models.build import deep_update, plain
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_SINGLE = "model.safetensors"
@@ -109,7 +109,7 @@ class HFWeights:
         that a reader never holds more than one file plus what a family is still assembling (the MoE
         experts of a layer split over two files). Tensors are views of the mapped files
         (`SafetensorsView`): copy them before writing to them."""
-        from .safetensors_io import SafetensorsView
+        from xtune.models.safetensors_io import SafetensorsView
 
         folder = Path(str(folder)).expanduser()
         files = self._weight_files(folder)

@@ -21,9 +21,9 @@ from typing import Any, Dict
 
 import torch
 
-from ..config.schema import CHOICES
-from ..errors import XtuneError
-from .packed_sdpa import NAME as PACKED_SDPA
+from xtune.config.schema import CHOICES
+from xtune.errors import XtuneError
+from xtune.ops.packed_sdpa import NAME as PACKED_SDPA
 
 ATTN_CHOICES = CHOICES["parallel.attn"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data.types import IGNORE_INDEX
-from ..errors import XtuneError
+from xtune.data.types import IGNORE_INDEX
+from xtune.errors import XtuneError
 
 
 class _ChunkedLinearDocLogprobs(torch.autograd.Function):

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config.schema import CHOICES
-from ..data.types import IGNORE_INDEX
-from ..errors import XtuneError
+from xtune.config.schema import CHOICES
+from xtune.data.types import IGNORE_INDEX
+from xtune.errors import XtuneError
 
 MODES = CHOICES["loss.mode"]
 

@@ -28,7 +28,7 @@ log = logging.getLogger("xtune.engine")
 
 def reference_key(spec, tokenizer, compute_dtype) -> str:
     from xtune.data import cache
-    from xtune.data.formats import list_files
+    from xtune.data.records import list_files
 
     h = hashlib.sha256(b"xtune-reference-v1")
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):

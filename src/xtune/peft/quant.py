@@ -18,7 +18,7 @@ from typing import Dict, List, Set, Tuple
 import torch
 from torch import nn
 
-log = logging.getLogger("xtune.tuning")
+log = logging.getLogger("xtune.peft")
 
 BLOCK_SIZE = 64  # values per absmax block (QLoRA's choice)
 SCALER_BLOCK_SIZE = 256  # block scales per second-level (double) quantization block
@@ -47,7 +47,7 @@ def scaler_block_size(numel: int) -> int:
 
 
 def _quantizable(model: nn.Module) -> List[nn.Module]:
-    from xtune.tuning.lora import adapted_bases
+    from xtune.peft.lora import adapted_bases
 
     return [base for base in adapted_bases(model) if scaler_block_size(base.weight.numel())]
 
@@ -62,7 +62,7 @@ def take_off_bases(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Parameter]
     `to_empty` then leaves them unallocated and the load's `set_model_state_dict` never sees them (a meta
     parameter makes it assign the file's tensors instead of copying them); the load quantizes each one as it
     arrives and registers it again in 4 bits (`quantize_into`), so the base is never whole in the compute dtype."""
-    from xtune.tuning.lora import state_name
+    from xtune.peft.lora import state_name
 
     bases = {id(base) for base in _quantizable(model)}
     taken = {f"{state_name(name)}.weight": (m, m.weight) for name, m in model.named_modules() if id(m) in bases}
@@ -83,7 +83,7 @@ def quantize_into(base: nn.Module, weight: torch.Tensor) -> None:
 def quantize_bases(model: nn.Module) -> Tuple[int, int]:
     """Replace each adapted base weight by its NF4 form, in place (those already NF4 are left as they are).
     Returns (quantized, left in full precision)."""
-    from xtune.tuning.lora import adapted_bases
+    from xtune.peft.lora import adapted_bases
 
     done = kept = 0
     for base in adapted_bases(model):

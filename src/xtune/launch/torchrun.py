@@ -33,7 +33,7 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from xtune.engine.watchdog import die_with_parent
+    from xtune.launch.watchdog import die_with_parent
 
     die_with_parent()  # the agent goes when `xtune` goes; its workers follow it (see watchdog.py)
 

@@ -68,7 +68,7 @@ class LossModel(nn.Module):
             labels = batch.labels.reshape(-1)
             weights = token_weights(batch, self.loss_spec.reduction)
         else:
-            from xtune.engine import ulysses
+            from xtune.parallel import ulysses
 
             real = batch.num_tokens
             batch = ulysses.pad_batch(batch, self.sp.size)

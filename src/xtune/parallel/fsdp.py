@@ -99,8 +99,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     when the base is random-init (the trainer saves it there); a QLoRA base loaded from a folder is 4-bit by
     then. Returns (root, model config, LoraConfig or None); the HF model is `root.model`.
     """
-    from xtune import tuning
-    from xtune.tuning import quant
+    from xtune import peft as xpeft
+    from xtune.peft import quant
 
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
     # the base it saved).
@@ -109,13 +109,13 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
     if denv.sp_size > 1:
-        from xtune.engine import ulysses
+        from xtune.parallel import ulysses
 
         ulysses.register(denv.sp_group)
         ulysses.use_on(adapter.language_model(model), attn_impl)
     model.to(dtype=_DTYPES[spec.model.dtype])
     adapter.apply_freeze(model)
-    lora_config = tuning.inject(model, adapter, spec.peft) if tuning.enabled(spec.peft) else None
+    lora_config = xpeft.inject(model, adapter, spec.peft) if xpeft.enabled(spec.peft) else None
     quantize = lora_config is not None and spec.peft.quantize == "nf4"
     root = make_root(model)
     blocks = list(adapter.blocks(model))
@@ -148,7 +148,7 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     if lora_config is not None:
         if quantize:
             quant.quantize_bases(model)  # a random-init base; or the weights too small to quantize (warns)
-        tuning.init_adapter_weights(model, spec.train.seed)
+        xpeft.init_adapter_weights(model, spec.train.seed)
     return root, config, lora_config
 
 
@@ -170,13 +170,13 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
 
     `to_quantize` (QLoRA, quant.take_off_bases): base weights taken off the model, each materialised on
     `device` as it arrives, broadcast whole to every rank, quantized to NF4 and its full-precision copy dropped."""
-    from xtune import tuning
+    from xtune import peft as xpeft
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     to_quantize = dict(to_quantize or {})
     # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
     keys = list(model.state_dict().keys()) + list(to_quantize) if denv.is_main else []
-    peft_keys = keys if any(tuning.is_adapter_key(k) for k in keys) else None
+    peft_keys = keys if any(xpeft.is_adapter_key(k) for k in keys) else None
     batches = None
     if denv.is_main:
         batches = iter(adapter.iter_hf_state_dict(folder))
@@ -198,7 +198,7 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
             break
         if denv.is_main:
             if peft_keys is not None:
-                batch = tuning.to_peft_keys(peft_keys, batch)
+                batch = xpeft.to_peft_keys(peft_keys, batch)
             loaded.update(batch)
         if to_quantize:
             _load_quantized(to_quantize, batch, denv, device)
@@ -208,7 +208,7 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
     tied = _tied_names(model)
     # Rank 0 is the one that saw the files: its verdict is the one every rank acts on.
     missing = sorted(k for k in keys if k not in loaded and k not in tied
-                     and not tuning.is_adapter_key(k)) if denv.is_main else None
+                     and not xpeft.is_adapter_key(k)) if denv.is_main else None
     missing = denv.broadcast_object(missing)
     if missing:
         raise XtuneError(f"{folder} lacks {len(missing)} weights of the model, e.g. {', '.join(missing[:5])}")
@@ -217,7 +217,7 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
 def _load_quantized(bases: dict, batch: dict, denv, device: torch.device) -> None:
     """The batch's weights of `bases` ({state key: (base linear, meta weight)}), taken out of rank 0's `batch`:
     each is materialised in its dtype, broadcast from rank 0, quantized on every rank and dropped."""
-    from xtune.tuning.quant import quantize_into
+    from xtune.peft.quant import quantize_into
 
     names = [k for k in batch if k in bases] if denv.is_main else None
     if denv.world_size > 1:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from xtune.errors import ConfigError
-from xtune.launch_env import launch_env
+from xtune.launch.env import launch_env
 
 def launched_env() -> dict | None:
     """Rank/world/local rank when started by torchrun or Slurm (srun), else None.

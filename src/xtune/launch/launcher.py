@@ -1,7 +1,7 @@
 """Start a run: in this process, under an external torchrun/Slurm, or by spawning N workers.
 
     nproc_per_node > 1 and not launched yet  ->  python -m torch.distributed.run --standalone
-                                                 --nproc-per-node N -m xtune.engine.worker --work-dir W
+                                                 --nproc-per-node N -m xtune.launch.worker --work-dir W
     RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
     otherwise                                 ->  train in this process (a 1-rank group, no ports)
 """
@@ -18,11 +18,12 @@ from pathlib import Path
 def run(spec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
-    from xtune.engine.rundir import write_run_files
-    from xtune.engine.runlock import lock_run_dir
-    from xtune.engine.trainer import preflight, train
-    from xtune.engine.watchdog import die_with_parent
-    from xtune.launch_env import launch_env
+    from xtune.launch.rundir import write_run_files
+    from xtune.launch.runlock import lock_run_dir
+    from xtune.engine.trainer import preflight
+    from xtune.methods import train
+    from xtune.launch.watchdog import die_with_parent
+    from xtune.launch.env import launch_env
 
     run_dir = Path(work_dir).expanduser().resolve()
     env = launch_env()
@@ -45,9 +46,9 @@ def run(spec, work_dir, argv=None) -> int:
 
 
 def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = None) -> int:
-    # xtune.engine.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
-    cmd = [sys.executable, "-m", "xtune.engine.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "xtune.engine.worker", "--work-dir", str(run_dir)]
+    # xtune.launch.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
+    cmd = [sys.executable, "-m", "xtune.launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "xtune.launch.worker", "--work-dir", str(run_dir)]
     if config is not None:
         cmd += ["--config", str(config)]
     env = dict(os.environ)
@@ -60,7 +61,7 @@ def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = No
     if lock is not None:
         # torchrun inherits the lock (it stays held until the last process of the run is gone) and the
         # workers know it is held for them.
-        from xtune.engine.runlock import HELD_ENV
+        from xtune.launch.runlock import HELD_ENV
 
         env[HELD_ENV] = str(run_dir)
         fds = (lock.fd,)
@@ -111,7 +112,7 @@ def _raise_worker_error(report: Path) -> None:
 
 
 def _latest(run_dir: Path):
-    from xtune.engine.checkpoint import resolve_resume
+    from xtune.checkpoint.dcp import resolve_resume
     from xtune.errors import CheckpointError
 
     try:

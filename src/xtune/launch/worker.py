@@ -9,19 +9,19 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="xtune.engine.worker")
+    parser = argparse.ArgumentParser(prog="xtune.launch.worker")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--config", default=None, help="the spec of this launch (default: WORK_DIR/config.yaml)")
     args = parser.parse_args(argv)
 
-    from xtune.engine.watchdog import die_with_parent
+    from xtune.launch.watchdog import die_with_parent
 
     die_with_parent()  # a worker never outlives its torchrun agent
 
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.trainer import train
+    from xtune.methods import train
     from xtune.errors import XtuneError
-    from xtune.launch_env import launch_env
+    from xtune.launch.env import launch_env
 
     run_dir = Path(args.work_dir)
     try:

@@ -9,8 +9,8 @@
     engine.export.write_peft(...)                            # PEFT folder + merged HF weights
 """
 
-from xtune.tuning.base import base_state, saved_base_dir, with_saved_base
-from xtune.tuning.lora import (
+from xtune.peft.saved_base import base_state, saved_base_dir, with_saved_base
+from xtune.peft.lora import (
     check_targets,
     describe,
     enabled,

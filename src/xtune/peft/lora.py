@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-log = logging.getLogger("xtune.tuning")
+log = logging.getLogger("xtune.peft")
 
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 ALL_LINEAR = "all-linear"

@@ -33,7 +33,7 @@ def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -
 
 
 def _resume_step(spec, run_dir: Path) -> Optional[int]:
-    from xtune.engine.checkpoint import read_marker, resolve_resume
+    from xtune.checkpoint.dcp import read_marker, resolve_resume
 
     ckpt = resolve_resume(spec.train.resume, run_dir)
     return None if ckpt is None else read_marker(ckpt)["step"]

@@ -252,7 +252,7 @@ class Checkpointer:
         self.async_save = async_save
         self._pending = None  # the Future of the save in flight (background write, hashing, marker)
         if async_save:
-            from xtune.engine.async_save import AsyncWriter
+            from xtune.checkpoint.async_save import AsyncWriter
 
             self._writer = AsyncWriter(denv.device)
 

@@ -13,7 +13,7 @@ from typing import Dict
 
 import torch
 
-from xtune.tuning.lora import base_key, enabled, is_adapter_key
+from xtune.peft.lora import base_key, enabled, is_adapter_key
 
 BASE_DIR = "base"
 

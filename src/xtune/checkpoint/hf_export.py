@@ -36,7 +36,7 @@ def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokeni
 
     from peft import get_peft_model
 
-    from xtune.tuning.quant import dequantize_state
+    from xtune.peft.quant import dequantize_state
 
     full = dequantize_state(full_state_dict, dtype)
     with torch.device("meta"):
@@ -132,9 +132,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
     `what` is `adapter` (the PEFT folder) or `merged` (the full model); by default the run's
     peft.merge_on_export decides. The frozen base comes from model.load_from (or the run's saved base).
     """
-    from xtune import tuning
+    from xtune import peft as xpeft
     from xtune.config.io import spec_from_yaml
-    from xtune.engine.checkpoint import load_model_only, read_marker
+    from xtune.checkpoint.dcp import load_model_only, read_marker
     from xtune.errors import XtuneError
     from xtune.models import get_adapter
 
@@ -146,7 +146,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
         if not cfg.is_file():
             raise CheckpointError(f"{cfg} not found: export needs the run's config.yaml two levels above {ckpt}")
         spec = spec_from_yaml(cfg)
-    if not tuning.enabled(spec.peft):
+    if not xpeft.enabled(spec.peft):
         if what is not None:
             raise XtuneError(f"--{'adapter-only' if what == 'adapter' else 'merged'}: {ckpt} is from a full-parameter "
                              "run (no adapters); export it without the flag")
@@ -154,7 +154,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
         model, config = build_plain_model(adapter, spec)
         load_model_only(ckpt, model)
         return write_hf(adapter, model.state_dict(), config, adapter.load_tokenizer(), out_dir)
-    spec = tuning.with_saved_base(spec, run_dir)
+    spec = xpeft.with_saved_base(spec, run_dir)
     adapter = adapter or get_adapter(spec.model)
     model, config, lora_config = build_plain_peft_model(adapter, spec)
     load_model_only(ckpt, model, trainable_only=True)
@@ -174,28 +174,28 @@ def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
 def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
     """The adapted model on CPU with its base loaded (and NF4-rounded for QLoRA, as in training); the
     adapters come from a checkpoint. Returns (model, config, LoraConfig)."""
-    from xtune import tuning
+    from xtune import peft as xpeft
 
     model, config, lora_config = _build_plain(adapter, spec, attn_impl, peft=True)
     base = adapter.read_hf_state_dict(spec.model.load_from)
-    model.load_state_dict(tuning.to_peft_keys(model.state_dict().keys(), base), strict=False)
+    model.load_state_dict(xpeft.to_peft_keys(model.state_dict().keys(), base), strict=False)
     if spec.peft.quantize == "nf4":
-        from xtune.tuning.quant import quantize_bases
+        from xtune.peft.quant import quantize_bases
 
         quantize_bases(model)
-    tuning.init_adapter_weights(model, spec.train.seed)  # modules_to_save copies; adapters are overwritten
+    xpeft.init_adapter_weights(model, spec.train.seed)  # modules_to_save copies; adapters are overwritten
     return model, config, lora_config
 
 
 def _build_plain(adapter, spec, attn_impl, peft: bool):
-    from xtune import tuning
-    from xtune.engine.parallelize import _DTYPES, retie
+    from xtune import peft as xpeft
+    from xtune.parallel.fsdp import _DTYPES, retie
 
     config = adapter.build_config()
     with torch.device("meta"):
         model = adapter.build_model(config, attn_impl)
     model.to(dtype=_DTYPES[spec.model.dtype])
-    lora_config = tuning.inject(model, adapter, spec.peft) if peft else None
+    lora_config = xpeft.inject(model, adapter, spec.peft) if peft else None
     model.to_empty(device="cpu")
     adapter.reset_buffers(model)  # the weights come from a checkpoint next; only the buffers are computed
     retie(model)
