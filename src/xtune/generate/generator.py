@@ -74,12 +74,17 @@ class Generator:
         return self.prompts.render(prompt, gen.enable_thinking).ids
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec()) -> List[List[Completion]]:
-        """`gen.n` completions per prompt, in input order; under torchrun each rank generates its share."""
+    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec(), *, streamer=None) -> List[List[Completion]]:
+        """`gen.n` completions per prompt, in input order; under torchrun each rank generates its share.
+        `streamer` (a transformers streamer, one prompt and n=1, this process only) gets the tokens as they come."""
         rendered = [self.prompts.render(p, gen.enable_thinking) for p in prompts]
+        if streamer is not None:
+            if len(rendered) != 1 or gen.n != 1:
+                raise ValueError("a streamer takes one prompt and gen.n=1")
+            return self._generate_local(rendered, gen, streamer)
         return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen))
 
-    def _generate_local(self, rendered: List[Rendered], gen: GenSpec) -> List[List[Completion]]:
+    def _generate_local(self, rendered: List[Rendered], gen: GenSpec, streamer=None) -> List[List[Completion]]:
         order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))  # less padding per batch
         out: List[Optional[List[Completion]]] = [None] * len(rendered)
         mine = shard.batch_count(len(order), gen.batch_size)
@@ -90,7 +95,7 @@ class Generator:
                 idx = order[b * gen.batch_size:(b + 1) * gen.batch_size]
                 batch = [rendered[i] for i in idx] or [Rendered([self.pad_id])]  # a dummy batch keeps lockstep
                 torch.manual_seed(gen.seed + 1_000_003 * rank + b)
-                rows = self._generate_batch(batch, gen)
+                rows = self._generate_batch(batch, gen, streamer)
                 for k, i in enumerate(idx):
                     out[i] = [self._completion(r, gen) for r in rows[k * gen.n:(k + 1) * gen.n]]
         return out  # type: ignore[return-value]
@@ -98,10 +103,10 @@ class Generator:
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _generate_batch(self, batch: List[Rendered], gen: GenSpec) -> List[List[int]]:
+    def _generate_batch(self, batch: List[Rendered], gen: GenSpec, streamer=None) -> List[List[int]]:
         rows = [r for r in batch for _ in range(gen.n)]
         input_ids, mask = self._left_padded([r.ids for r in rows])
-        kwargs = {}
+        kwargs = {} if streamer is None else {"streamer": streamer}
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
