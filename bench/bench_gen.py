@@ -4,15 +4,16 @@ vs a plain loop of transformers `generate` one prompt at a time, on the same mod
 Model: bench_lora's `blocks` shape (hidden 512, 8 layers, intermediate 1536, 8 heads / 2 KV heads, the 4,096-token
 tiny tokenizer; 28M parameters, most of them in the blocks), random init, saved once to bench/.cache/gen_blocks.
 Prompts: the user turns of the demo's held-out chats (eval.jsonl), rendered with the chat template. Greedy, 64 new
-tokens each (random weights never stop early, so every prompt generates exactly 64). Both systems run in this
+tokens at most (a row ends at the tokenizer's EOS, in both systems alike). Both systems run in this
 process, one after the other, loop first; the engine at two batch sizes. The engine's completions must equal the
-loop's token for token (checked; the figure is reported only with equal outputs).
+loop's token for token (checked and shown; `meets` needs it). One torch thread per system by default.
 Goal (issue 24): engine >= 3x the one-at-a-time loop in generated tokens/s at equal greedy outputs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ def run(quick: bool, log=print) -> dict:
 
     import transformers
 
+    # One thread each by default (GEN_BENCH_THREADS to change): decoding is many small steps, and on a shared 2-core
+    # machine two threads per step mostly wait on each other (measured: the loop fell from 66 to 4 tok/s at load 5).
+    torch.set_num_threads(int(os.environ.get("GEN_BENCH_THREADS", "1")))
     transformers.utils.logging.disable_progress_bar()
     folder = model_folder()
     texts = prompts(16 if quick else 48)
