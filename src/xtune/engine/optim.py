@@ -157,5 +157,8 @@ def lr_factor(sched, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(sched, total_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, sched, total_steps: int,
+                    last_step: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule over `total_steps`. `last_step` >= 0 continues a run whose step `last_step` is done: the
+    groups' LRs are set for the next step, from each group's `initial_lr` (the peak)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(sched, total_steps), last_epoch=last_step)

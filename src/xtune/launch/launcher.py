@@ -20,7 +20,7 @@ def run(spec, work_dir, argv=None) -> int:
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     from xtune.launch.rundir import write_run_files
     from xtune.launch.runlock import lock_run_dir
-    from xtune.engine.trainer import preflight
+    from xtune.engine.preflight import preflight
     from xtune.methods import train
     from xtune.launch.watchdog import die_with_parent
     from xtune.launch.env import launch_env
