@@ -9,7 +9,8 @@ from pathlib import Path
 from xtune import peft as xpeft
 from xtune.checkpoint.dcp import read_marker, read_state, resolve_resume
 from xtune.checkpoint.resume_config import compare, refusal
-from xtune.config.validate import peft_problems, vocab_problem
+from xtune.config.files import vocab_problem
+from xtune.config.validate import peft_problems
 from xtune.engine.metrics import check_wandb
 from xtune.errors import CheckpointError, ConfigError, DataError, XtuneError
 

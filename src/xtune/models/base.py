@@ -27,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from xtune.config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
+from xtune.config.files import TOKENIZER_FILES, remote_code_problem, tokenizer_dir
+from xtune.config.validate import model_problems
 from xtune.errors import XtuneError
 from xtune.models.build import ModelBuilder
 from xtune.models.forward import HiddenStates
