@@ -191,6 +191,8 @@ class ParallelSpec:
     attn: str = "auto"
     # Ulysses sequence parallelism: each packed row is cut over this many ranks (divides the world and the heads).
     sp_size: int = 1
+    # torch.compile each transformer block (dynamic sequence length; attention itself stays eager). Off until measured.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,15 @@ def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module], rat
     return out
 
 
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """`parallel.compile`: each block compiled in place (after activation checkpointing, before fully_shard, so
+    FSDP2's hooks stay outside the graph), with a dynamic sequence length: a packed row of a new length reuses the
+    graph. The attention functions are excluded from tracing (their per-document work depends on the row's
+    document boundaries), so a new document layout recompiles nothing either."""
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torch.device,
           ignored: set | None = None) -> None:
     """fully_shard each block, then the root (which takes the remaining parameters). `ignored` parameters
@@ -115,6 +124,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     blocks = list(adapter.blocks(model))
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
+    if spec.parallel.compile:
+        compile_blocks(blocks)
     if needs_fsdp(spec, denv):
         shard(root, blocks, spec.parallel, denv.mesh, denv.device, quant.ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
