@@ -32,12 +32,11 @@ from xtune.launch.env import launch_env
 from xtune.launch.rundir import write_run_files
 from xtune.launch.runlock import lock_run_dir
 from xtune.models import get_adapter
-from xtune.ops import packed_sdpa
-from xtune.ops.attention import resolve_attn
 from xtune.ops.loss import resolve_loss_mode
+from xtune.parallel import attention
 from xtune.parallel.distributed import DistEnv, init_distributed
 from xtune.parallel.fsdp import build_sharded, param_dtype
-from xtune.parallel.ulysses import SeqParallel, attn_name
+from xtune.parallel.ulysses import SeqParallel
 
 log = logging.getLogger("xtune.engine")
 
@@ -76,20 +75,13 @@ class Trainer:
     def _build_model(self) -> None:
         """The sharded model with the method's loss module as its FSDP root."""
         spec, d, adapter = self.spec, self.denv, self.adapter
-        attn_impl = resolve_attn(spec.parallel.attn, d.device)
-        # The root's forward passes what the SP attention wrapper reads (the model itself is switched in build_sharded).
-        root_attn = attn_name(attn_impl) if d.sp_size > 1 else attn_impl
+        attn_impl = attention.resolve(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not adapter.spec.load_from else None
 
-        def make_root(model):
-            impl = root_attn
-            # sdpa without sequence parallelism: attention per packed document (ops/packed_sdpa.py), not over the
-            # whole row.
-            if d.sp_size == 1 and packed_sdpa.use_on(adapter.language_model(model), attn_impl):
-                impl = packed_sdpa.NAME
-            return self.method.root(model, adapter, impl, loss_mode)
+        def make_root(model, forward_impl):
+            return self.method.root(model, adapter, forward_impl, loss_mode)
 
         self.root, self.model_config, self.lora_config = build_sharded(adapter, spec, d, attn_impl, make_root,
                                                                        on_base_ready=save_base)
