@@ -22,8 +22,16 @@ differently, `fast_renderer` returns None and xtune renders with `apply_chat_tem
 
 from __future__ import annotations
 
+import types
 from functools import lru_cache
 from typing import Any, Dict
+
+import jinja2
+import jinja2.runtime
+import jinja2.utils
+import transformers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from transformers.utils import chat_template_utils as ctu
 
 # The versions whose private names (`_compile_jinja_template`, `_alias_reasoning_fields`) and sandbox methods
 # (`getattr`, `is_safe_attribute`, `is_safe_callable`) this module was checked against: a prefix of the
@@ -32,9 +40,6 @@ CHECKED = {"transformers": (5,), "jinja2": (3, 1)}
 
 
 def versions_supported() -> bool:
-    import jinja2
-    import transformers
-
     for mod in (transformers, jinja2):
         want = CHECKED[mod.__name__]
         try:
@@ -84,8 +89,6 @@ def fast_renderer(tokenizer, template: str):
     if not versions_supported():
         return None
     try:
-        from transformers.utils import chat_template_utils as ctu
-
         compiled = compile_template(template)
         kwargs = dict(tokenizer.special_tokens_map)
         alias = ctu._alias_reasoning_fields
@@ -136,9 +139,6 @@ def fast_renderer(tokenizer, template: str):
 @lru_cache(maxsize=16)
 def compile_template(template: str):
     """The template compiled once per process in a `_FastSandbox` configured like transformers' environment."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from transformers.utils import chat_template_utils as ctu
-
     ref_env = ctu._compile_jinja_template(template).environment
     if type(ref_env) is not ImmutableSandboxedEnvironment:
         return None
@@ -166,12 +166,6 @@ def _fast_sandbox_class():
     are always handed out unchanged; bound builtin methods (`str.startswith`, ...) cannot carry the
     `unsafe_callable` / `alters_data` markers.
     """
-    import types
-
-    import jinja2.runtime
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     dict_attrs = frozenset(dir(dict))
     # str methods the sandbox hands out unchanged (public, not `format` / `format_map`, which it wraps)
     str_methods = frozenset(a for a in dir(str) if not a.startswith("_") and a not in ("format", "format_map"))

@@ -78,7 +78,7 @@ def _adamw_8bit(groups, optim) -> torch.optim.Optimizer:
     if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
         raise XtuneError(BNB_SHARDED_REASON)
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: optional extra (xtune[bnb])
     except ImportError:
         raise XtuneError("optim.name=adamw_8bit needs bitsandbytes: pip install 'xtune[bnb]'") from None
     # bitsandbytes keeps tensors under min_8bit_size (4096) elements in 32-bit state; its CPU path runs.

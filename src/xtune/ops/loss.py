@@ -112,7 +112,7 @@ def _eager(hidden, weight, labels, token_weights):
 
 
 def _liger(hidden, weight, labels, token_weights):
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # lazy: optional GPU extra
 
     def summed(h, y):
         return liger_fused_linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, reduction="sum").float()
