@@ -1,12 +1,9 @@
 """Chat templates rendered without `apply_chat_template`'s per-call overhead: the one place that reaches into
 transformers' and jinja2's internals for it.
 
-Why it exists: on short chats rendering costs as much as tokenising. Per demo chat (Qwen3 template, CPU time,
-bench/bench_data.py, 2026-12-01): 195 us through `apply_chat_template` (159 us with all chats in one call),
-136 us in jinja2's plain sandbox compiled once, 70 us here, against 106 us to encode it. Cold preparation
-reached 0.31x the raw tokenizer's tokens/s with the public options and 0.39x with this one (goal 0.7x, out of
-reach while every chat is rendered by jinja2). The output must be `apply_chat_template(..., tokenize=False)`'s,
-character for character:
+Why it exists: on short chats rendering costs as much as tokenising, and `apply_chat_template` adds its own
+per-call overhead on top of jinja2's (bench/README.md, the `data` benchmark, has the measured costs per chat).
+The output must be `apply_chat_template(..., tokenize=False)`'s, character for character:
 
 - the template is compiled once per process in an environment configured exactly like transformers'
   (its filters, globals, extensions and policies copied from `_compile_jinja_template`'s environment);

@@ -98,7 +98,7 @@ def needs_fsdp(spec, denv) -> bool:
     """FSDP only where it does something: several ranks, a compute dtype other than the master
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
-    (about 10% of a CPU step). Checkpoints, export and clipping work the same on both."""
+    (bench/README.md has its measured cost). Checkpoints, export and clipping work the same on both."""
     master = DTYPES[spec.model.dtype]
     return (denv.world_size > 1 or param_dtype(spec.parallel, denv.device) != master
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
