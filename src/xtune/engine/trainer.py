@@ -124,6 +124,10 @@ class Trainer:
         """Accumulate the gradients of the global-batch loss: `step.forward_backward`."""
         return step.forward_backward(self, micro_batches)
 
+    def grad_norm(self) -> float:
+        """Clip to optim.max_grad_norm and return the global norm before clipping: `step.grad_norm`."""
+        return step.grad_norm(self)
+
     def optimizer_step(self) -> tuple:
         """Clip, step (or skip a non-finite step), zero the gradients: `step.optimizer_step`."""
         return step.optimizer_step(self)
