@@ -60,6 +60,7 @@ def forward_backward(tr, micro_batches: list[PackedBatch]) -> dict:
     return {"loss": loss, "aux_loss": aux_sum / (n_micro * d.world_size), "tokens": int(n_tokens),
             "trained_tokens": int(n_trained), "method": tr.method.metrics(stats, w_total)}
 
+
 def grad_norm(tr) -> float:
     """Clip to optim.max_grad_norm (<= 0: no clipping) and return the global norm before clipping.
 
@@ -71,6 +72,7 @@ def grad_norm(tr) -> float:
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm)
+
 
 def optimizer_step(tr) -> tuple:
     if tr.scaler is not None:
@@ -88,12 +90,14 @@ def optimizer_step(tr) -> tuple:
     tr.optimizer.zero_grad(set_to_none=True)
     return gnorm, skipped
 
+
 def _too_many_bad_steps(tr) -> None:
     if tr.bad_streak >= tr.spec.train.max_bad_steps:
         raise XtuneError(
             f"{tr.bad_streak} steps in a row had a non-finite gradient norm (last at step {tr.step + 1}); "
             "stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint "
             f"(train.max_bad_steps={tr.spec.train.max_bad_steps})")
+
 
 def scaled_optimizer_step(tr) -> tuple:
     """fp16: unscale (all ranks agree on inf/nan), clip, step unless it overflowed, update the scale.
