@@ -1,5 +1,5 @@
 """The training engine: the loop, the optimizer and schedule, metrics. It runs the method object it is given
-(`methods.Method`) and never imports `methods`; `xtune.methods.train` pairs a spec with its method."""
+(`methods.Method`); the methods package is never a dependency of it: `xtune.methods.train` pairs a spec with its method."""
 
 from xtune.engine.trainer import train
 
