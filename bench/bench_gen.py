@@ -18,6 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from xtune.config.schema import GenSpec
+from xtune.generate import Generator
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import BLOCKS, TINY_TOK  # noqa: E402
 from common import CACHE, ROOT  # noqa: E402
@@ -30,9 +37,6 @@ def model_folder() -> Path:
     folder = CACHE / "gen_blocks"
     if (folder / "model.safetensors").is_file():
         return folder
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(TINY_TOK))
     arch = dict(BLOCKS, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -52,9 +56,6 @@ def prompts(n: int) -> list:
 
 def loop(folder: Path, texts: list) -> tuple:
     """transformers alone: from_pretrained, then apply_chat_template + generate per prompt."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
     outs = []
@@ -70,9 +71,6 @@ def loop(folder: Path, texts: list) -> tuple:
 
 
 def engine(folder: Path, texts: list, batch_size: int) -> tuple:
-    from xtune.config.schema import GenSpec
-    from xtune.generate import Generator
-
     gen = Generator.from_path(folder)
     spec = GenSpec(max_new_tokens=NEW_TOKENS, batch_size=batch_size)
     t = time.perf_counter()
@@ -81,10 +79,6 @@ def engine(folder: Path, texts: list, batch_size: int) -> tuple:
 
 
 def run(quick: bool, log=print) -> dict:
-    import torch
-
-    import transformers
-
     # One thread each by default (GEN_BENCH_THREADS to change): decoding is many small steps, and on a shared 2-core
     # machine two threads per step mostly wait on each other (measured: the loop fell from 66 to 4 tok/s at load 5).
     torch.set_num_threads(int(os.environ.get("GEN_BENCH_THREADS", "1")))
@@ -108,6 +102,6 @@ def run(quick: bool, log=print) -> dict:
         log(f"gen: {name} {n} tokens in {seconds:.1f}s ({ratios[name]:.2f}x), equal outputs: {same}")
     best = max(ratios.values())
     return dict(config=dict(prompts=len(texts), new_tokens=NEW_TOKENS, params_m=round(sum(
-        p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(str(folder)).parameters()) / 1e6, 1),
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(str(folder)).parameters()) / 1e6, 1),
         threads=torch.get_num_threads()), systems=systems, ratios=ratios, equal=equal, best_ratio=best,
         target=dict(min_ratio=3.0), meets=equal and best >= 3.0)

@@ -35,12 +35,15 @@ def _liger_available() -> bool:
 
 
 def resolve_loss_mode(mode: str, device) -> str:
-    """`auto` -> liger on CUDA when liger_kernel is installed, else chunk; explicit modes are checked."""
+    """`auto` -> chunk everywhere; explicit modes are checked.
+
+    Liger is not the CUDA default: on the first GPU run its fused CE trained slower than the chunked loss
+    (bench/README.md, the `gpu` benchmark). `loss.mode=liger` selects it."""
     device = torch.device(device)
     if mode not in MODES:
         raise XtuneError(f"loss.mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "liger" if device.type == "cuda" and _liger_available() else "chunk"
+        return "chunk"
     if mode == "liger":
         if device.type != "cuda":
             raise XtuneError("loss.mode=liger needs a CUDA device (Liger's kernels are Triton); use chunk on CPU")
@@ -109,7 +112,7 @@ def _eager(hidden, weight, labels, token_weights):
 
 
 def _liger(hidden, weight, labels, token_weights):
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # lazy: optional GPU extra
 
     def summed(h, y):
         return liger_fused_linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, reduction="sum").float()
