@@ -29,9 +29,8 @@ def fsdp_generator(folder):
     denv = init_distributed(spec.parallel)
     adapter = get_adapter(spec.model)
 
-    def make_root(model):
-        impl = packed_sdpa.NAME if packed_sdpa.use_on(adapter.language_model(model), "sdpa") else "sdpa"
-        return get_method(spec).root(model, adapter, impl, "chunk")
+    def make_root(model, forward_impl):  # as the trainer does (build_sharded switched the decoder's attention)
+        return get_method(spec).root(model, adapter, forward_impl, "chunk")
 
     root, _, _ = build_sharded(adapter, spec, denv, "sdpa", make_root)
     assert root.model.config.get_text_config()._attn_implementation == packed_sdpa.NAME
