@@ -28,17 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
+from xtune.config.validate_eval import BOXED, BUILTIN_SCORERS, NAMED_PATTERNS, pattern_problem
 from xtune.errors import ConfigError
-
-BUILTIN_SCORERS = ("exact", "regex", "math", "choice")
-NORMALIZE_OPTIONS = ("case", "whitespace", "punctuation")
-COMPARE_OPTIONS = ("exact", "numeric")
-# Named extraction patterns (`eval.pattern`); any other value is a regex whose first group is the answer.
-NAMED_PATTERNS = {
-    "gsm8k": r"####\s*([-+]?[\d,]*\.?\d+)",
-    "last_number": r"([-+]?\d[\d,]*\.?\d*|[-+]?\.\d+)(?!.*\d)",
-}
-BOXED = "boxed"
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -86,15 +77,10 @@ def boxed_answer(text: str) -> Optional[str]:
 
 def compile_pattern(pattern: str) -> re.Pattern:
     """A named pattern or a regex with at least one group (ConfigError otherwise)."""
-    regex = NAMED_PATTERNS.get(pattern, pattern)
-    try:
-        compiled = re.compile(regex, re.DOTALL)
-    except re.error as e:
-        raise ConfigError([f"eval.pattern={pattern!r}: not a valid regex ({e})"]) from None
-    if compiled.groups < 1:
-        raise ConfigError([f"eval.pattern={pattern!r}: the regex has no group; put the answer in ( ), "
-                           r"e.g. 'answer is (\d+)'"])
-    return compiled
+    problem = pattern_problem(pattern)
+    if problem:
+        raise ConfigError([problem])
+    return re.compile(NAMED_PATTERNS.get(pattern, pattern), re.DOTALL)
 
 
 def extract(text: str, pattern: str) -> Optional[str]:
