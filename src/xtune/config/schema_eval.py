@@ -46,10 +46,8 @@ class EvalSpec:
     # A Python format string over the record's fields making the prompt text, e.g. "{question} Answer after ####."
     # (null: the prompt field as it is).
     template: Optional[str] = None
-    # A system message put before the prompt (chat prompts only).
+    # A system message put before the prompt (rendered with the model's chat template, as training renders it).
     system: Optional[str] = None
-    # Render the prompt with the model's chat template (false: the text is the prompt as it is).
-    chat: bool = True
     # exact, regex (eval.pattern, eval.compare), math (math-verify), choice (log-likelihood of each option, no
     # generation), or module:function (a user function from eval.scorer_path: fn(completion, reference, record)).
     scorer: str = "exact"
@@ -92,5 +90,3 @@ class EvalRunSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     gen: GenSpec = field(default_factory=GenSpec)
     harness: HarnessSpec = field(default_factory=HarnessSpec)
-    # Run code shipped in the model folder (remote-code tokenizers); read it first.
-    trust_remote_code: bool = False

@@ -22,6 +22,7 @@ from xtune.data.types import PackedBatch
 from xtune.config.io import spec_to_dict
 from xtune.checkpoint.dcp import Checkpointer, resolve_resume
 from xtune.parallel.distributed import DistEnv, init_distributed
+from xtune.engine.eval_hook import EvalTasksHook
 from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_gb, truncate_history
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.parallel.fsdp import build_sharded
@@ -484,6 +485,7 @@ class Trainer:
         else:
             logger = NullLogger()
         self.logger = logger
+        self.eval_hook = EvalTasksHook(spec, self.run_dir)  # train.eval_tasks on the live model (engine/eval_hook.py)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -511,6 +513,8 @@ class Trainer:
                 if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                     eval_loss = self.evaluate()
                     logger.log({"step": self.step, "eval_loss": eval_loss, **self.eval_metrics})
+                if self.eval_hook.due(self.step, done) and not stop:
+                    self.eval_hook.run(self)
                 if t.sample_every and t.sample_prompts and self.step % t.sample_every == 0 and not done and not stop:
                     self.live_samples()
                 if (t.save_every and self.step % t.save_every == 0) or stop:
