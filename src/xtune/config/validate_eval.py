@@ -32,9 +32,9 @@ def pattern_problem(pattern: Optional[str]) -> Optional[str]:
     try:
         compiled = re.compile(NAMED_PATTERNS.get(pattern, pattern), re.DOTALL)
     except re.error as e:
-        return f"eval.pattern={pattern!r}: not a valid regex ({e})"
+        return f"eval.pattern={pattern}: not a valid regex ({e})"
     if compiled.groups < 1:
-        return (f"eval.pattern={pattern!r}: the regex has no group; put the answer in ( ), e.g. 'answer is (\\d+)' "
+        return (f"eval.pattern={pattern}: the regex has no group; put the answer in ( ), e.g. 'answer is (\\d+)' "
                 f"(or use gsm8k, boxed, last_number)")
     return None
 
