@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from xtune.config.schema import GenSpec, RunSpec
 from xtune.config.schema_eval import EVAL_CHOICES, EvalRunSpec, EvalSpec
+from xtune.config.validate_gen import gen_problems
 from xtune.errors import ConfigError
 
 BUILTIN_SCORERS = ("exact", "regex", "math", "choice")
@@ -93,26 +94,7 @@ def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where:
         out.append(f"{where}eval.data.path is not set: give the task's records (eval=NAME or eval.data.path=FILE)")
     elif check_files and not e.data.path.startswith("hf://") and not Path(e.data.path).expanduser().exists():
         out.append(f"{where}eval.data.path={e.data.path}: no such file or folder")
-    out.extend(gen_problems(gen, where))
-    return out
-
-
-def gen_problems(g: GenSpec, where: str = "") -> List[str]:
-    out = []
-    for key, value, low in (("max_new_tokens", g.max_new_tokens, 1), ("n", g.n, 1), ("batch_size", g.batch_size, 1)):
-        if value < low:
-            out.append(f"{where}gen.{key}={value}: must be >= {low}")
-    if g.temperature < 0:
-        out.append(f"{where}gen.temperature={g.temperature}: must be >= 0 (0 is greedy)")
-    if not 0 < g.top_p <= 1:
-        out.append(f"{where}gen.top_p={g.top_p}: must be in (0, 1]")
-    if g.top_k < 0:
-        out.append(f"{where}gen.top_k={g.top_k}: must be >= 0 (0: off)")
-    if g.repetition_penalty <= 0:
-        out.append(f"{where}gen.repetition_penalty={g.repetition_penalty}: must be > 0 (1: off)")
-    if g.n > 1 and g.temperature == 0:
-        out.append(f"{where}gen.n={g.n} with gen.temperature=0: greedy decoding gives n identical completions; "
-                   "set gen.temperature > 0 for pass@k")
+    out.extend(where + p for p in gen_problems(gen))
     return out
 
 

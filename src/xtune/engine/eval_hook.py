@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from xtune.config.eval_tasks import load_task
 from xtune.eval.runner import evaluate_task, write_result
+from xtune.generate import Generator
 
 BEST = "best"
 BEST_JSON = "best.json"
@@ -42,23 +41,16 @@ class EvalTasksHook:
 
     def run(self, trainer) -> dict:
         """Every task on the live model (collective); logs and returns {eval/<task>/<metric>: value}."""
-        from xtune.generate import Generator
-
         t0 = time.perf_counter()
-        model = trainer.model
-        was_training = model.training
-        model.eval()
-        try:
-            generator = Generator(model, trainer.tokenizer, device=trainer.device)
-            flat = {}
-            for espec, gen in self.tasks:
-                with torch.no_grad():
-                    result = evaluate_task(generator, espec, gen)
-                if trainer.denv.is_main:
-                    write_result(result, self.run_dir, espec, gen, model=str(self.run_dir), step=trainer.step)
-                flat.update(result.flat())
-        finally:
-            model.train(was_training)
+        # The FSDP root itself: the Generator switches it to inference for each call and back (generate/live.py).
+        generator = Generator(trainer.root, trainer.tokenizer, device=trainer.device, template=trainer.spec.data.template,
+                              family=trainer.spec.model.family)
+        flat = {}
+        for espec, gen in self.tasks:
+            result = evaluate_task(generator, espec, gen)
+            if trainer.denv.is_main:
+                write_result(result, self.run_dir, espec, gen, model=str(self.run_dir), step=trainer.step)
+            flat.update(result.flat())
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         trainer.logger.log({"step": trainer.step, **flat, "eval_tasks_seconds": round(seconds, 3)})

@@ -86,8 +86,15 @@ def run_eval(path: Path, overrides: List[str], *, out: Optional[Path], multirun:
 def load_generator(path: Path):
     """The Generator for a run directory, an export or an adapter folder (on CUDA when there is one)."""
     import torch
+    import torch.distributed as dist
 
     from xtune.generate import Generator
 
-    device = f"cuda:{launch_env().local_rank}" if torch.cuda.is_available() else "cpu"
+    env = launch_env()
+    cuda = torch.cuda.is_available()
+    if env.launched and env.world_size > 1 and not dist.is_initialized():  # torchrun: the Generator shards over ranks
+        if cuda:
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{env.local_rank}" if cuda else "cpu"
     return Generator.from_path(path, device=device)

@@ -40,9 +40,9 @@ class TaskResult:
         return {f"eval/{self.name}/{k}": v for k, v in self.metrics.items()}
 
 
-def _choice(generator, items: List[EvalItem]) -> tuple:
+def _choice(generator, items: List[EvalItem], gen: GenSpec) -> tuple:
     pairs = [(it.prompt, c) for it in items for c in it.choices]
-    lls = generator.loglikelihood(pairs)
+    lls = generator.loglikelihood(pairs, batch_size=gen.batch_size, gen=gen)
     rows, scores, at = [], [], 0
     for it in items:
         mine = [float(x) for x in lls[at:at + len(it.choices)]]
@@ -89,7 +89,7 @@ def evaluate_task(generator, espec: EvalSpec, gen: GenSpec) -> TaskResult:
     t0 = time.perf_counter()
     items = load_items(espec)
     if espec.scorer == "choice":
-        rows, scores = _choice(generator, items)
+        rows, scores = _choice(generator, items, gen)
     else:
         rows, scores = _generate(generator, items, espec, gen)
     return TaskResult(espec.name, aggregate(scores, espec, gen), len(items), time.perf_counter() - t0, rows,
