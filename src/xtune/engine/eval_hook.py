@@ -11,6 +11,7 @@ it as `checkpoints/best` (hard links to the step's files: never pruned by keep_l
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from xtune.config.eval_tasks import load_task
-from xtune.eval.runner import evaluate_task, write_result
+from xtune.eval.runner import evaluate_task, print_results, write_result
 from xtune.generate import Generator
 
 BEST = "best"
@@ -45,15 +46,18 @@ class EvalTasksHook:
         # The FSDP root itself: the Generator switches it to inference for each call and back (generate/live.py).
         generator = Generator(trainer.root, trainer.tokenizer, device=trainer.device, template=trainer.spec.data.template,
                               family=trainer.spec.model.family)
-        flat = {}
+        flat, results = {}, []
         for espec, gen in self.tasks:
             result = evaluate_task(generator, espec, gen)
             if trainer.denv.is_main:
                 write_result(result, self.run_dir, espec, gen, model=str(self.run_dir), step=trainer.step)
             flat.update(result.flat())
+            results.append(result)
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         trainer.logger.log({"step": trainer.step, **flat, "eval_tasks_seconds": round(seconds, 3)})
+        if trainer.step >= trainer.total_steps:  # the end of the run: the table, as `xtune eval` prints it
+            trainer.logger.message(table_text(results, f"eval at step {trainer.step} ({self.run_dir / 'eval'})"))
         if self.keep_best:
             self._keep_best(trainer, flat)
         return flat
@@ -71,6 +75,14 @@ class EvalTasksHook:
         trainer.denv.barrier()
         trainer.export_hf(self.run_dir / "hf_best")
         trainer.logger.message(f"best {self.keep_best} {value:.4f} at step {trainer.step}: checkpoints/best, hf_best/")
+
+
+def table_text(results, title: str) -> str:
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=100, highlight=False)
+    print_results(results, console, title=title)
+    return console.file.getvalue().rstrip()
 
 
 def _read_best(run_dir: Path) -> Optional[dict]:
