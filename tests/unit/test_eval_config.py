@@ -25,8 +25,8 @@ def test_task_group_composes_with_overrides():
     spec = compose_eval_jobs(["eval=demo", "eval.limit=7", "gen.max_new_tokens=9"])[0].spec
     assert spec.eval.name == "demo" and spec.eval.limit == 7 and spec.eval.scorer == "exact"
     assert spec.eval.data.path.endswith("assets/demo/eval.jsonl")
-    assert spec.gen.max_new_tokens == 9  # the command line beats the task file's gen section (40)
-    assert compose_eval_jobs(["eval=demo"])[0].spec.gen.max_new_tokens == 40
+    assert spec.gen.max_new_tokens == 9  # the command line beats the task file's gen section (44)
+    assert compose_eval_jobs(["eval=demo"])[0].spec.gen.max_new_tokens == 44
 
 
 def test_one_off_task_needs_no_file(tmp_path):
@@ -73,7 +73,7 @@ def test_training_eval_tasks_are_checked():
                          "train.keep_best=demo/accuracy"])
     assert spec.train.eval_tasks == ["demo"]
     with pytest.raises(ConfigError, match="train.eval_tasks_every=5 but train.eval_tasks is empty"):
-        load_spec(["recipe=demo", "train.eval_tasks_every=5"])
+        load_spec(["recipe=demo", "train.eval_tasks=[]", "train.eval_tasks_every=5"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -64,3 +64,13 @@ def test_sort_by_a_task_metric(sweep):
     assert rows[0]["optim.lr"] == "3e-3"  # runs without it go last
     with pytest.raises(XtuneError, match="--sort eval/nope/x: no run has it; choose one of .*eval/demo/accuracy"):
         summarize([sweep], Console(file=open("/dev/null", "w")), sort="eval/nope/x")
+
+
+def test_plot_draws_a_task_metric(sweep):
+    pytest.importorskip("matplotlib")
+    from xtune.runs import find_runs, plot_runs
+
+    fig = plot_runs(find_runs([sweep]), "eval/demo/accuracy")
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[0.1, 0.25], [0.2, 0.5], [0.05]]
+    assert fig.axes[0].get_ylabel() == "eval/demo/accuracy"

@@ -14,9 +14,14 @@ import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+import torch.distributed as dist
+
 from xtune.config.compose_eval import compose_eval_jobs
 from xtune.errors import XtuneError
+from xtune.eval.harness import run_harness
 from xtune.eval.runner import evaluate_task, print_results, write_result
+from xtune.generate import Generator
 from xtune.launch.env import launch_env
 
 
@@ -62,7 +67,8 @@ def run_eval(path: Path, overrides: List[str], *, out: Optional[Path], multirun:
                           f"{out_dir / 'eval' / name}")
         console.print(f"[green]ok[/]: {len(jobs)} eval job(s) valid; nothing was loaded (--dry-run)")
         return 0
-    generator = load_generator(path)
+    # lm-eval loads the model itself: a harness-only run loads nothing here
+    generator = load_generator(path) if any(j.spec.eval.data.path for j in jobs) else None
     main = launch_env().rank == 0
     results = []
     for job, name in zip(jobs, names):
@@ -74,9 +80,7 @@ def run_eval(path: Path, overrides: List[str], *, out: Optional[Path], multirun:
                 write_result(result, out_dir, espec, spec.gen, model=str(path.resolve()))
             results.append(result)
         if spec.harness.tasks:
-            from xtune.eval.harness import run_harness
-
-            results.extend(run_harness(path, spec.harness, out_dir, main=main))
+            results.extend(run_harness(path, spec.harness, out_dir, main=main, device=_device()))
     if main:
         print_results(results, console, title=f"eval {path}")
         console.print(f"results: {out_dir / 'eval'}")
@@ -85,16 +89,14 @@ def run_eval(path: Path, overrides: List[str], *, out: Optional[Path], multirun:
 
 def load_generator(path: Path):
     """The Generator for a run directory, an export or an adapter folder (on CUDA when there is one)."""
-    import torch
-    import torch.distributed as dist
-
-    from xtune.generate import Generator
-
     env = launch_env()
     cuda = torch.cuda.is_available()
     if env.launched and env.world_size > 1 and not dist.is_initialized():  # torchrun: the Generator shards over ranks
         if cuda:
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = f"cuda:{env.local_rank}" if cuda else "cpu"
-    return Generator.from_path(path, device=device)
+    return Generator.from_path(path, device=_device())
+
+
+def _device() -> str:
+    return f"cuda:{launch_env().local_rank}" if torch.cuda.is_available() else "cpu"
