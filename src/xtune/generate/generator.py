@@ -36,7 +36,7 @@ class Generator:
     as `.model`, see `live.py`); `processor` the image tiling of a vision-language model (`ImageSettings`)."""
 
     def __init__(self, model, tokenizer, *, device=None, processor: Optional[ImageSettings] = None,
-                 template: str = "auto", family: Optional[str] = None):
+                 template: str = "auto", family: Optional[str] = None, shard_ranks: bool = True):
         self.root = model
         self.model = live.hf_model(model)
         self.tokenizer = tokenizer
@@ -48,7 +48,9 @@ class Generator:
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.lockstep = shard.rank_world()[1] > 1 and live.is_sharded(self.root)
+        # shard_ranks=False: this process generates everything alone (e.g. rank 0 only), whatever the world size.
+        self.shard_ranks = shard_ranks
+        self.lockstep = shard_ranks and shard.rank_world()[1] > 1 and live.is_sharded(self.root)
 
     @classmethod
     def from_path(cls, path, *, device="cpu", dtype=None, trust_remote_code: bool = False) -> "Generator":
@@ -74,23 +76,28 @@ class Generator:
         return self.prompts.render(prompt, gen.enable_thinking).ids
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec()) -> List[List[Completion]]:
-        """`gen.n` completions per prompt, in input order; under torchrun each rank generates its share."""
+    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec(), *, streamer=None) -> List[List[Completion]]:
+        """`gen.n` completions per prompt, in input order; under torchrun each rank generates its share.
+        `streamer` (a transformers streamer, one prompt and n=1, this process only) gets the tokens as they come."""
         rendered = [self.prompts.render(p, gen.enable_thinking) for p in prompts]
-        return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen))
+        if streamer is not None:
+            if len(rendered) != 1 or gen.n != 1:
+                raise ValueError("a streamer takes one prompt and gen.n=1")
+            return self._generate_local(rendered, gen, streamer)
+        return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen), self.shard_ranks)
 
-    def _generate_local(self, rendered: List[Rendered], gen: GenSpec) -> List[List[Completion]]:
+    def _generate_local(self, rendered: List[Rendered], gen: GenSpec, streamer=None) -> List[List[Completion]]:
         order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))  # less padding per batch
         out: List[Optional[List[Completion]]] = [None] * len(rendered)
         mine = shard.batch_count(len(order), gen.batch_size)
         total = shard.agreed_batches(mine, self.lockstep)
-        rank = shard.rank_world()[0]
+        rank = shard.rank_world()[0] if self.shard_ranks else 0
         with live.inference(self.root, self.model), torch.random.fork_rng(devices=self._rng_devices()):
             for b in range(total):
                 idx = order[b * gen.batch_size:(b + 1) * gen.batch_size]
                 batch = [rendered[i] for i in idx] or [Rendered([self.pad_id])]  # a dummy batch keeps lockstep
                 torch.manual_seed(gen.seed + 1_000_003 * rank + b)
-                rows = self._generate_batch(batch, gen)
+                rows = self._generate_batch(batch, gen, streamer)
                 for k, i in enumerate(idx):
                     out[i] = [self._completion(r, gen) for r in rows[k * gen.n:(k + 1) * gen.n]]
         return out  # type: ignore[return-value]
@@ -98,10 +105,10 @@ class Generator:
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _generate_batch(self, batch: List[Rendered], gen: GenSpec) -> List[List[int]]:
+    def _generate_batch(self, batch: List[Rendered], gen: GenSpec, streamer=None) -> List[List[int]]:
         rows = [r for r in batch for _ in range(gen.n)]
         input_ids, mask = self._left_padded([r.ids for r in rows])
-        kwargs = {}
+        kwargs = {} if streamer is None else {"streamer": streamer}
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
@@ -160,7 +167,7 @@ class Generator:
             r = self.prompts.render(prompt, gen.enable_thinking)
             cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             items.append((r, list(cont)))
-        return shard.sharded(items, lambda mine: self._loglikelihood_local(mine, batch_size))
+        return shard.sharded(items, lambda mine: self._loglikelihood_local(mine, batch_size), self.shard_ranks)
 
     def _loglikelihood_local(self, items: list, batch_size: int) -> List[float]:
         out: List[float] = []
