@@ -109,3 +109,18 @@ def test_user_scorer_and_multiple_choice(model_dir, tmp_path):
     assert json.loads((tmp_path / "res/eval/mc/summary.json").read_text())["metrics"] == {"accuracy": 0.75}
     got = [json.loads(x)["loglikelihoods"] for x in (tmp_path / "res/eval/mc/samples.jsonl").read_text().splitlines()]
     assert [x for row in got for x in row] == pytest.approx([x for row in want for x in row], abs=1e-4)
+
+
+def test_sweep_runs_each_point_on_one_loaded_model(model_dir, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in QUESTIONS[:2]))
+    args = ["eval", str(model_dir), "-m", f"eval.data.path={data}", "gen.max_new_tokens=2,5", "--out", str(tmp_path / "r")]
+    dry = xtune(*args, "--dry-run")
+    assert dry.returncode == 0 and "2 eval job(s) valid" in dry.stdout and not (tmp_path / "r").exists()
+    out = xtune(*args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for n in (2, 5):
+        rows = [json.loads(x) for x in (tmp_path / f"r/eval/qa[gen.max_new_tokens={n}]/samples.jsonl").read_text().splitlines()]
+        summary = json.loads((tmp_path / f"r/eval/qa[gen.max_new_tokens={n}]/summary.json").read_text())
+        assert summary["gen"]["max_new_tokens"] == n and len(rows) == 2
+    assert out.stdout.count("Loading weights") <= 1 and out.stderr.count("Loading weights") <= 1

@@ -41,10 +41,11 @@ def out_dir_for(path: Path, out: Optional[Path]) -> Path:
 
 def _sweep_names(jobs) -> List[str]:
     names = [j.spec.eval.name for j in jobs]
+    common = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
     out = []
     for job, name in zip(jobs, names):
-        if names.count(name) > 1:
-            point = [a for a in job.overrides if not a.startswith(("hydra.", "eval="))]
+        if names.count(name) > 1:  # the values this point was swept over
+            point = [a for a in job.overrides if a not in common and not a.startswith(("hydra.", "eval="))]
             name = f"{name}[{','.join(point)}]" if point else name
         out.append(name.replace("/", "_"))
     if len(set(out)) < len(out):
