@@ -124,3 +124,24 @@ def test_sweep_runs_each_point_on_one_loaded_model(model_dir, tmp_path):
         summary = json.loads((tmp_path / f"r/eval/qa[gen.max_new_tokens={n}]/summary.json").read_text())
         assert summary["gen"]["max_new_tokens"] == n and len(rows) == 2
     assert out.stdout.count("Loading weights") <= 1 and out.stderr.count("Loading weights") <= 1
+
+
+def test_thinking_is_stripped_before_scoring(tmp_path):
+    """A demo model trained 40 steps opens its answers with think blocks (as the template trained it to); the
+    scorer sees them removed. The user scorer here scores 1 for an answer without any think tag."""
+    run = tmp_path / "run"
+    out = xtune("sft", "recipe=demo", "train.max_steps=40", "train.eval_every=0", "train.save_every=0",
+                "train.sample_prompts=[]", "train.eval_tasks=[]", "data.eval_datasets=[]", f"train.work_dir={run}",
+                f"data.cache_dir={tmp_path / 'cache'}", "logging.tensorboard=false", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "evalh_nothink.py").write_text(
+        "def no_think(completion, reference, record):\n    return '<think>' not in completion and '</think>' not in completion\n")
+    scorer = ["eval=demo", "eval.limit=6", "eval.scorer=evalh_nothink:no_think", f"eval.scorer_path={tmp_path / 'sc'}"]
+    for strip, want in (("true", 1.0), ("false", None)):
+        res = xtune("eval", str(run), *scorer, f"eval.strip_thinking={strip}", f"eval.name=s{strip}")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        rows = [json.loads(x) for x in (run / "eval" / f"s{strip}" / "samples.jsonl").read_text().splitlines()]
+        assert sum("<think>" in r["completion"] for r in rows) >= 3  # the raw completions have think blocks
+        score = json.loads((run / "eval" / f"s{strip}" / "summary.json").read_text())["metrics"]["score"]
+        assert score == want if want is not None else score < 1.0
