@@ -119,3 +119,6 @@ def test_user_scorer_from_a_folder(tmp_path):
 def test_score_text_strips_thinking():
     assert S.score_text("exact", "<think>\nhmm\n</think>\n\nParis", "Paris") == 1.0
     assert S.score_text("regex", "<think>maybe 3</think> it is 4", "4") == 1.0
+    assert S.score_text("regex_numeric", "so 4.0", "4") == 1.0  # the GRPO rewards' name
+    with pytest.raises(ValueError, match="unknown scorer"):
+        S.score_text("nope", "a", "a")

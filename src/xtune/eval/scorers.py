@@ -222,6 +222,7 @@ def make_scorer(spec) -> Callable[[str, str, dict], float]:
 def score_text(name: str, completion: str, reference: str, **args) -> float:
     """One score by a builtin's name (for callers without an EvalSpec, e.g. GRPO rewards); thinking is stripped."""
     completion = strip_thinking(completion)
+    name = {"regex_numeric": "regex", "math_verify": "math"}.get(name, name)  # the GRPO rewards' names
     if name == "exact":
         return exact_match(completion, reference, args.get("normalize", ("whitespace",)))
     if name == "regex":
@@ -229,7 +230,7 @@ def score_text(name: str, completion: str, reference: str, **args) -> float:
                            args.get("normalize", ("whitespace",)), args.get("tolerance", 1e-6))
     if name == "math":
         return math_equivalent(completion, reference)
-    raise ValueError(f"unknown scorer {name!r}; choose one of exact, regex, math")
+    raise ValueError(f"unknown scorer {name!r}; choose one of exact, regex (regex_numeric), math (math_verify)")
 
 
 def mean(values: List[float]) -> float:
