@@ -3,7 +3,7 @@
 - A run directory generates from its hf/ export; with the export gone, from its newest checkpoint built in memory
   (nothing written): the same greedy completions, equal to transformers' generate on the export.
 - An adapter run (peft=lora, merge_on_export=false): its hf_adapter/ folder and its checkpoint give the same
-  completions as peft's PeftModel over the base.
+  completions as peft's PeftModel over the base. A QLoRA run: its checkpoint (NF4 base) answers as its merged export.
 - `echo PROMPT | xtune chat RUN` and `xtune chat RUN --prompt PROMPT` print the answer (the engine's greedy
   completion) and exit 0; bad paths exit 2 with one message naming the path and what was expected.
 """
@@ -93,6 +93,22 @@ def test_adapter_run_folder_and_checkpoint_equal_peft(tmp_path):
         assert c.token_ids == out[0, ids.shape[1]:].tolist()
     shutil.rmtree(run / "hf_adapter")
     assert Generator.from_path(run).generate(PROMPTS, spec) == got  # the checkpoint, adapters injected
+
+
+def test_qlora_run_checkpoint_generates_like_its_merged_export(tmp_path):
+    """QLoRA: the checkpoint built in memory (NF4 base, adapters injected, as trained) answers as the merged export
+    peft wrote (base dequantized, adapters merged)."""
+    run = _train(tmp_path / "qlora", tmp_path / "cache", "peft=qlora")
+    spec = GenSpec(max_new_tokens=10)
+    got = Generator.from_path(run).generate(PROMPTS, spec)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("hf", "hf_adapter"))
+    gen = Generator.from_path(copy)
+    assert "checkpoint" in gen.source
+    from xtune.peft.quant import is_nf4
+
+    assert any(is_nf4(p) for p in gen.model.parameters())
+    assert gen.generate(PROMPTS, spec) == got
 
 
 def test_chat_over_a_pipe_and_with_prompt(run):

@@ -104,7 +104,8 @@ class DataSpec:
     datasets: List[DatasetSpec] = field(default_factory=list)
     # Evaluation datasets, never mixed into training.
     eval_datasets: List[DatasetSpec] = field(default_factory=list)
-    # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped).
+    # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped). At most
+    # data.pack_max_length, except with data.pack=hard, which cuts longer samples into rows.
     sample_max_length: int = 2048
     # Tokens per packed row.
     pack_max_length: int = 4096

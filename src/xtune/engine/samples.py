@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import transformers
+
 from xtune.config.schema import GenSpec
 from xtune.generate import Generator
 from xtune.generate.load import load_export
@@ -37,8 +39,6 @@ def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_n
     """Greedy completions of `prompts` by the export at `hf_dir` (this process only: rank 0 of a run); appended to
     `out_file` (JSON lines, full text), shown in `log` as one readable line each and given to
     `text_log(tag, markdown, step)` (TensorBoard text)."""
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     generator = Generator(load_export(adapter, hf_dir), tokenizer, family=adapter.family, shard_ranks=False)
     spec = GenSpec(max_new_tokens=max_new_tokens, enable_thinking=False, batch_size=max(1, len(prompts)))

@@ -19,6 +19,7 @@ import torch
 
 from xtune.config.schema import GenSpec
 from xtune.generate import live, shard
+from xtune.generate.load import load
 from xtune.generate.prompts import ImageSettings, Prompt, PromptRenderer, Rendered
 
 FAMILY_OF_MODEL_TYPE = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "internvl": "intern_s1", "interns1": "intern_s1"}
@@ -55,8 +56,6 @@ class Generator:
     @classmethod
     def from_path(cls, path, *, device="cpu", dtype=None, trust_remote_code: bool = False) -> "Generator":
         """A run directory, a Hugging Face folder or a PEFT adapter folder (see `load.py`)."""
-        from xtune.generate.load import load
-
         loaded = load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         images = ImageSettings.of(loaded.model_spec) if loaded.model_spec.family == "intern_s1" else None
         gen = cls(loaded.model, loaded.tokenizer, device=device, processor=images, template=loaded.template,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple, TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -30,8 +31,6 @@ def agreed_batches(mine: int, lockstep: bool) -> int:
     part in every forward) the most any rank has."""
     if not lockstep:
         return mine
-    import torch
-
     n = torch.tensor([mine], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         n = n.cuda()
