@@ -205,6 +205,15 @@ def _sweep_job(cfg) -> tuple:
 # --------------------------------------------------------------------------- other commands
 
 
+def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
+                 config_dirs: List[str]) -> int:
+    """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
+    from xtune.eval.command import run_eval
+
+    return run_eval(path, overrides, out=out, multirun=multirun, dry_run=dry_run, config_dirs=config_dirs,
+                    console=_console())
+
+
 def recipes_table(config_dirs: List[str]) -> None:
     table = Table(title="xtune recipes", show_lines=False)
     for col in ("recipe", "model", "data", "description"):

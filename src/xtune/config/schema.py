@@ -233,6 +233,14 @@ class TrainSpec:
     sample_every: int = 0
     # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
+    # Eval tasks (conf/eval/NAME.yaml options, or YAML files) run on the live model every eval_tasks_every steps and
+    # at the end; eval/<task>/<metric> in metrics.jsonl, TensorBoard and W&B.
+    eval_tasks: List[str] = field(default_factory=list)
+    # Run train.eval_tasks every N steps (0: only at the end).
+    eval_tasks_every: int = 0
+    # <task>/<metric> (e.g. demo/accuracy): keep the checkpoint where it was highest as checkpoints/best and export
+    # it to <work_dir>/hf_best.
+    keep_best: Optional[str] = None
 
 
 @dataclass(frozen=True)
