@@ -15,6 +15,7 @@ from typing import Iterable, List, Optional
 
 from xtune.config.families import family_problems, folder_config
 from xtune.config.resources import assets_dir
+from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
 from xtune.launch.env import launch_env
 
@@ -154,6 +155,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     problems.extend(model_problems(m, check_files=check_files))
     problems.extend(peft_problems(spec))
     problems.extend(pref_problems(spec))
+    problems.extend(grpo_problems(spec, check_files=check_files))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
