@@ -5,7 +5,7 @@
     python tools/make_demo_grpo.py --out /tmp/demo # anywhere else
 
 Each record asks one of the SFT demo's small sums or differences (the same phrasings as make_demo_data.py) and
-keeps its number in `answer`, which the demo's verifiable reward (regex_numeric) compares with the last number of
+keeps its number in `answer`, which the demo's verifiable reward (regex) compares with the last number of
 a completion. Half the records give the prompt as a string, half as a message list. Everything comes from
 `random.Random(SEED)`.
 """

@@ -24,7 +24,7 @@ def test_the_demo_recipe_composes_with_the_grpo_group():
     g = spec.grpo
     assert isinstance(g, GrpoSpec) and g.num_generations == 4 and g.loss == "dr_grpo"
     assert g.epsilon_high == 0.28 and g.importance_sampling_level == "sequence"
-    assert g.rewards == [RewardSpec(builtin="regex_numeric")]
+    assert g.rewards == [RewardSpec(builtin="regex")]
     # the group's defaults fill what the recipe leaves out
     assert (g.advantage, g.scale_rewards, g.beta, g.num_iterations) == ("group", "group", 0.0, 1)
 
@@ -55,7 +55,7 @@ def test_a_reward_list_of_user_functions_composes(tmp_path):
     (["data.pack=hard"], "data.pack=hard cuts documents"),
     (["grpo.rewards=[]"], "grpo.rewards is empty"),
     (["grpo.rewards=[{builtin: nope}]"], "grpo.rewards[0].builtin=nope: not allowed; choose one of exact, "
-                                         "regex_numeric, math_verify, format, length"),
+                                         "regex, math, format, length"),
     (["grpo.rewards=[{builtin: exact, fn: 'a:b'}]"], "grpo.rewards[0]: give exactly one of fn"),
     (["grpo.rewards=[{weight: 1.0}]"], "grpo.rewards[0]: give exactly one of fn"),
     (["grpo.rewards=[{fn: just_a_module}]"], "grpo.rewards[0].fn=just_a_module: expected module:function"),

@@ -43,7 +43,7 @@ CHOICES: Dict[str, tuple] = {
 }
 
 # Rewards a `grpo.rewards` item may name with `builtin` (methods/grpo_rewards.py): the eval scorers and two shapes.
-REWARD_BUILTINS = ("exact", "regex_numeric", "math_verify", "format", "length")
+REWARD_BUILTINS = ("exact", "regex", "math", "format", "length")
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class RewardSpec:
     name: Optional[str] = None
     # A user function `module:function(prompts, completions, **fields) -> list[float]` (module under grpo.reward_path).
     fn: Optional[str] = None
-    # A builtin reward: exact, regex_numeric, math_verify (the eval scorers, against the record's `answer`),
+    # A builtin reward: exact, regex, math (the eval scorers of the same names, against the record's `answer`),
     # format (1 when a regex matches the whole completion), length (a penalty per token over a budget).
     builtin: Optional[str] = None
     # Weight of this reward in the total.

@@ -17,8 +17,8 @@ FN_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
 # The keyword arguments each builtin takes (methods/grpo_rewards.py).
 BUILTIN_ARGS = {
     "exact": ("field", "normalize"),
-    "regex_numeric": ("field", "pattern", "tolerance"),
-    "math_verify": ("field",),
+    "regex": ("field", "pattern", "compare", "normalize", "tolerance"),
+    "math": ("field",),
     "format": ("pattern",),
     "length": ("max_tokens", "penalty"),
 }
