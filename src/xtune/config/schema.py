@@ -165,7 +165,7 @@ class SchedSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    # auto: liger on CUDA when installed, chunk otherwise.
+    # auto: chunk (measured faster than liger on an H200; liger must be asked for).
     mode: str = "auto"
     # Tokens per chunk of the chunked cross-entropy (memory grows with chunk_size x vocab).
     chunk_size: int = 1024

@@ -18,16 +18,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from xtune.errors import XtuneError
+from xtune.parallel import attention
+from xtune.parallel.build import DTYPES, meta_model
 
 log = logging.getLogger("xtune.engine")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def param_dtype(parallel, device: torch.device) -> torch.dtype:
     if parallel.param_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[parallel.param_dtype]
+    return DTYPES[parallel.param_dtype]
 
 
 def checkpointed_indices(n_blocks: int, ratio: float) -> list[int]:
@@ -64,7 +65,7 @@ def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torc
     """fully_shard each block, then the root (which takes the remaining parameters). `ignored` parameters
     (QLoRA's 4-bit bases) stay whole on every rank, outside FSDP."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel, device),
-                              reduce_dtype=_DTYPES[parallel.reduce_dtype])
+                              reduce_dtype=DTYPES[parallel.reduce_dtype])
     offload = OffloadPolicy()
     if parallel.cpu_offload:
         if device.type == "cuda":
@@ -85,7 +86,7 @@ def needs_fsdp(spec, denv) -> bool:
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
     (about 10% of a CPU step). Checkpoints, export and clipping work the same on both."""
-    master = _DTYPES[spec.model.dtype]
+    master = DTYPES[spec.model.dtype]
     return (denv.world_size > 1 or param_dtype(spec.parallel, denv.device) != master
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
 
@@ -94,7 +95,8 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     """Meta-init -> (adapters) -> (activation checkpointing) -> fully_shard -> to_empty -> init / load
     -> (4-bit base, adapter init).
 
-    `make_root(model)` returns the FSDP root module wrapping the model (the loss module).
+    `make_root(model, attn_impl)` returns the FSDP root module wrapping the model (the loss module); `attn_impl` is
+    the implementation its forward passes to `packed_kwargs` (parallel/attention.py switched the decoder to it).
     `on_base_ready(model, config)` runs once the base weights are initialised or loaded, before quantization
     when the base is random-init (the trainer saves it there); a QLoRA base loaded from a folder is 4-bit by
     then. Returns (root, model config, LoraConfig or None); the HF model is `root.model`.
@@ -105,19 +107,11 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
     # the base it saved).
     load_from = adapter.spec.load_from
-    config = adapter.build_config()
-    with torch.device("meta"):
-        model = adapter.build_model(config, attn_impl)
-    if denv.sp_size > 1:
-        from xtune.parallel import ulysses
-
-        ulysses.register(denv.sp_group)
-        ulysses.use_on(adapter.language_model(model), attn_impl)
-    model.to(dtype=_DTYPES[spec.model.dtype])
-    adapter.apply_freeze(model)
-    lora_config = xpeft.inject(model, adapter, spec.peft) if xpeft.enabled(spec.peft) else None
+    model, config, lora_config = meta_model(adapter, spec, attn_impl)
+    forward_impl = attention.switch(adapter.language_model(model), attn_impl,
+                                    denv.sp_group if denv.sp_size > 1 else None)
     quantize = lora_config is not None and spec.peft.quantize == "nf4"
-    root = make_root(model)
+    root = make_root(model, forward_impl)
     blocks = list(adapter.blocks(model))
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
