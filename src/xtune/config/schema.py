@@ -237,6 +237,14 @@ class TrainSpec:
     sample_every: int = 0
     # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
+    # Eval tasks (conf/eval/NAME.yaml options, or YAML files) run on the live model every eval_tasks_every steps and
+    # at the end; eval/<task>/<metric> in metrics.jsonl, TensorBoard and W&B.
+    eval_tasks: List[str] = field(default_factory=list)
+    # Run train.eval_tasks every N steps (0: only at the end).
+    eval_tasks_every: int = 0
+    # <task>/<metric> (e.g. demo/accuracy): keep the checkpoint where it was highest as checkpoints/best and export
+    # it to <work_dir>/hf_best.
+    keep_best: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -339,6 +347,32 @@ class GrpoSpec:
 
 
 @dataclass(frozen=True)
+class GenSpec:
+    """Generation settings shared by `xtune chat`, `xtune eval`, eval tasks during training and samples."""
+
+    # Most tokens generated per completion.
+    max_new_tokens: int = 256
+    # Sampling temperature; 0 is greedy.
+    temperature: float = 0.0
+    # Nucleus sampling: the smallest set of tokens whose probabilities sum to top_p (1: off).
+    top_p: float = 1.0
+    # Sample among the top_k most likely tokens (0: off).
+    top_k: int = 0
+    # >1 discourages tokens already in the context (CTRL's penalty; 1: off).
+    repetition_penalty: float = 1.0
+    # Completions per prompt.
+    n: int = 1
+    # Strings that end a completion (besides the tokenizer's EOS and generation_config.json's stop ids).
+    stop: List[str] = field(default_factory=list)
+    # Seeds sampling: the same seed and settings give the same completions.
+    seed: int = 0
+    # Prompts generated together.
+    batch_size: int = 16
+    # The chat template's thinking switch (Qwen3's enable_thinking); false renders the empty think block.
+    enable_thinking: bool = False
+
+
+@dataclass(frozen=True)
 class LoggingSpec:
     # TensorBoard scalars in <work_dir>/tb.
     tensorboard: bool = True
@@ -367,6 +401,7 @@ class RunSpec:
     peft: PeftSpec = field(default_factory=PeftSpec)
     pref: PrefSpec = field(default_factory=PrefSpec)
     grpo: GrpoSpec = field(default_factory=GrpoSpec)
+    gen: GenSpec = field(default_factory=GenSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
 
 

@@ -17,6 +17,7 @@ from xtune.config.families import family_problems, folder_config
 from xtune.config.resources import assets_dir
 from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
+from xtune.config.validate_eval import train_eval_problems
 from xtune.launch.env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
@@ -156,6 +157,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     problems.extend(peft_problems(spec))
     problems.extend(pref_problems(spec))
     problems.extend(grpo_problems(spec, check_files=check_files))
+    problems.extend(train_eval_problems(spec, check_files=check_files))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")

@@ -48,6 +48,14 @@ def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
     if spec.data.pack == "hard":
         problems.append("data.pack=hard cuts documents, but a completion must stay whole in one row: "
                         "use data.pack=soft, bfd or none")
+    gen = spec.gen
+    if not gen.temperature > 0:
+        problems.append(f"gen.temperature={gen.temperature}: grpo samples its completions; give a temperature > 0 "
+                        "(e.g. 1.0): greedy completions of a prompt would all be the same")
+    if g.max_prompt_length + gen.max_new_tokens > spec.data.pack_max_length:
+        problems.append(f"grpo.max_prompt_length={g.max_prompt_length} + gen.max_new_tokens={gen.max_new_tokens} "
+                        f"exceeds data.pack_max_length={spec.data.pack_max_length}: a prompt and its completion must "
+                        "fit in one packed row")
     problems.extend(reward_problems(spec, check_files=check_files))
     return problems
 
