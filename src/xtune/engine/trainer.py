@@ -129,10 +129,8 @@ class Trainer:
         attn_impl = attention.resolve(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         # Data first: a bad record or image stops the run before any model is built.
-        if loader is None:
-            from xtune.data import build_train_loader
-
-            loader = build_train_loader(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size, rank=d.rank)
+        if loader is None:  # the method's step source (the data stage's loader; grpo's rollouts)
+            loader = method.train_loader(spec, tokenizer, d)
         self.loader = loader
         if eval_batches is None and spec.data.eval_datasets:
             from xtune.data import build_eval_batches

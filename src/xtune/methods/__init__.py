@@ -10,6 +10,10 @@ from xtune.methods.base import Method
 
 
 def get_method(spec) -> Method:
+    if spec.method == "grpo":
+        from xtune.methods.grpo import GrpoMethod
+
+        return GrpoMethod(spec)
     if spec.method == "dpo":
         from xtune.methods.preference import PreferenceMethod
 
