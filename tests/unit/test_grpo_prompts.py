@@ -1,0 +1,91 @@
+"""GRPO prompt records: a `prompt` string or message list, or `messages` ending with a user turn; the other keys
+kept as fields; rendered as the tokenizer's own apply_chat_template renders a generation prompt; bad records located
+(file:line) or skipped; long prompts keep their end; the stream is a seeded permutation per pass, resumable."""
+
+import dataclasses
+import json
+
+import pytest
+
+from xtune.config.schema import DatasetSpec, DataSpec, GrpoSpec, ModelSpec, RunSpec
+from xtune.data.prompts import PromptSet, PromptStream
+from xtune.errors import DataError
+from xtune.models import get_adapter
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_adapter(ModelSpec(family="qwen3", tokenizer="builtin:qwen3_tiny")).load_tokenizer()
+
+
+def _spec(path, **grpo):
+    return dataclasses.replace(RunSpec(), method="grpo", grpo=GrpoSpec(**grpo), model=ModelSpec(family="qwen3"),
+                               data=DataSpec(datasets=[DatasetSpec(name="p", path=str(path))]))
+
+
+def _write(tmp_path, records):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return f
+
+
+def test_prompt_forms_fields_and_rendering(tmp_path, tokenizer):
+    f = _write(tmp_path, [
+        {"prompt": "What is 2 + 3?", "answer": "5"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "id": 7},
+        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                      {"role": "user", "content": "C"}], "answer": "D"},
+    ])
+    ps = PromptSet(_spec(f), tokenizer)
+    assert len(ps) == 3
+    first = ps[0]
+    assert first.prompt == "What is 2 + 3?" and first.fields == {"answer": "5"} and first.source == f"{f}:1"
+    assert ps[1].fields == {"id": 7} and ps[2].fields == {"answer": "D"}
+    # independent: transformers' apply_chat_template with the generation prompt (thinking off, gen's default)
+    want = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                         enable_thinking=False, tokenize=False)
+    assert first.ids == tokenizer(want, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ps[2].ids).rstrip().endswith("assistant\n<think>\n\n</think>")
+
+
+def test_long_prompts_keep_their_end(tmp_path, tokenizer):
+    f = _write(tmp_path, [{"prompt": "word " * 200 + "the question?"}])
+    full = PromptSet(_spec(f), tokenizer)[0].ids
+    ps = PromptSet(_spec(f, max_prompt_length=16), tokenizer)
+    assert ps[0].ids == full[-16:] and ps.truncated == 1
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"text": "no prompt"}, "a prompt record is an object with a 'prompt' (text or messages) or 'messages' key"),
+    ({"prompt": []}, "'prompt' must be a string or a non-empty list of messages"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "the last message must be a user turn (the prompt to answer), got 'assistant'"),
+    ({"prompt": [{"role": "wizard", "content": "q"}]}, "unknown role 'wizard'"),
+    ('{"prompt": "unterminated', "malformed JSON"),
+])
+def test_a_bad_record_is_located(tmp_path, tokenizer, record, fragment):
+    f = _write(tmp_path, [{"prompt": "fine"}, record])
+    with pytest.raises(DataError, match=f"{f}:2: ") as e:
+        PromptSet(_spec(f), tokenizer)
+    assert fragment in str(e.value)
+
+
+def test_on_error_skip_counts_the_bad_records(tmp_path, tokenizer):
+    f = _write(tmp_path, [{"prompt": "fine"}, {"text": "bad"}, {"prompt": "also fine"}])
+    spec = _spec(f)
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, on_error="skip"))
+    ps = PromptSet(spec, tokenizer)
+    assert [p.prompt for p in ps.items] == ["fine", "also fine"] and len(ps.skipped) == 1
+
+
+def test_the_stream_is_a_seeded_permutation_per_pass_and_resumes():
+    s = PromptStream(5, seed=3)
+    first = s.take(3) + s.take(4)  # crosses into the second pass
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and len(set(first[5:])) == 2
+    again = PromptStream(5, seed=3)
+    again.take(3)
+    state = again.state_dict()
+    resumed = PromptStream(5, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(4) == first[3:]
+    assert PromptStream(5, seed=4).take(5) != first[:5]
