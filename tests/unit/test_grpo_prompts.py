@@ -89,3 +89,9 @@ def test_the_stream_is_a_seeded_permutation_per_pass_and_resumes():
     resumed.load_state_dict(state)
     assert resumed.take(4) == first[3:]
     assert PromptStream(5, seed=4).take(5) != first[:5]
+
+
+def test_each_pass_has_its_own_order():
+    s = PromptStream(20, seed=1)
+    a, b = s.take(20), s.take(20)
+    assert sorted(a) == sorted(b) == list(range(20)) and a != b
