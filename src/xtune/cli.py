@@ -150,6 +150,32 @@ def plot(
     _guarded(body)
 
 
+@app.command()
+def chat(
+    path: Path = typer.Argument(..., help="A run directory, a Hugging Face model folder or a PEFT adapter folder"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Generation settings: gen.KEY=VALUE (gen.temperature=0.7, "
+                                                               "gen.max_new_tokens=64, gen.stop=[...]) or gen=NAME"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt, print the answer and exit"),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image for the (first) turn: vision-language models"),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Same as gen.max_new_tokens=N"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Same as gen.temperature=T (0: greedy)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run Python code shipped in the model folder (read it first)"),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Chat with a model in the terminal (streamed; /reset, /system TEXT, /image FILE, /exit). With --prompt, or a
+    prompt piped on standard input, print one answer and exit."""
+    from xtune.commands import chat_command
+
+    code = _guarded(lambda: chat_command(
+        path, list(overrides or []), prompt=prompt, image=image, system=system,
+        flags={"max_new_tokens": max_new_tokens, "temperature": temperature}, device=device,
+        trust_remote_code=trust_remote_code, config_dirs=list(config_dir or [])))
+    raise typer.Exit(code or 0)
+
+
 def _both_export_flags():
     from xtune.errors import XtuneError
 

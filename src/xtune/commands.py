@@ -257,3 +257,39 @@ def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
     tokenizer = get_adapter(spec.model).load_tokenizer()
     inspect(spec, tokenizer, _console())
 
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def compose_gen(overrides: Sequence[str], config_dirs: Sequence[str] = ()):
+    """The `gen` group composed with Hydra like every group (gen=NAME, gen.KEY=VALUE) and validated: a GenSpec."""
+    from xtune.config.compose import compose_jobs, without_hydra
+    from xtune.config.io import to_frozen
+    from xtune.config.schema import GenSpec
+    from xtune.config.validate_gen import gen_problems
+
+    others = [o for o in overrides if not o.lstrip("+~").partition("=")[0].split(".")[0] == "gen"]
+    if others:
+        raise ConfigError([f"{o}: only generation settings are taken here (gen.KEY=VALUE, e.g. gen.temperature=0.7, "
+                           "or gen=NAME)" for o in others])
+    cfg = without_hydra(compose_jobs("sft", list(overrides), config_dirs, validate=False)[0].cfg)
+    spec = to_frozen(GenSpec, cfg.gen)
+    problems = gen_problems(spec)
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def chat_command(path: Path, overrides: List[str], *, prompt: Optional[str], image: Optional[Path],
+                 system: Optional[str], flags: dict, device: str, trust_remote_code: bool,
+                 config_dirs: List[str]) -> int:
+    """`xtune chat PATH [gen.KEY=VALUE ...]`: flags (--max-new-tokens, --temperature) are gen overrides too."""
+    from xtune.generate.chat import run_chat
+
+    extra = [f"gen.{k}={v}" for k, v in flags.items() if v is not None]
+    gen = compose_gen(list(overrides) + extra, config_dirs)
+    if image is not None and not image.is_file():
+        raise XtuneError(f"--image {image}: no such file")
+    return run_chat(str(path), gen, prompt=prompt, image=str(image.resolve()) if image else None, system=system,
+                    device=device, trust_remote_code=trust_remote_code)

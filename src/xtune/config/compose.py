@@ -28,7 +28,7 @@ from xtune.config.schema import RunSpec
 from xtune.config.validate import check_value, suggest
 from xtune.errors import ConfigError
 
-GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft", "grpo")
+GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft", "gen", "grpo")
 # Command -> its primary config in conf/ (a new command, e.g. dpo, adds its line and its conf/<name>.yaml).
 PRIMARY = {"sft": "sft", "dpo": "dpo", "grpo": "grpo"}
 SCHEMA_NAME = "xtune_schema"
@@ -141,7 +141,8 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
         # A section's key given at the top level (lr -> optim.lr) beats a near spelling (seed -> sched).
         owners = [f"{sec}.{part}" for sec in options
                   if not walked and isinstance(node.get(sec), DictConfig) and part in node[sec]]
-        hint = f" Did you mean '{owners[0]}'?" if len(owners) == 1 else suggest(part, options)
+        others = "".join(f" (or '{o}')" for o in owners[1:])  # seed: train.seed, then gen.seed
+        hint = f" Did you mean '{owners[0]}'?{others}" if owners else suggest(part, options)
         allowed = f" Keys of {where}: {', '.join(map(str, options))}." if options and not hint else ""
         return f"{key}={given}: unknown key '{part}' in {where}.{hint}{allowed}"
     # The key exists; the unknown one is inside the value (e.g. a list of dataset mappings).

@@ -348,28 +348,28 @@ class GrpoSpec:
 
 @dataclass(frozen=True)
 class GenSpec:
-    """Generation settings shared by `xtune chat`, `xtune eval`, eval tasks during training and samples."""
+    """Generation settings (the `gen` group): `xtune chat`, `xtune eval` and the samples of a run."""
 
-    # Most tokens generated per completion.
+    # Most tokens generated per completion (a completion cut here has finish_reason "length").
     max_new_tokens: int = 256
-    # Sampling temperature; 0 is greedy.
+    # Sampling temperature; 0 means greedy decoding (top_p, top_k and seed are then unused).
     temperature: float = 0.0
-    # Nucleus sampling: the smallest set of tokens whose probabilities sum to top_p (1: off).
+    # Nucleus sampling: keep the smallest set of tokens whose probabilities sum to top_p (1.0: off).
     top_p: float = 1.0
-    # Sample among the top_k most likely tokens (0: off).
+    # Keep only the k most likely tokens when sampling (0: off).
     top_k: int = 0
-    # >1 discourages tokens already in the context (CTRL's penalty; 1: off).
+    # Divide the logits of tokens already in the prompt or the completion by this (> 1 discourages repeats; 1.0: off).
     repetition_penalty: float = 1.0
-    # Completions per prompt.
+    # Completions per prompt (needs temperature > 0: greedy completions would all be the same).
     n: int = 1
-    # Strings that end a completion (besides the tokenizer's EOS and generation_config.json's stop ids).
+    # Strings that end a completion; the completion's text stops before the first one.
     stop: List[str] = field(default_factory=list)
-    # Seeds sampling: the same seed and settings give the same completions.
+    # Seeds sampling: the same seed, prompts and batch_size give the same completions.
     seed: int = 0
-    # Prompts generated together.
+    # Prompts per generate call (one padded batch with a KV cache).
     batch_size: int = 16
-    # The chat template's thinking switch (Qwen3's enable_thinking); false renders the empty think block.
-    enable_thinking: bool = False
+    # Passed to the chat template as enable_thinking; null passes nothing (the template's default, as in training).
+    enable_thinking: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -401,8 +401,8 @@ class RunSpec:
     peft: PeftSpec = field(default_factory=PeftSpec)
     pref: PrefSpec = field(default_factory=PrefSpec)
     grpo: GrpoSpec = field(default_factory=GrpoSpec)
-    gen: GenSpec = field(default_factory=GenSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    gen: GenSpec = field(default_factory=GenSpec)
 
 
 def needs_reference(loss: str) -> bool:

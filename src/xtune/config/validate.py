@@ -18,6 +18,7 @@ from xtune.config.resources import assets_dir
 from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
 from xtune.config.validate_eval import train_eval_problems
+from xtune.config.validate_gen import gen_problems
 from xtune.launch.env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
@@ -158,6 +159,7 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     problems.extend(pref_problems(spec))
     problems.extend(grpo_problems(spec, check_files=check_files))
     problems.extend(train_eval_problems(spec, check_files=check_files))
+    problems.extend(gen_problems(spec.gen))
 
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
