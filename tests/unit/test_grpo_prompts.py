@@ -1,6 +1,7 @@
 """GRPO prompt records: a `prompt` string or message list, or `messages` ending with a user turn; the other keys
 kept as fields; rendered as the tokenizer's own apply_chat_template renders a generation prompt; bad records located
-(file:line) or skipped; long prompts keep their end; the stream is a seeded permutation per pass, resumable."""
+(file:line) or skipped; prompts over the length limit left out; the ids equal the generation engine's
+rendering; the stream is a seeded permutation per pass, resumable."""
 
 import dataclasses
 import json
@@ -41,18 +42,34 @@ def test_prompt_forms_fields_and_rendering(tmp_path, tokenizer):
     first = ps[0]
     assert first.prompt == "What is 2 + 3?" and first.fields == {"answer": "5"} and first.source == f"{f}:1"
     assert ps[1].fields == {"id": 7} and ps[2].fields == {"answer": "D"}
-    # independent: transformers' apply_chat_template with the generation prompt (thinking off, gen's default)
+    # independent: transformers' apply_chat_template with the generation prompt (gen.enable_thinking null: not passed)
     want = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
-                                         enable_thinking=False, tokenize=False)
+                                         tokenize=False)
     assert first.ids == tokenizer(want, add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(ps[2].ids).rstrip().endswith("assistant\n<think>\n\n</think>")
+    assert tokenizer.decode(ps[2].ids).endswith("<|im_start|>assistant\n")
 
 
-def test_long_prompts_keep_their_end(tmp_path, tokenizer):
-    f = _write(tmp_path, [{"prompt": "word " * 200 + "the question?"}])
-    full = PromptSet(_spec(f), tokenizer)[0].ids
-    ps = PromptSet(_spec(f, max_prompt_length=16), tokenizer)
-    assert ps[0].ids == full[-16:] and ps.truncated == 1
+@pytest.mark.parametrize("thinking", [None, False, True])
+def test_the_ids_trained_on_are_the_ids_the_generation_engine_samples_from(tmp_path, tokenizer, thinking):
+    from xtune.generate.prompts import PromptRenderer
+
+    prompts = ["What is 2 + 3?", [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]]
+    f = _write(tmp_path, [{"prompt": p} for p in prompts])
+    spec = _spec(f)
+    spec = dataclasses.replace(spec, gen=dataclasses.replace(spec.gen, enable_thinking=thinking))
+    ps = PromptSet(spec, tokenizer)
+    engine = PromptRenderer(tokenizer, spec.data.template, spec.model.family)
+    assert [p.ids for p in ps.items] == [engine.render(p, thinking).ids for p in prompts]
+    if thinking is False:
+        assert tokenizer.decode(ps[0].ids).endswith("<think>\n\n</think>\n\n")
+
+
+def test_prompts_over_the_length_limit_are_left_out(tmp_path, tokenizer):
+    f = _write(tmp_path, [{"prompt": "word " * 200 + "the question?"}, {"prompt": "short"}])
+    ps = PromptSet(_spec(f, max_prompt_length=32), tokenizer)
+    assert [p.prompt for p in ps.items] == ["short"] and ps.too_long == 1
+    with pytest.raises(DataError, match="no usable prompt"):
+        PromptSet(_spec(f, max_prompt_length=4), tokenizer)
 
 
 @pytest.mark.parametrize("record, fragment", [

@@ -342,7 +342,7 @@ class GrpoSpec:
     rewards: List[RewardSpec] = field(default_factory=list)
     # Folder put on the import path while the `fn` rewards' modules are imported.
     reward_path: Optional[str] = None
-    # Prompts longer than this many tokens are cut from the left (their start).
+    # Prompts longer than this many tokens (rendered with the chat template) are left out, counted in the log.
     max_prompt_length: int = 512
 
 

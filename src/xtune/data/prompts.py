@@ -22,7 +22,7 @@ import numpy as np
 from xtune.data.mix import ratio_indices
 from xtune.data.records import load_line, parse_record
 from xtune.data.sources import iter_file, list_files
-from xtune.data.templates import resolve_template
+from xtune.data.templates import TEMPLATE_ERRORS, Renderer, resolve_template, template_error
 from xtune.errors import DataError
 
 log = logging.getLogger("xtune.data")
@@ -67,11 +67,12 @@ class PromptSet:
         d = spec.data
         self.template = resolve_template(tokenizer, d.template, spec.model.family or "qwen3")
         self.tokenizer = tokenizer
+        self.renderer = Renderer(tokenizer, self.template)
         self.enable_thinking = spec.gen.enable_thinking
         self.max_length = spec.grpo.max_prompt_length
         self.items: List[Prompt] = []
         self.skipped: List[str] = []
-        self.truncated = 0
+        self.too_long = 0
         for i, ds in enumerate(d.datasets):
             found = self._read(ds, d.on_error == "skip")
             keep = ratio_indices(len(found), ds.sample_ratio, spec.train.seed, i)
@@ -79,8 +80,8 @@ class PromptSet:
         if not self.items:
             raise DataError(f"no usable prompt in data.datasets ({', '.join(ds.path for ds in d.datasets)})"
                             + (f"; {len(self.skipped)} skipped, first: {self.skipped[0]}" if self.skipped else ""))
-        log.info("grpo prompts: %d (%d truncated to %d tokens, %d skipped)", len(self.items), self.truncated,
-                 self.max_length, len(self.skipped))
+        log.info("grpo prompts: %d (%d longer than %d tokens left out, %d bad records skipped)", len(self.items),
+                 self.too_long, self.max_length, len(self.skipped))
 
     def _read(self, ds, skip: bool) -> List[Prompt]:
         out = []
@@ -89,7 +90,11 @@ class PromptSet:
             for locator, line in iter_file(file):
                 try:
                     raw, messages, fields, where = parse_prompt(file, locator, line, media_root)
-                    out.append(Prompt(self.encode(messages, where), raw, fields, where))
+                    ids = self.encode(messages, where)
+                    if len(ids) > self.max_length:
+                        self.too_long += 1
+                        continue
+                    out.append(Prompt(ids, raw, fields, where))
                 except DataError as e:
                     if not skip:
                         raise
@@ -98,15 +103,17 @@ class PromptSet:
 
     def encode(self, messages, where: str) -> List[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True, enable_thinking=self.enable_thinking)
-        except Exception as e:  # noqa: BLE001 (a template's own errors, on this record)
-            raise DataError(f"{where}: the chat template failed on this prompt: {type(e).__name__}: {e}") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids = ids[-self.max_length:]
-        return list(ids)
+            if self.enable_thinking is None:
+                text = self.renderer.render(messages, add_generation_prompt=True)
+            else:
+                text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                          add_generation_prompt=True,
+                                                          enable_thinking=self.enable_thinking)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        except TEMPLATE_ERRORS as e:
+            raise DataError(f"{where}: {template_error(e, self.tokenizer)}") from None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __len__(self) -> int:
         return len(self.items)

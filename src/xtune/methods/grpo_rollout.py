@@ -9,8 +9,8 @@ groups. Each rank then trains its contiguous share of the completions, `train.mi
 packed micro-batch. Log-probs of the sampling policy are kept when `num_iterations` > 1 (later passes need the
 ratio to it), and the reference's when `beta` > 0.
 
-Sampling is seeded by (train.seed, rollout index, round, the prompt's place in the round) and the stream's position
-is the loader state in the checkpoint, so a resumed run samples the same prompts with the same random stream.
+Sampling is seeded by (train.seed, rollout index, round) and the stream's position is the loader state in the
+checkpoint, so a resumed run samples the same prompts with the same random stream.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import time
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 from xtune.data.prompts import PromptSet, PromptStream
 from xtune.engine.trainer import derived_seed
 from xtune.methods.grpo_advantages import advantages, zero_std_groups
 from xtune.methods.grpo_rewards import Batch, build_rewards, score, total
-from xtune.methods.grpo_sample import Completion, pack, sample_completions
+from xtune.generate import Generator
+from xtune.methods.grpo_sample import Completion, pack, sample
 
 
 class Rollouts:
@@ -41,6 +41,7 @@ class Rollouts:
         self.metrics: Dict[str, float] = {}
         self.samples: List[dict] = []
         self.trainer = None  # attached by GrpoMethod.prepare (the live model samples the completions)
+        self.generator = None
         t = spec.train
         rollouts = t.max_steps or math.ceil((t.epochs or 1) * len(prompts) / self.num_prompts) * self.g.num_iterations
         self.total_steps = int(rollouts)
@@ -69,68 +70,53 @@ class Rollouts:
     # ------------------------------------------------------------------------------------------------ rollout
 
     def _sample_round(self, index: int, rnd: int, k: int):
-        """k prompts from the stream and their completions, gathered on every rank (prompt-major)."""
+        """k prompts from the stream and their completions, on every rank (prompt-major)."""
         idx = self.stream.take(k)
-        d, tr = self.denv, self.trainer
-        comps = []
-        # One generate call per prompt, seeded by its place in the rollout: the same completions on any number of ranks.
-        for pos in range(d.rank, len(idx), d.world_size):
-            seed = derived_seed(self.spec.train.seed, index, rnd * 1_000_003 + pos)
-            comps += sample_completions(tr.root, tr.model, tr.tokenizer, [self.prompts[idx[pos]].ids],
-                                        self.g.num_generations, self.spec.gen, seed, tr.device,
-                                        sync_steps=d.world_size > 1)
-        if d.world_size > 1:
-            parts = [None] * d.world_size
-            dist.all_gather_object(parts, comps)
-            n = self.g.num_generations
-            comps = [None] * (len(idx) * n)
-            for r, part in enumerate(parts):
-                for j, c in enumerate(part):
-                    comps[(r + (j // n) * d.world_size) * n + j % n] = c
+        if self.generator is None:
+            tr = self.trainer
+            self.generator = Generator(tr.root, tr.tokenizer, device=tr.device, template=self.spec.data.template,
+                                       family=self.spec.model.family)
+        seed = derived_seed(self.spec.train.seed, index, rnd) % (2 ** 31)
+        comps = sample(self.generator, [self.prompts[i].prompt for i in idx], self.g.num_generations, self.spec.gen,
+                       seed)
         return idx, comps
 
     def _score(self, idx: List[int], comps: List[Completion]) -> torch.Tensor:
-        n, tok = self.g.num_generations, self.trainer.tokenizer
+        n = self.g.num_generations
         items = [self.prompts[i] for i in idx for _ in range(n)]
         keys = sorted({k for it in items for k in it.fields})
-        batch = Batch([it.prompt for it in items], [tok.decode(c.ids, skip_special_tokens=True) for c in comps],
-                      [len(c.ids) for c in comps], {k: [it.fields.get(k) for it in items] for k in keys},
-                      [it.source for it in items])
-        self._texts = batch.completions
+        batch = Batch([it.prompt for it in items], [c.text for c in comps], [len(c.ids) for c in comps],
+                      {k: [it.fields.get(k) for it in items] for k in keys}, [it.source for it in items])
         return score(self.rewards, batch)
 
     def collect(self, index: int):
-        """(prompt indices, completions, per-reward scores [B, R], groups kept) after dynamic sampling."""
+        """(prompt indices, completions, per-reward scores [B, R], dynamic sampling metrics)."""
         n, want = self.g.num_generations, self.num_prompts
         idx, comps = self._sample_round(index, 0, want)
         per = self._score(idx, comps)
-        texts = self._texts
         if not self.g.dynamic_sampling:
-            return idx, comps, per, texts, {}
-        groups = list(range(len(idx)))
+            return idx, comps, per, {}
         zero = zero_std_groups(total(self.rewards, per), n).tolist()
-        kept = [gi for gi in groups if not zero[gi]]
-        dropped = [gi for gi in groups if zero[gi]]
-        pool = (idx, comps, per, texts)
+        kept = [gi for gi in range(len(idx)) if not zero[gi]]
+        dropped = [gi for gi in range(len(idx)) if zero[gi]]
         rounds = 0
         while len(kept) < want and rounds < self.g.dynamic_sampling_max_rounds:
             rounds += 1
             more_idx, more = self._sample_round(index, rounds, want - len(kept))
             more_per = self._score(more_idx, more)
-            base = len(pool[0])
-            pool = (pool[0] + more_idx, pool[1] + more, torch.cat([pool[2], more_per]), pool[3] + self._texts)
             zero = zero_std_groups(total(self.rewards, more_per), n).tolist()
-            kept += [base + j for j in range(len(more_idx)) if not zero[j]]
-            dropped += [base + j for j in range(len(more_idx)) if zero[j]]
-        chosen = sorted(kept[:want] + dropped[:max(0, want - len(kept))])
+            kept += [len(idx) + j for j in range(len(more_idx)) if not zero[j]]
+            dropped += [len(idx) + j for j in range(len(more_idx)) if zero[j]]
+            idx, comps, per = idx + more_idx, comps + more, torch.cat([per, more_per])
+        short = max(0, want - len(kept))
+        chosen = sorted(kept[:want] + dropped[:short])
         rows = [gi * n + j for gi in chosen for j in range(n)]
-        info = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/filled": float(max(0, want - len(kept)))}
-        return ([pool[0][gi] for gi in chosen], [pool[1][r] for r in rows], pool[2][rows], [pool[3][r] for r in rows],
-                info)
+        info = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/filled": float(short)}
+        return [idx[gi] for gi in chosen], [comps[r] for r in rows], per[rows], info
 
     def rollout(self, index: int):
         t0 = time.perf_counter()
-        idx, comps, per, texts, info = self.collect(index)
+        idx, comps, per, info = self.collect(index)
         t_gen = time.perf_counter() - t0
         n, B = self.g.num_generations, len(comps)
         rewards = total(self.rewards, per)
@@ -147,7 +133,7 @@ class Rollouts:
         self.trainer.method.annotate(self.trainer, batches)
         self.metrics = {**self._metrics(per, rewards, comps), **info, "time/generation_s": t_gen,
                         "time/logprobs_s": time.perf_counter() - t1}
-        self.samples = [{"prompt": self.prompts[idx[j // n]].prompt, "completion": texts[j], "reward": float(rewards[j])}
+        self.samples = [{"prompt": self.prompts[idx[j // n]].prompt, "completion": comps[j].text, "reward": float(rewards[j])}
                         for j in range(0, B, n)]
         return batches
 
