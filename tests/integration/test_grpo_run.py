@@ -92,3 +92,20 @@ def test_a_reward_that_returns_the_wrong_length_stops_the_run(reward_dir):
                                          r".*grpo_train.jsonl:\d+\)") as e:
         _run(reward_dir, reward_dir / "bad", "train.max_steps=1", "grpo.rewards=[{fn: toy_rewards:broken}]")
     assert e.value.exit_code == 2
+
+
+def test_dynamic_sampling_replaces_groups_without_signal(reward_dir):
+    (reward_dir / "parity_rewards.py").write_text(textwrap.dedent("""
+        def parity(prompts, completions, answer, **kwargs):
+            # an even answer's group always scores 1 (no signal); an odd answer's varies with the completion
+            return [1.0 if int(a) % 2 == 0 else float(len(c) % 5) for c, a in zip(completions, answer)]
+    """))
+    run_dir = reward_dir / "dynamic"
+    assert _run(reward_dir, run_dir, "train.max_steps=3", "grpo.dynamic_sampling=true",
+                "grpo.dynamic_sampling_max_rounds=8", "grpo.rewards=[{fn: parity_rewards:parity}]") == 0
+    recs = _records(run_dir)
+    for r in recs:
+        assert "dynamic_sampling/rounds" in r
+        if r["dynamic_sampling/filled"] == 0:  # a full batch of groups with signal
+            assert r["frac_reward_zero_std"] == 0.0
+    assert any(r["dynamic_sampling/rounds"] > 0 for r in recs)  # some step had to sample more prompts

@@ -45,6 +45,9 @@ def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
     if g.num_generations >= 1 and t.global_batch_size % g.num_generations:
         problems.append(f"train.global_batch_size={t.global_batch_size} counts completions and must be a multiple of "
                         f"grpo.num_generations={g.num_generations}")
+    if spec.parallel.sp_size > 1:
+        problems.append(f"parallel.sp_size={spec.parallel.sp_size}: grpo does not run under sequence parallelism yet; "
+                        "use parallel.sp_size=1")
     if spec.data.pack == "hard":
         problems.append("data.pack=hard cuts documents, but a completion must stay whole in one row: "
                         "use data.pack=soft, bfd or none")
