@@ -12,9 +12,11 @@ from xtune.config.compose import load_spec
 from xtune.errors import XtuneError
 from xtune.launch.launcher import run
 
-BASE = ["recipe=demo_grpo", "train.global_batch_size=8", "train.micro_batch_size=4", "grpo.num_generations=4",
+BASE = ["recipe=demo_grpo", "model.load_from=null", "train.global_batch_size=8", "gen.temperature=1.0",
+        "train.micro_batch_size=4", "grpo.num_generations=4",
         "gen.max_new_tokens=8", "logging.tensorboard=false", "data.num_workers=0", "train.log_every=1",
-        "optim.lr=1e-3", "grpo.rewards=[{fn: toy_rewards:chars}, {builtin: regex}]"]
+        "optim.lr=1e-3", "grpo.rewards=[{fn: toy_rewards:chars}, {builtin: regex}]", "train.save_every=0",
+        "train.sample_every=0"]
 REWARDS = """
 def chars(prompts, completions, answer, **kwargs):
     assert len(prompts) == len(completions) == len(answer)

@@ -13,24 +13,24 @@ from xtune.errors import ConfigError
 
 def _problems(*overrides):
     with pytest.raises(ConfigError) as e:
-        compose_jobs("grpo", ["recipe=demo_grpo", *overrides])
+        compose_jobs("grpo", ["recipe=demo_grpo", "model.load_from=null", *overrides])
     return "\n".join(e.value.problems)
 
 
 def test_the_demo_recipe_composes_with_the_grpo_group():
-    spec = compose_jobs("grpo", ["recipe=demo_grpo", "grpo.loss=dr_grpo", "grpo.epsilon_high=0.28",
+    spec = compose_jobs("grpo", ["recipe=demo_grpo", "model.load_from=null", "grpo.loss=dr_grpo", "grpo.epsilon_high=0.28",
                                  "grpo.importance_sampling_level=sequence"])[0].spec
     assert spec.method == "grpo"
     g = spec.grpo
     assert isinstance(g, GrpoSpec) and g.num_generations == 4 and g.loss == "dr_grpo"
     assert g.epsilon_high == 0.28 and g.importance_sampling_level == "sequence"
-    assert g.rewards == [RewardSpec(builtin="regex")]
+    assert g.rewards[0] == RewardSpec(builtin="regex") and g.rewards[1].fn == "demo_rewards:closeness"
     # the group's defaults fill what the recipe leaves out
     assert (g.advantage, g.scale_rewards, g.beta, g.num_iterations) == ("group", "group", 0.0, 1)
 
 
 def test_a_reward_list_of_user_functions_composes(tmp_path):
-    spec = compose_jobs("grpo", ["recipe=demo_grpo", f"grpo.reward_path={tmp_path}",
+    spec = compose_jobs("grpo", ["recipe=demo_grpo", "model.load_from=null", f"grpo.reward_path={tmp_path}",
                                  "grpo.rewards=[{fn: my_rewards:brevity, weight: 0.5, args: {limit: 3}},"
                                  " {builtin: format, args: {pattern: 'a+'}}]"])[0].spec
     fn, fmt = spec.grpo.rewards
@@ -50,7 +50,7 @@ def test_a_reward_list_of_user_functions_composes(tmp_path):
     (["grpo.epsilon_high=-0.1"], "grpo.epsilon_high=-0.1: must be > 0"),
     (["grpo.beta=-1"], "grpo.beta=-1.0: must be >= 0"),
     (["grpo.max_prompt_length=0"], "grpo.max_prompt_length=0: must be >= 1"),
-    (["grpo.num_generations=3"], "train.global_batch_size=16 counts completions and must be a multiple of "
+    (["grpo.num_generations=3"], "train.global_batch_size=32 counts completions and must be a multiple of "
                                  "grpo.num_generations=3"),
     (["data.pack=hard"], "data.pack=hard cuts documents"),
     (["parallel.sp_size=2", "parallel.nproc_per_node=2", "train.global_batch_size=16"],
