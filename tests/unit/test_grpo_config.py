@@ -53,6 +53,7 @@ def test_a_reward_list_of_user_functions_composes(tmp_path):
     (["grpo.num_generations=3"], "train.global_batch_size=32 counts completions and must be a multiple of "
                                  "grpo.num_generations=3"),
     (["data.pack=hard"], "data.pack=hard cuts documents"),
+    (["data.eval_datasets=[{name: e, path: x.jsonl}]"], "data.eval_datasets: grpo has no eval loss over prompt records"),
     (["parallel.sp_size=2", "parallel.nproc_per_node=2", "train.global_batch_size=16"],
      "parallel.sp_size=2: grpo does not run under sequence parallelism yet"),
     (["gen.temperature=0"], "gen.temperature=0.0: grpo samples its completions; give a temperature > 0"),

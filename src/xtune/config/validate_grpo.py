@@ -48,6 +48,9 @@ def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
     if spec.parallel.sp_size > 1:
         problems.append(f"parallel.sp_size={spec.parallel.sp_size}: grpo does not run under sequence parallelism yet; "
                         "use parallel.sp_size=1")
+    if spec.data.eval_datasets:
+        problems.append("data.eval_datasets: grpo has no eval loss over prompt records; leave it empty (data.eval_datasets=[]) "
+                        "and score the model with xtune eval")
     if spec.data.pack == "hard":
         problems.append("data.pack=hard cuts documents, but a completion must stay whole in one row: "
                         "use data.pack=soft, bfd or none")
