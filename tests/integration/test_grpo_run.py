@@ -111,3 +111,16 @@ def test_dynamic_sampling_replaces_groups_without_signal(reward_dir):
         if r["dynamic_sampling/filled"] == 0:  # a full batch of groups with signal
             assert r["frac_reward_zero_std"] == 0.0
     assert any(r["dynamic_sampling/rounds"] > 0 for r in recs)  # some step had to sample more prompts
+
+
+def test_two_ranks_sample_and_train_under_fsdp2(reward_dir):
+    """2 gloo ranks (FSDP2): the generation engine samples in lockstep on the sharded live model (after one root
+    forward initialises FSDP), each rank trains its half of the completions, and the run checkpoints and exports.
+    (The completions are not those of one rank: the engine seeds each rank's batches apart.)"""
+    run_dir = reward_dir / "two"
+    assert _run(reward_dir, run_dir, "parallel=cpu2", "train.max_steps=2", "train.micro_batch_size=2",
+                "train.save_every=2") == 0
+    recs = _records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2] and all(name in recs[0] for name in TRL_NAMES)
+    assert any(r["grad_norm"] > 0 for r in recs) and (run_dir / "hf" / "config.json").is_file()
+    assert (run_dir / "checkpoints" / "step-2").is_dir()

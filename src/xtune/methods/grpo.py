@@ -24,6 +24,7 @@ from xtune.errors import ConfigError
 from xtune.methods.base import Method
 from xtune.methods.grpo_loss import STATS, LossConfig, normaliser, policy_loss
 from xtune.methods.grpo_rollout import Rollouts
+from xtune.methods.grpo_sample import Completion, pack
 from xtune.methods.reference_logps import adapters_disabled
 from xtune.ops.logprobs import doc_index_of, linear_token_logprobs
 
@@ -96,6 +97,14 @@ class GrpoMethod(Method):
         if self.rollouts is None:
             raise ConfigError(["grpo: the trainer was given a loader; grpo samples its own batches (train_loader)"])
         self.rollouts.trainer = trainer
+        if hasattr(trainer.root, "reshard"):
+            # FSDP2 initialises lazily at the first forward of its root: the first rollout generates before any
+            # training forward, so one no-grad forward of the root comes first (else the blocks initialise as roots).
+            tok = trainer.tokenizer.pad_token_id or 0
+            with torch.no_grad():
+                trainer.root(pack([[tok]], [Completion([tok], False)], torch.zeros(1), torch.ones(1, dtype=torch.bool))
+                             .to(trainer.device), logps_only=True)
+            trainer.root.reshard()
         if self.spec.grpo.beta > 0 and not trainer.peft:
             if trainer.denv.world_size > 1:
                 raise ConfigError([f"grpo.beta={self.spec.grpo.beta} with full tuning on {trainer.denv.world_size} "
