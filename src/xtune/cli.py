@@ -1,6 +1,6 @@
 """The `xtune` command line: a thin Typer layer over config -> launch.
 
-Only typer is imported at module level so that `xtune --help` answers at once; Hydra, torch and
+Only typer (and xtune.errors) is imported at module level so that `xtune --help` answers at once; Hydra, torch and
 the engine are imported inside the commands that need them.
 """
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from xtune.errors import XtuneError
 
 app = typer.Typer(
     name="xtune",
@@ -32,6 +34,7 @@ CONFIG_DIR = typer.Option(
 
 
 def _fail(error: BaseException) -> None:
+    # lazy: keeps `xtune --help` fast
     from rich.console import Console
     from rich.markup import escape
 
@@ -43,8 +46,6 @@ def _fail(error: BaseException) -> None:
 
 def _guarded(fn):
     """Run a command body; a user's mistake becomes one message and a non-zero exit, never a traceback."""
-    from xtune.errors import XtuneError
-
     try:
         return fn()
     except XtuneError as e:
@@ -61,6 +62,7 @@ def _training_command(name: str, doc: str):
         dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
         config_dir: Optional[List[str]] = CONFIG_DIR,
     ):
+        # lazy: keeps `xtune --help` fast
         from xtune.commands import train_command
 
         code = _guarded(
@@ -84,6 +86,7 @@ grpo = _training_command("grpo", "Online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; s
 @app.command()
 def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
     """List the recipes: model, data and a one-line description."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import recipes_table
 
     _guarded(lambda: recipes_table(list(config_dir or [])))
@@ -92,6 +95,7 @@ def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
 @config_app.command("show")
 def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
     """Print the resolved configuration."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import show_config
 
     _guarded(lambda: show_config(list(overrides or []), list(config_dir or [])))
@@ -100,6 +104,7 @@ def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional
 @data_app.command("inspect")
 def data_inspect(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
     """Per dataset: samples, tokens, truncated/dropped, length histogram; packing; one labelled sample."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import inspect_data
 
     _guarded(lambda: inspect_data(list(overrides or []), list(config_dir or [])))
@@ -114,6 +119,7 @@ def export(
 ):
     """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer), or an adapter run's
     PEFT folder (--adapter-only) or merged model (--merged); without a flag the run's peft.merge_on_export decides."""
+    # lazy: keeps `xtune --help` fast
     from xtune.checkpoint.hf_export import export_checkpoint
 
     if adapter_only and merged:
@@ -126,8 +132,10 @@ def export(
 @app.command()
 def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)")):
     """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s."""
+    # lazy: keeps `xtune --help` fast
     from rich.console import Console
 
+    # lazy: keeps `xtune --help` fast
     from xtune.runs import summarize
 
     _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True)))
@@ -140,6 +148,7 @@ def plot(
     metric: str = typer.Option("loss", "--metric", help="A metrics.jsonl field: loss, eval_loss, lr, grad_norm, ..."),
 ):
     """Draw one metric of several runs in one PNG, each line labelled by the run's varying overrides."""
+    # lazy: keeps `xtune --help` fast
     from xtune.runs import find_runs, plot_runs
 
     def body():
@@ -177,8 +186,6 @@ def chat(
 
 
 def _both_export_flags():
-    from xtune.errors import XtuneError
-
     raise XtuneError("--adapter-only and --merged exclude each other: give one (or neither)")
 
 

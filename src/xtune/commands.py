@@ -11,15 +11,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as _HydraCallback
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from xtune.config.compose import (compose, compose_jobs, hydra_overrides, load_spec, primary_config, recipe_files,
+                                  to_spec, without_hydra)
+from xtune.config.resources import conf_dir
+from xtune.config.validate import plan
 from xtune.errors import ConfigError, XtuneError
+from xtune.launch.env import launch_env
+from xtune.models import get_adapter
+from xtune.runs import find_runs, read_status, summarize, write_status
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
@@ -30,8 +42,6 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
                   config_dirs: List[str]) -> int:
     """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
-    from xtune.config.compose import compose_jobs
-
     if cfg:
         if cfg not in ("job", "hydra", "all"):
             raise ConfigError([f"--cfg {cfg}: choose one of job, hydra, all"])
@@ -50,8 +60,6 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
 
 def _launch_overrides(overrides: Sequence[str]) -> List[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
-    from xtune.launch.env import launch_env
-
     run_id = launch_env().run_id
     if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
         return [f"train.work_dir=work_dirs/${{recipe}}/run-{run_id}"]
@@ -60,10 +68,6 @@ def _launch_overrides(overrides: Sequence[str]) -> List[str]:
 
 def _print_cfg(jobs, which: str) -> int:
     """Hydra's --cfg: the job's config, its hydra node, or both (unresolved, as Hydra prints them)."""
-    from omegaconf import OmegaConf, open_dict
-
-    from xtune.config.compose import without_hydra
-
     for job in jobs:
         cfg = job.cfg
         if which == "job":
@@ -79,8 +83,6 @@ def _print_cfg(jobs, which: str) -> int:
 
 
 def _print_plan(jobs) -> int:
-    from xtune.config.validate import plan
-
     out = _console()
     for job in jobs:
         if len(jobs) > 1:
@@ -93,10 +95,9 @@ def _print_plan(jobs) -> int:
 
 def _run_job(spec, run_dir: Path) -> int:
     """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
+    # lazy: torch and the engine load when a run starts, not for `xtune config`, --dry-run or a configuration error
     from xtune.launch.launcher import run
     from xtune.launch.rundir import user_argv
-    from xtune.launch.env import launch_env
-
     if launch_env().rank == 0:
         try:
             _log_to(run_dir)
@@ -125,13 +126,7 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     Reach-in (hydra-core 1.3.8): `hydra.main` reads its arguments from sys.argv only; `_run_hydra` is what it
     calls with them parsed, so the command line is handed over without rewriting sys.argv.
     """
-    import tempfile
-
     from hydra._internal.utils import _run_hydra, get_args_parser
-
-    from xtune.config.compose import hydra_overrides, primary_config
-    from xtune.config.resources import conf_dir
-    from xtune.runs import find_runs, read_status
 
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "sweep_dir"
@@ -155,9 +150,6 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     return 1 if failed else 0
 
 
-from hydra.experimental.callback import Callback as _HydraCallback  # noqa: E402 (this module loads lazily)
-
-
 class SweepDirRecord(_HydraCallback):
     """Hydra callback, in the process that runs the sweep: writes the resolved sweep directory (its
     `${now:...}` is resolved once, there) to the file `record`, for the summary at the end."""
@@ -171,8 +163,6 @@ class SweepDirRecord(_HydraCallback):
 
 def _sweep_summary(job_dirs: List[Path]) -> None:
     """The comparison table of the sweep's points, printed and written to <sweep dir>/summary.{csv,json}."""
-    from xtune.runs import summarize
-
     sweep_dir = job_dirs[0].parent
     try:
         summarize(job_dirs, _console(), out_dir=sweep_dir if all(j.parent == sweep_dir for j in job_dirs) else None,
@@ -186,23 +176,17 @@ def _sweep_summary(job_dirs: List[Path]) -> None:
 def sweep_job(cfg) -> tuple:
     """One job of a sweep, run by Hydra's launcher: its run dir is Hydra's output dir. A failed job is
     reported in one line and the sweep goes on; returns (exit code, run dir), the code also in status.json."""
-    from xtune.runs import write_status
-
     code, work_dir = _sweep_job(cfg)
     write_status(work_dir, code)
     return code, work_dir
 
 
 def _sweep_job(cfg) -> tuple:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from xtune.config.compose import to_spec
-
     work_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = cfg.copy()
         OmegaConf.update(cfg, "train.work_dir", str(work_dir))
+        # lazy: torch and the engine load when a job starts (this module is imported by every command)
         from xtune.launch.launcher import run
         from xtune.launch.rundir import user_argv
 
@@ -219,11 +203,6 @@ def _sweep_job(cfg) -> tuple:
 
 
 def recipes_table(config_dirs: List[str]) -> None:
-    from omegaconf import OmegaConf
-    from rich.table import Table
-
-    from xtune.config.compose import recipe_files
-
     table = Table(title="xtune recipes", show_lines=False)
     for col in ("recipe", "model", "data", "description"):
         table.add_column(col)
@@ -240,19 +219,12 @@ def recipes_table(config_dirs: List[str]) -> None:
 
 
 def show_config(overrides: List[str], config_dirs: List[str]) -> None:
-    from omegaconf import OmegaConf
-
-    from xtune.config.compose import compose
-
     cfg = compose(overrides, config_dirs)  # composed only: config show prints what an invalid run would get
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
-    from xtune.config.compose import load_spec
-    from xtune.data.inspect import inspect_data as inspect
-    from xtune.models import get_adapter
-
+    from xtune.data.inspect import inspect_data as inspect  # lazy: the data stage imports torch
     _, spec = load_spec(overrides, config_dirs)
     tokenizer = get_adapter(spec.model).load_tokenizer()
     inspect(spec, tokenizer, _console())

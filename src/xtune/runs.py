@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from omegaconf import OmegaConf
+from rich.table import Table
+
 from xtune.errors import XtuneError
 
 STATUS_FILE = "status.json"
@@ -72,8 +75,6 @@ def _config(run_dir: Path) -> Dict[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    from omegaconf import OmegaConf
-
     return _flat(OmegaConf.to_container(OmegaConf.load(path)))
 
 
@@ -83,8 +84,6 @@ def _overrides(run_dir: Path) -> Optional[Dict[str, str]]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
-    from omegaconf import OmegaConf
-
     return dict(str(o).split("=", 1) for o in OmegaConf.load(path) if "=" in str(o))
 
 
@@ -148,8 +147,6 @@ def write_summary(sweep_dir: Path, keys: List[str], rows: List[dict]) -> None:
 
 
 def print_table(keys: List[str], rows: List[dict], console, title: str = "runs") -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for col in list(keys) + list(METRIC_COLUMNS):
         # Paths and override values wrap rather than being cut; status and numbers stay on one line.
@@ -171,7 +168,7 @@ def label(row: dict, keys: List[str]) -> str:
 
 def plot_runs(run_dirs: Sequence[Path], metric: str = "loss"):
     """One line per run (x: step, y: metric) labelled by its varying overrides; returns the matplotlib Figure."""
-    try:
+    try:  # lazy: matplotlib is the optional plot extra (xtune[plot])
         import matplotlib
 
         matplotlib.use("Agg")

@@ -194,7 +194,7 @@ def test_qlora_base_is_4bit_trains_and_exports(init_dir, tmp_path, closing):
 
 
 def test_target_matching_nothing_is_refused_before_any_weight(init_dir, tmp_path):
-    from xtune.engine.trainer import preflight
+    from xtune.engine.preflight import preflight
     from xtune.models import get_adapter
 
     spec = spec_of(init_dir, "peft=lora", "peft.target_modules=[qkv_proj,q_proj]")

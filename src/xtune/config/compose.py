@@ -19,9 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from xtune.config import validate as rules
+from xtune.config.families import resolve_family
 from xtune.config.io import to_frozen, writable_structured
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
 from xtune.config.schema import RunSpec
@@ -77,8 +85,6 @@ if not OmegaConf.has_resolver("asset"):
 
 def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
     """Register the schema and every recipe with Hydra. Idempotent."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=writable_structured(RunSpec))
     recipes = recipe_files(config_dirs)
@@ -88,8 +94,6 @@ def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
 
 
 def _store_recipe(name: str, path: Path) -> None:
-    from hydra.core.config_store import ConfigStore
-
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # YAML syntax: the parser's message carries the line
@@ -108,9 +112,6 @@ def _recipe_path_override(value: str) -> bool:
 
 
 def _parse(overrides: Sequence[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     parsed, problems = [], []
     for text in overrides:
@@ -303,10 +304,6 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), comm
 
 
 def _compose_raw(args: Sequence[str], primary: str) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="xtune"):
@@ -336,9 +333,6 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
             validate: bool = True) -> RunSpec:
     """Composed config -> validated RunSpec, or ConfigError with every problem found.
     `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
-    from xtune.config import validate as rules
-    from xtune.config.families import resolve_family
-
     cfg = without_hydra(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

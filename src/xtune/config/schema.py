@@ -111,7 +111,8 @@ class DataSpec:
     datasets: List[DatasetSpec] = field(default_factory=list)
     # Evaluation datasets, never mixed into training.
     eval_datasets: List[DatasetSpec] = field(default_factory=list)
-    # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped).
+    # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped). At most
+    # data.pack_max_length, except with data.pack=hard, which cuts longer samples into rows.
     sample_max_length: int = 2048
     # Tokens per packed row.
     pack_max_length: int = 4096
@@ -198,6 +199,8 @@ class ParallelSpec:
     attn: str = "auto"
     # Ulysses sequence parallelism: each packed row is cut over this many ranks (divides the world and the heads).
     sp_size: int = 1
+    # torch.compile each transformer block (dynamic sequence length; attention itself stays eager). Off until measured.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,15 @@ generated from is what was written: the export, not the training copy.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
+import transformers
 
+from xtune.checkpoint.hf_export import rename_adapter_modules
 from xtune.errors import XtuneError
 
 
@@ -23,7 +27,7 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
     (an adapter run with peft.merge_on_export=false) is applied by peft to its base and merged."""
     adapter_config = Path(hf_dir) / "adapter_config.json"
     if adapter_config.is_file():
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft is a heavy import only adapter exports need
 
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base:
@@ -32,11 +36,6 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
         if renamed is None:
             return PeftModel.from_pretrained(load_export(adapter, Path(base)), str(hf_dir)).merge_and_unload().eval()
         # The adapter names the multimodal model's modules; samples run on the text model built here.
-        import shutil
-        import tempfile
-
-        from xtune.checkpoint.hf_export import rename_adapter_modules
-
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copyfile(Path(hf_dir) / name, Path(tmp) / name)
@@ -88,8 +87,6 @@ def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_n
                      text_log: Optional[Callable[[str, str, int], None]] = None) -> list:
     """Greedy completions of `prompts` by the export at `hf_dir`; appended to `out_file` (JSON lines, full text),
     shown in `log` as one readable line each and given to `text_log(tag, markdown, step)` (TensorBoard text)."""
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     model = load_export(adapter, hf_dir)
     out = []

@@ -8,31 +8,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from xtune.checkpoint.dcp import resolve_resume
+from xtune.engine.preflight import preflight
+from xtune.errors import CheckpointError, XtuneError
+from xtune.launch.env import launch_env
+from xtune.launch.rundir import write_run_files
+from xtune.launch.runlock import HELD_ENV, lock_run_dir
+from xtune.launch.watchdog import die_with_parent
+from xtune.methods import train
+from xtune.models import get_adapter
+
 
 def run(spec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
-    from xtune.launch.rundir import write_run_files
-    from xtune.launch.runlock import lock_run_dir
-    from xtune.engine.trainer import preflight
-    from xtune.methods import train
-    from xtune.launch.watchdog import die_with_parent
-    from xtune.launch.env import launch_env
-
     run_dir = Path(work_dir).expanduser().resolve()
     env = launch_env()
     nproc = spec.parallel.nproc_per_node
     if env.launched:
         die_with_parent()  # one rank of an external torchrun/srun: stop when its agent dies
     elif nproc > 1:
-        from xtune.models import get_adapter
-
         preflight(spec, get_adapter(spec.model), run_dir)
         lock = lock_run_dir(run_dir)  # before any file is written: a refused second run writes nothing
         try:
@@ -61,8 +63,6 @@ def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = No
     if lock is not None:
         # torchrun inherits the lock (it stays held until the last process of the run is gone) and the
         # workers know it is held for them.
-        from xtune.launch.runlock import HELD_ENV
-
         env[HELD_ENV] = str(run_dir)
         fds = (lock.fd,)
     proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
@@ -97,10 +97,6 @@ def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = No
 
 def _raise_worker_error(report: Path) -> None:
     """A worker's user error (its message and exit code), raised here so the CLI prints it as usual."""
-    import json
-
-    from xtune.errors import XtuneError
-
     try:
         data = json.loads(report.read_text())
         report.unlink()
@@ -112,9 +108,6 @@ def _raise_worker_error(report: Path) -> None:
 
 
 def _latest(run_dir: Path):
-    from xtune.checkpoint.dcp import resolve_resume
-    from xtune.errors import CheckpointError
-
     try:
         return resolve_resume("auto", run_dir)
     except CheckpointError:

@@ -14,6 +14,12 @@ import logging
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
+
+from xtune.launch.watchdog import die_with_parent
+
 
 def _reported() -> bool:
     report = os.environ.get("XTUNE_WORKER_ERROR_FILE")
@@ -29,12 +35,6 @@ class _QuietWhenReported(logging.Filter):
 
 
 def main() -> None:
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    from xtune.launch.watchdog import die_with_parent
-
     die_with_parent()  # the agent goes when `xtune` goes; its workers follow it (see watchdog.py)
 
     # The logger of torch 2.13's elastic process context (it logs each failed worker before raising).

@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 
 from xtune.data.prompts import PromptSet, PromptStream
-from xtune.engine.trainer import derived_seed
+from xtune.engine.step import derived_seed
 from xtune.methods.grpo_advantages import advantages, zero_std_groups
 from xtune.methods.grpo_rewards import Batch, build_rewards, score, total
 from xtune.generate import Generator

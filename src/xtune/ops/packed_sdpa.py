@@ -22,6 +22,9 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 try:  # torch >= 2.10; CUDA only
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -61,10 +64,11 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
     return ((diff >= 0) & (diff < window))[None, None]
 
 
+# Not traced by torch.compile (parallel.compile): the loop below is shaped by the row's document boundaries, so a
+# traced version would recompile for every new packing.
+@torch.compiler.disable
 def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                 max_length_q=None, max_length_k=None, sliding_window=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if cu_seq_lens_q is None:
         return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
     kwargs.pop("is_causal", None)  # decided per document below
@@ -81,13 +85,16 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
             mask = _window_mask(n, sliding_window, query.device)
         o, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         outs.append(o)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+    # A fresh tensor in the standard layout whatever the number of documents: sdpa's output can be a view with an
+    # odd stride on its size-1 batch dim, and a compiled block after it (parallel.compile) would recompile on each.
+    out = outs[0].clone(memory_format=torch.contiguous_format) if len(outs) == 1 else torch.cat(outs, dim=1)
+    if out.stride() != torch.empty(out.shape, device="meta").stride():
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out, None
 
 
 def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs):
     """Rows that are one sequence each (padding, if any, is in `attention_mask`, built by `_mask`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and sliding_window is not None and kv_len > sliding_window:
         if q_len != kv_len:
@@ -99,8 +106,6 @@ def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwarg
 def _mask(*args, attention_mask=None, **kwargs):
     """transformers' sdpa mask where there is padding; None otherwise (causal, or a packed row that
     `packed_sdpa` cuts by cu_seq_lens_q instead of a [T, T] mask)."""
-    from transformers.masking_utils import sdpa_mask
-
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -114,8 +119,6 @@ def use_on(language_model, attn_impl: str) -> bool:
     Only for a model that is fed packed rows with `packed_kwargs` (the engine's training model)."""
     if not applies(language_model, attn_impl):
         return False
-    from transformers import AttentionInterface, AttentionMaskInterface
-
     AttentionInterface.register(NAME, packed_sdpa)
     AttentionMaskInterface.register(NAME, _mask)
     language_model.set_attn_implementation(NAME)  # transformers' public switch (5.24)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from transformers import AttentionInterface
 
 from xtune.data.types import IGNORE_INDEX, PackedBatch
 from xtune.ops import packed_sdpa
@@ -111,8 +112,6 @@ def _inner(name: str, module):
     if name == "eager":
         # The model file's own eager function (transformers 5.x defines one per model module, not in the registry).
         return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers import AttentionInterface
-
     return AttentionInterface()[name]
 
 
@@ -122,6 +121,7 @@ def _causal_mask(n: int, dtype, device) -> torch.Tensor:
 
 
 def _make_sp_attention(inner_name: str):
+    @torch.compiler.disable  # collectives and a per-document loop: eager under parallel.compile (fsdp.compile_blocks)
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                   max_length_q=None, max_length_k=None, position_ids=None, **kwargs):
         group = _STATE["group"]
@@ -159,8 +159,6 @@ def _make_sp_attention(inner_name: str):
 
 def register(group) -> None:
     """Make this process's SP group known and register `xtune_sp_<inner>` for each inner attention."""
-    from transformers import AttentionInterface
-
     _STATE["group"] = group
     for inner in ("sdpa", "eager", "flash_attention_2"):
         AttentionInterface.register(PREFIX + inner, _make_sp_attention(inner))
