@@ -23,8 +23,11 @@ from rich.table import Table
 
 from xtune.config.compose import (compose, compose_jobs, hydra_overrides, load_spec, primary_config, recipe_files,
                                   to_spec, without_hydra)
+from xtune.config.io import to_frozen
 from xtune.config.resources import conf_dir
+from xtune.config.schema import GenSpec
 from xtune.config.validate import plan
+from xtune.config.validate_gen import gen_problems
 from xtune.errors import ConfigError, XtuneError
 from xtune.launch.env import launch_env
 from xtune.models import get_adapter
@@ -236,11 +239,6 @@ def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
 
 def compose_gen(overrides: Sequence[str], config_dirs: Sequence[str] = ()):
     """The `gen` group composed with Hydra like every group (gen=NAME, gen.KEY=VALUE) and validated: a GenSpec."""
-    from xtune.config.compose import compose_jobs, without_hydra
-    from xtune.config.io import to_frozen
-    from xtune.config.schema import GenSpec
-    from xtune.config.validate_gen import gen_problems
-
     others = [o for o in overrides if not o.lstrip("+~").partition("=")[0].split(".")[0] == "gen"]
     if others:
         raise ConfigError([f"{o}: only generation settings are taken here (gen.KEY=VALUE, e.g. gen.temperature=0.7, "
@@ -257,7 +255,7 @@ def chat_command(path: Path, overrides: List[str], *, prompt: Optional[str], ima
                  system: Optional[str], flags: dict, device: str, trust_remote_code: bool,
                  config_dirs: List[str]) -> int:
     """`xtune chat PATH [gen.KEY=VALUE ...]`: flags (--max-new-tokens, --temperature) are gen overrides too."""
-    from xtune.generate.chat import run_chat
+    from xtune.generate.chat import run_chat  # lazy: the generation engine imports torch and transformers
 
     extra = [f"gen.{k}={v}" for k, v in flags.items() if v is not None]
     gen = compose_gen(list(overrides) + extra, config_dirs)

@@ -164,3 +164,24 @@ def test_bad_paths_name_the_path_and_what_was_expected(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(XtuneError, match="is not a model xtune can load"):
         Generator.from_path(tmp_path / "empty")
+
+
+def test_live_model_generates_with_standard_attention_and_is_restored(folders):
+    """A training module on a custom xtune attention (here one that refuses to run) generates with sdpa and the
+    KV cache, and is handed back as it was: its attention, train mode and config untouched."""
+    from transformers import AttentionInterface
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a training kernel ran during generation")
+
+    AttentionInterface.register("xtune_refuses", refuse)
+    want = Generator.from_path(folders / "dense").generate(PROMPTS[:2], GenSpec(max_new_tokens=NEW))
+    live = Generator.from_path(folders / "dense")
+    model = live.model
+    model.set_attn_implementation("xtune_refuses")
+    model.config.use_cache = False
+    model.train()
+    with pytest.raises(RuntimeError, match="training kernel"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert Generator(model, live.tokenizer).generate(PROMPTS[:2], GenSpec(max_new_tokens=NEW)) == want
+    assert model.training and model.config._attn_implementation == "xtune_refuses" and model.config.use_cache is False

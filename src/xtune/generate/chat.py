@@ -17,6 +17,7 @@ from transformers import TextStreamer
 
 from xtune.config.schema import GenSpec
 from xtune.errors import XtuneError
+from xtune.generate.generator import Generator
 
 HELP = "commands: /reset (new conversation), /system TEXT, /image FILE (next turn), /exit"
 
@@ -132,8 +133,6 @@ def run_chat(path: str, gen: GenSpec, *, prompt: Optional[str] = None, image: Op
              system: Optional[str] = None, device: str = "cpu", trust_remote_code: bool = False,
              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """What `xtune chat` does once its options are parsed (see the module doc)."""
-    from xtune.generate.generator import Generator
-
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:

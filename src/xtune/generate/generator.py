@@ -19,6 +19,7 @@ import torch
 
 from xtune.config.schema import GenSpec
 from xtune.generate import live, shard
+from xtune.generate.load import load
 from xtune.generate.prompts import ImageSettings, Prompt, PromptRenderer, Rendered
 
 FAMILY_OF_MODEL_TYPE = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "internvl": "intern_s1", "interns1": "intern_s1"}
@@ -36,7 +37,7 @@ class Generator:
     as `.model`, see `live.py`); `processor` the image tiling of a vision-language model (`ImageSettings`)."""
 
     def __init__(self, model, tokenizer, *, device=None, processor: Optional[ImageSettings] = None,
-                 template: str = "auto", family: Optional[str] = None):
+                 template: str = "auto", family: Optional[str] = None, shard_ranks: bool = True):
         self.root = model
         self.model = live.hf_model(model)
         self.tokenizer = tokenizer
@@ -48,13 +49,13 @@ class Generator:
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.lockstep = shard.rank_world()[1] > 1 and live.is_sharded(self.root)
+        # shard_ranks=False: this process generates everything alone (e.g. rank 0 only), whatever the world size.
+        self.shard_ranks = shard_ranks
+        self.lockstep = shard_ranks and shard.rank_world()[1] > 1 and live.is_sharded(self.root)
 
     @classmethod
     def from_path(cls, path, *, device="cpu", dtype=None, trust_remote_code: bool = False) -> "Generator":
         """A run directory, a Hugging Face folder or a PEFT adapter folder (see `load.py`)."""
-        from xtune.generate.load import load
-
         loaded = load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         images = ImageSettings.of(loaded.model_spec) if loaded.model_spec.family == "intern_s1" else None
         gen = cls(loaded.model, loaded.tokenizer, device=device, processor=images, template=loaded.template,
@@ -82,14 +83,14 @@ class Generator:
             if len(rendered) != 1 or gen.n != 1:
                 raise ValueError("a streamer takes one prompt and gen.n=1")
             return self._generate_local(rendered, gen, streamer)
-        return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen))
+        return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen), self.shard_ranks)
 
     def _generate_local(self, rendered: List[Rendered], gen: GenSpec, streamer=None) -> List[List[Completion]]:
         order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))  # less padding per batch
         out: List[Optional[List[Completion]]] = [None] * len(rendered)
         mine = shard.batch_count(len(order), gen.batch_size)
         total = shard.agreed_batches(mine, self.lockstep)
-        rank = shard.rank_world()[0]
+        rank = shard.rank_world()[0] if self.shard_ranks else 0
         with live.inference(self.root, self.model), torch.random.fork_rng(devices=self._rng_devices()):
             for b in range(total):
                 idx = order[b * gen.batch_size:(b + 1) * gen.batch_size]
@@ -165,7 +166,7 @@ class Generator:
             r = self.prompts.render(prompt, gen.enable_thinking)
             cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             items.append((r, list(cont)))
-        return shard.sharded(items, lambda mine: self._loglikelihood_local(mine, batch_size))
+        return shard.sharded(items, lambda mine: self._loglikelihood_local(mine, batch_size), self.shard_ranks)
 
     def _loglikelihood_local(self, items: list, batch_size: int) -> List[float]:
         out: List[float] = []

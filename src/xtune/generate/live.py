@@ -20,28 +20,27 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from xtune.errors import XtuneError
 
 STANDARD_ATTENTION = "sdpa"
 
 
 def hf_model(module: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside `module`: the module itself, or the `.model` of a training root."""
-    from transformers import PreTrainedModel
-
     if isinstance(module, PreTrainedModel):
         return module
     inner = getattr(module, "model", None)
     if isinstance(inner, PreTrainedModel):
         return inner
-    from xtune.errors import XtuneError
-
     raise XtuneError(f"Generator needs a transformers model (PreTrainedModel) or a module holding one as .model, "
                      f"got {type(module).__name__}")
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
@@ -52,9 +51,6 @@ def _attn_of(model) -> str | None:
 @contextmanager
 def inference(root: torch.nn.Module, model: torch.nn.Module):
     """`root` (the FSDP root, or the model itself) ready to generate; everything put back after."""
-    from torch.distributed.fsdp import FSDPModule
-    from transformers import PreTrainedModel
-
     was_training = root.training
     switched = []
     for sub in model.modules():

@@ -26,10 +26,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
 
+from xtune import peft as xpeft
+from xtune.checkpoint.dcp import complete_checkpoints, load_model_only, resolve_resume
+from xtune.checkpoint.hf_export import build_plain_model, build_plain_peft_model, rename_adapter_modules
 from xtune.config.families import AUTO_MODEL_TYPES, resolve_family
+from xtune.config.io import spec_from_yaml
 from xtune.config.schema import ModelSpec
 from xtune.errors import XtuneError
+from xtune.models import get_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -87,10 +93,6 @@ def _dtype_name(dtype, default: str = "float32") -> str:
 
 
 def _load_run(run_dir: Path, dtype) -> Loaded:
-    from xtune.checkpoint.dcp import complete_checkpoints, resolve_resume
-    from xtune.config.io import spec_from_yaml
-    from xtune.peft import with_saved_base
-
     spec = spec_from_yaml(run_dir / "config.yaml")
     for folder, kind in ((run_dir / "hf", "hf"), (run_dir / "hf_adapter", "adapter")):
         if (folder / "config.json").is_file() or (folder / ADAPTER_CONFIG).is_file():
@@ -101,7 +103,7 @@ def _load_run(run_dir: Path, dtype) -> Loaded:
         raise XtuneError(f"{run_dir} is a run directory with no checkpoint yet (checkpoints/ holds no complete "
                          "step-N) and no hf/ export: wait for its first checkpoint (train.save_every)")
     ckpt = resolve_resume("auto", run_dir)
-    spec = with_saved_base(spec, run_dir)
+    spec = xpeft.with_saved_base(spec, run_dir)
     if dtype is not None:
         spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=_dtype_name(dtype)))
     model, tokenizer = _model_from_checkpoint(spec, ckpt)
@@ -110,11 +112,6 @@ def _load_run(run_dir: Path, dtype) -> Loaded:
 
 def _model_from_checkpoint(spec, ckpt: Path):
     """The run's model built unsharded on CPU with the checkpoint's weights (what `xtune export` writes, in memory)."""
-    from xtune import peft as xpeft
-    from xtune.checkpoint.dcp import load_model_only
-    from xtune.checkpoint.hf_export import build_plain_model, build_plain_peft_model
-    from xtune.models import get_adapter
-
     adapter = get_adapter(spec.model)
     if xpeft.enabled(spec.peft):
         if not spec.model.load_from:
@@ -151,8 +148,6 @@ def _image_settings(folder: Path) -> dict:
 
 
 def _load_folder(folder: Path, kind: str, dtype, trust_remote_code: bool, run_spec=None) -> Loaded:
-    from xtune.models import get_adapter
-
     if kind == "adapter":
         base = _adapter_base(folder)
         spec = _folder_spec(base, dtype, trust_remote_code, run_spec)
@@ -218,8 +213,6 @@ def load_export(adapter, hf_dir: Path) -> torch.nn.Module:
 
 def _from_pretrained(adapter, hf_dir: Path) -> torch.nn.Module:
     """A causal LM the `auto` family does not train: transformers' own loader (safetensors only)."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(
         str(hf_dir), use_safetensors=True, local_files_only=True, dtype=getattr(torch, adapter.spec.dtype),
         trust_remote_code=bool(adapter.spec.trust_remote_code), attn_implementation="sdpa").eval()
@@ -227,8 +220,6 @@ def _from_pretrained(adapter, hf_dir: Path) -> torch.nn.Module:
 
 def _generation_config(model, folder: Path) -> None:
     """The folder's generation_config.json (its eos ids), as from_pretrained reads it; the KV cache on."""
-    from transformers import GenerationConfig
-
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -236,15 +227,13 @@ def _generation_config(model, folder: Path) -> None:
 
 
 def _load_peft(adapter, hf_dir: Path) -> torch.nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft is a heavy import only adapter folders need
 
     base = load_export(adapter, _adapter_base(hf_dir))
     renamed = adapter.adapter_module_prefix()
     if renamed is None:
         return PeftModel.from_pretrained(base, str(hf_dir)).merge_and_unload().eval()
     # The adapter names the multimodal model's modules; generation runs on the text model built here.
-    from xtune.checkpoint.hf_export import rename_adapter_modules
-
     with tempfile.TemporaryDirectory() as tmp:
         for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):
             shutil.copyfile(hf_dir / name, Path(tmp) / name)

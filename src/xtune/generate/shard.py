@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple, TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -30,8 +31,6 @@ def agreed_batches(mine: int, lockstep: bool) -> int:
     part in every forward) the most any rank has."""
     if not lockstep:
         return mine
-    import torch
-
     n = torch.tensor([mine], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         n = n.cuda()
@@ -39,10 +38,11 @@ def agreed_batches(mine: int, lockstep: bool) -> int:
     return int(n.item())
 
 
-def sharded(items: Sequence[T], run: Callable[[List[T]], List[R]]) -> List[R]:
-    """`run` on this rank's share of `items` (items k, k + world, ...), the results of all ranks in input order."""
+def sharded(items: Sequence[T], run: Callable[[List[T]], List[R]], enabled: bool = True) -> List[R]:
+    """`run` on this rank's share of `items` (items k, k + world, ...), the results of all ranks in input order
+    (`enabled=False`: all of them here)."""
     rank, world = rank_world()
-    if world == 1:
+    if world == 1 or not enabled:
         return run(list(items))
     idx = list(range(rank, len(items), world))
     mine = run([items[i] for i in idx])
