@@ -1,6 +1,6 @@
 """`xtune grpo` end to end in one process with the real stages (tiny Qwen3, bundled prompts, transformers'
 generation on the live policy): metrics under TRL's names, exact resume (the same prompts, completions and losses as
-a run never stopped), the KL to the reference (LoRA: the base; full tuning: a frozen initial copy) and the second
+a run never stopped), the KL to the reference (LoRA / QLoRA: the base; full tuning: a frozen initial copy) and the second
 pass of a rollout (num_iterations=2) moving the ratio away from 1; a bad reward stops the run with exit 2."""
 
 import json
@@ -71,7 +71,7 @@ def test_grpo_logs_trl_metrics_and_resumes_exactly(reward_dir):
     assert (straight / "hf" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("peft", ["lora", "none"])
+@pytest.mark.parametrize("peft", ["lora", "qlora", "none"])
 def test_kl_to_the_reference_and_the_second_pass_of_a_rollout(reward_dir, peft):
     run_dir = reward_dir / f"run-{peft}"
     assert _run(reward_dir, run_dir, f"peft={peft}", "train.max_steps=3", "grpo.beta=0.1", "grpo.num_iterations=2",
