@@ -199,6 +199,7 @@ def chat(
 ):
     """Chat with a model in the terminal (streamed; /reset, /system TEXT, /image FILE, /exit). With --prompt, or a
     prompt piped on standard input, print one answer and exit."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import chat_command
 
     code = _guarded(lambda: chat_command(

@@ -208,7 +208,7 @@ def _sweep_job(cfg) -> tuple:
 def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
                  config_dirs: List[str]) -> int:
     """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
-    from xtune.eval.command import run_eval
+    from xtune.eval.command import run_eval  # lazy: the eval runner imports torch and transformers
 
     return run_eval(path, overrides, out=out, multirun=multirun, dry_run=dry_run, config_dirs=config_dirs,
                     console=_console())

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from hydra.core.config_store import ConfigStore
 
 from xtune.config import compose as C
 from xtune.config.eval_tasks import GROUP, task_files, task_name
@@ -29,8 +30,6 @@ class EvalJob:
 
 
 def setup(config_dirs: Sequence[str] = ()) -> None:
-    from hydra.core.config_store import ConfigStore
-
     C.setup(config_dirs)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=writable_structured(EvalRunSpec))
 

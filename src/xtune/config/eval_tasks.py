@@ -49,7 +49,7 @@ def task_file(name: str, config_dirs: Sequence[str] = ()) -> Path:
         return path
     files = task_files(config_dirs)
     if name not in files:
-        from xtune.config.validate import suggest
+        from xtune.config.validate import suggest  # lazy: a cycle (config.validate -> validate_eval -> here)
 
         raise ConfigError([f"eval task {name}: no such task; choose one of {', '.join(files) or '(none)'} "
                            f"(conf/eval/*.yaml) or give a YAML path.{suggest(name, files)}"])

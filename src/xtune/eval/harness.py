@@ -73,7 +73,7 @@ def _metrics(task_result: dict) -> dict:
 
 def run_harness(path: Path, h, out_dir: Path, *, main: bool = True, device: str = "cpu") -> List[TaskResult]:
     """Run `h.tasks` (HarnessSpec) with lm-eval on the model at `path`; TaskResults for the table."""
-    try:
+    try:  # lazy: lm-eval is an optional extra (xtune[harness])
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
+from rich.table import Table
 
 from xtune.config.schema import GenSpec
 from xtune.config.schema_eval import EvalSpec
@@ -129,8 +130,6 @@ def read_summaries(run_dir: Path) -> Dict[str, dict]:
 
 
 def print_results(results: List[TaskResult], console, title: str = "eval") -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for col, just in (("task", "left"), ("metric", "left"), ("value", "right"), ("samples", "right"),
                       ("seconds", "right")):

@@ -126,7 +126,7 @@ def regex_match(completion: str, reference: str, pattern: str, compare: str = "e
 
 def math_equivalent(completion: str, reference: str) -> float:
     """math-verify's `verify(parse(reference), parse(completion))`: the gold first, as its authors require."""
-    try:
+    try:  # lazy: math-verify is an optional extra (xtune[eval])
         from math_verify import parse, verify
     except ImportError:
         raise ConfigError(["eval.scorer=math needs the math-verify package: pip install 'xtune[eval]'"]) from None

@@ -10,12 +10,11 @@ from xtune.engine.trainer import train as engine_train
 from xtune.methods.base import Method
 from xtune.methods.preference import PreferenceMethod
 from xtune.methods.sft import SftMethod
+from xtune.methods.grpo import GrpoMethod
 
 
 def get_method(spec) -> Method:
     if spec.method == "grpo":
-        from xtune.methods.grpo import GrpoMethod
-
         return GrpoMethod(spec)
     if spec.method == "dpo":
         return PreferenceMethod(spec)
