@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from xtune.errors import ConfigError, XtuneError
+from xtune.gate import gate
 
 
 def _console(stderr: bool = False):
@@ -30,14 +31,15 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
                   config_dirs: List[str]) -> int:
     """`xtune <command> overrides...` for a training command (sft, dpo): the command names the primary
     config, everything else is shared."""
-    from xtune.config.compose import compose_jobs
-
     if cfg:
         if cfg not in ("job", "hydra", "all"):
             raise ConfigError([f"--cfg {cfg}: choose one of job, hydra, all"])
-        return _print_cfg(compose_jobs(command, overrides, config_dirs, multirun=multirun, validate=False), cfg)
+        return _print_cfg(gate(command, overrides, config_dirs, multirun=multirun, stage="compose").jobs, cfg)
 
-    jobs = compose_jobs(command, list(overrides) + _launch_overrides(overrides), config_dirs, multirun=multirun)
+    # A dry run and a sweep's points stop at validation: a sweep's jobs load their tokenizer where they run.
+    stage = "validate" if dry_run or multirun else "load"
+    jobs = gate(command, list(overrides) + _launch_overrides(overrides), config_dirs, multirun=multirun,
+                stage=stage).jobs
     if dry_run:
         return _print_plan(jobs)
     if multirun:
@@ -242,18 +244,13 @@ def recipes_table(config_dirs: List[str]) -> None:
 def show_config(overrides: List[str], config_dirs: List[str]) -> None:
     from omegaconf import OmegaConf
 
-    from xtune.config.compose import compose
-
-    cfg = compose(overrides, config_dirs)  # composed only: config show prints what an invalid run would get
+    # Composed only: config show prints what an invalid run would get.
+    cfg = gate(None, overrides, config_dirs, stage="compose").cfg
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
-    from xtune.config.compose import load_spec
     from xtune.data.inspect import inspect_data as inspect
-    from xtune.models import get_adapter
 
-    _, spec = load_spec(overrides, config_dirs)
-    tokenizer = get_adapter(spec.model).load_tokenizer()
-    inspect(spec, tokenizer, _console())
-
+    admitted = gate(None, overrides, config_dirs, stage="load")
+    inspect(admitted.spec, admitted.tokenizer, _console())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from xtune.config.io import to_frozen, writable_structured
+from xtune.config.recipe_file import load_recipe_file
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
 from xtune.config.schema import RunSpec
 from xtune.config.validate import check_value, suggest
@@ -90,12 +92,7 @@ def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
 def _store_recipe(name: str, path: Path) -> None:
     from hydra.core.config_store import ConfigStore
 
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax: the parser's message carries the line
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError([f"{path}: a recipe must be a YAML mapping"])
+    node = load_recipe_file(path)
     node.recipe = name
     ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
@@ -190,6 +187,27 @@ def _value_problems(parsed, base: DictConfig) -> List[str]:
     return problems
 
 
+def _added_key_problems(parsed) -> List[str]:
+    """`+key=value` / `++key=value` may add a key only inside a free-form mapping (model.arch, ...): a key
+    the schema does not have is reported as any unknown key is, with the nearest known one."""
+    problems = []
+    for o in parsed:
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or key.startswith("hydra") or key == "recipe" or key in GROUPS:
+            continue
+        tp = RunSpec
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(tp):
+                break  # inside a mapping or a list of the schema: any key goes
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                problems.append(_unknown_key_problem(writable_structured(RunSpec), key,
+                                                     o.input_line.partition("=")[2], KeyError(part)))
+                break
+            tp = hints[part]
+    return problems
+
+
 def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> List[str]:
     """Hydra refused a job's overrides (it stops at the first): find every bad one. The error path only:
     the values are tried on the config the group and recipe choices compose to."""
@@ -263,7 +281,7 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
     primary = primary_config(command)
     setup(config_dirs)
     parsed, problems = _parse(overrides)
-    problems += _choice_problems(parsed, config_dirs)
+    problems += _choice_problems(parsed, config_dirs) + _added_key_problems(parsed)
     if problems:  # the choices do not compose: try the values on the bare schema
         problems += _value_problems(parsed, writable_structured(RunSpec))
     sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]

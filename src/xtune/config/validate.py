@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from xtune.config.families import family_problems, folder_config
+from xtune.config.model_checks import arch_problems, no_safetensors_message
 from xtune.config.resources import assets_dir
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
 from xtune.launch.env import launch_env
@@ -244,6 +245,7 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
         )
     if not check_files:
         return problems
+    problems.extend(arch_problems(m))
     if m.load_from is not None:
         folder = Path(m.load_from).expanduser()
         if not folder.is_dir():
@@ -251,7 +253,7 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
         elif not (folder / "config.json").is_file():
             problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
         elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
-            problems.append(f"model.load_from={m.load_from}: no weights there (expected {' or '.join(WEIGHTS_FILES)})")
+            problems.append(no_safetensors_message(m, " or ".join(WEIGHTS_FILES)))
         else:
             for name in ("config.json", WEIGHTS_FILES[1]):
                 bad = _json_problem(folder / name)

@@ -78,8 +78,12 @@ def probe_image(path: str) -> Tuple[int, int]:
     try:
         with Image.open(path) as im:
             fmt, actual = im.format, im.size
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused by the header read itself
+        raise ValueError(_too_large(path, _png_size(path), str(e))) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some bad headers
         raise ValueError(f"image {path} is not a readable image ({e})") from None
+    if Image.MAX_IMAGE_PIXELS and actual[0] * actual[1] > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(_too_large(path, actual, ""))
     marker = _END_MARKERS.get(fmt)
     if marker is not None:
         with open(path, "rb") as f:
@@ -87,6 +91,21 @@ def probe_image(path: str) -> Tuple[int, int]:
             if marker not in f.read():
                 raise ValueError(f"image {path} is truncated ({fmt} without its end marker, {size} bytes)")
     return actual
+
+
+def _too_large(path: str, wh: Optional[Tuple[int, int]], why: str) -> str:
+    size = f"{wh[0]} x {wh[1]} pixels" if wh else why
+    return (f"image {path} is {size}, over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels (its guard against "
+            "decompression bombs); it was not decoded: resize it, e.g. to the model's tile size times max_tiles")
+
+
+def _png_size(path: str) -> Optional[Tuple[int, int]]:
+    """(width, height) from a PNG's IHDR chunk (PIL refuses to open one over its limit); None for other formats."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

@@ -31,6 +31,7 @@ from xtune.errors import CheckpointSaveError, ConfigError, DataError, XtuneError
 from xtune.ops import packed_sdpa
 from xtune import peft as xpeft
 from xtune.launch.env import launch_env
+from xtune.models.tokenizer_check import load_checked_tokenizer
 
 log = logging.getLogger("xtune.engine")
 
@@ -72,17 +73,7 @@ def preflight(spec, adapter, run_dir: Path):
     check_wandb(spec.logging)
     # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
     check_resume_config(spec, resolve_resume(spec.train.resume, run_dir))
-    try:
-        tokenizer = adapter.load_tokenizer()
-    except XtuneError:
-        raise
-    except (OSError, ValueError) as e:
-        raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
-    from xtune.config.validate import vocab_problem
-
-    problem = vocab_problem(spec.model, tokenizer)
-    if problem:
-        raise ConfigError([problem])
+    tokenizer = load_checked_tokenizer(adapter)
     return tokenizer
 
 
