@@ -46,9 +46,11 @@ def _map_type(tp):
     if args:
         mapped = tuple(_map_type(a) for a in args)
         origin = typing.get_origin(tp)
+        # typing's generics on purpose: the twin is for OmegaConf, which reads typing.List/Dict/Union.
         if origin is typing.Union:
-            return typing.Union[mapped]
-        return {list: typing.List, dict: typing.Dict}.get(origin, origin)[mapped if len(mapped) > 1 else mapped[0]]
+            return typing.Union[mapped]  # noqa: UP007
+        generic = {list: typing.List, dict: typing.Dict}.get(origin, origin)  # noqa: UP006
+        return generic[mapped if len(mapped) > 1 else mapped[0]]
     return tp
 
 
