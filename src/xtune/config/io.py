@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from pathlib import Path
 from typing import Union
@@ -47,7 +48,7 @@ def _map_type(tp):
         mapped = tuple(_map_type(a) for a in args)
         origin = typing.get_origin(tp)
         # typing's generics on purpose: the twin is for OmegaConf, which reads typing.List/Dict/Union.
-        if origin is typing.Union:
+        if origin in (typing.Union, types.UnionType):  # Optional[int] or int | None
             return typing.Union[mapped]  # noqa: UP007
         generic = {list: typing.List, dict: typing.Dict}.get(origin, origin)  # noqa: UP006
         return generic[mapped if len(mapped) > 1 else mapped[0]]
@@ -70,7 +71,7 @@ def _build(tp, value):
         hints = typing.get_type_hints(tp)
         return tp(**{k: _build(hints[k], v) for k, v in value.items()})
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return None if value is None else _build(inner[0], value)
     if origin is list and value is not None:
