@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from xtune.config.schema import RunSpec
 from xtune.errors import ConfigError, XtuneError
 from xtune.gate import gate
 
@@ -93,7 +94,7 @@ def _print_plan(jobs) -> int:
     return 0
 
 
-def _run_job(spec, run_dir: Path) -> int:
+def _run_job(spec: RunSpec, run_dir: Path) -> int:
     """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
     from xtune.launch.launcher import run
     from xtune.launch.rundir import user_argv

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from xtune.config.schema import RunSpec
 from xtune.errors import CheckpointError
 
 
@@ -22,7 +23,7 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | P
     return replace_dir(out_dir, lambda tmp: adapter.save_hf(full_state_dict, config, tokenizer, tmp))
 
 
-def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokenizer, *, adapter_dir=None,
+def write_peft(adapter, spec: RunSpec, lora_config, full_state_dict: dict, config, tokenizer, *, adapter_dir=None,
                merged_dir=None, dtype: torch.dtype = torch.float32) -> None:
     """The PEFT folder (adapter_config.json + adapter_model.safetensors, what PeftModel.from_pretrained, vLLM
     and LMDeploy read) and optionally the merged model in the original layout.
@@ -123,7 +124,7 @@ def prune_step_exports(hf_root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None,
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: RunSpec=None, adapter=None,
                       what: str | None = None) -> Path:
     """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
 
@@ -165,13 +166,13 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
     return out
 
 
-def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
+def build_plain_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
     model, config, _ = _build_plain(adapter, spec, attn_impl, peft=False)
     return model, config
 
 
-def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
+def build_plain_peft_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
     """The adapted model on CPU with its base loaded (and NF4-rounded for QLoRA, as in training); the
     adapters come from a checkpoint. Returns (model, config, LoraConfig)."""
     from xtune import peft as xpeft
@@ -187,7 +188,7 @@ def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
     return model, config, lora_config
 
 
-def _build_plain(adapter, spec, attn_impl, peft: bool):
+def _build_plain(adapter, spec: RunSpec, attn_impl, peft: bool):
     from xtune import peft as xpeft
     from xtune.parallel.fsdp import _DTYPES, retie
 

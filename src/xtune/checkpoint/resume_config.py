@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple
 
+from xtune.config.schema import RunSpec
+
 # Keys that may change inside a refused section without changing the run.
 _HARMLESS = ("data.num_workers", "data.cache_dir")
 _REFUSED = ("recipe", "description", "model.", "data.", "train.seed", "train.global_batch_size")
@@ -41,7 +43,7 @@ def _matches(key: str, patterns) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
-def compare(saved: dict, spec) -> Changes:
+def compare(saved: dict, spec: RunSpec) -> Changes:
     """`saved`: the checkpoint's spec (as spec_to_dict wrote it); `spec`: this run's RunSpec."""
     import json
 

@@ -5,14 +5,16 @@ Public entry points (see docs/CONTRACTS.md): `build_train_loader`, `build_eval_b
 stays cheap.
 """
 
+from xtune.config.schema import RunSpec
 
-def build_train_loader(spec, tokenizer, **kw):
+
+def build_train_loader(spec: RunSpec, tokenizer, **kw):
     from xtune.data.loader import build_train_loader as f
 
     return f(spec, tokenizer, **kw)
 
 
-def build_eval_batches(spec, tokenizer, **kw):
+def build_eval_batches(spec: RunSpec, tokenizer, **kw):
     from xtune.data.loader import build_eval_batches as f
 
     return f(spec, tokenizer, **kw)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from xtune.config.schema import RunSpec
 from xtune.data import cache
 from xtune.data.batch import collate, image_tiles_fn
 from xtune.data.dataset import TokenizedDataset, load_dataset
@@ -67,7 +68,7 @@ class PackedData:
     An item is a sample, or for preference data (`spec.method == "dpo"`) a pair of samples: the packer places
     whole pairs, and each pair becomes two consecutive documents of its row (chosen, rejected)."""
 
-    def __init__(self, ds_specs, spec, tokenizer, *, shuffle: bool, verbose: bool):
+    def __init__(self, ds_specs, spec: RunSpec, tokenizer, *, shuffle: bool, verbose: bool):
         data, model = spec.data, spec.model
         if data.sample_max_length > data.pack_max_length and data.pack != "hard":
             raise ConfigError([
@@ -177,7 +178,7 @@ def _rank_batches(n_rows: int, dp_rank: int, dp_size: int, m: int, make, empty) 
 class TrainLoader:
     """`next(loader)` -> this rank's micro-batches (list[PackedBatch]) for one optimizer step."""
 
-    def __init__(self, spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0):
+    def __init__(self, spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0):
         # The spec is validated (config.validate): global_batch_size is a multiple of dp_size x micro_batch_size.
         train = spec.train
         per_step = dp_size * train.micro_batch_size
@@ -259,11 +260,11 @@ class TrainLoader:
         self.step = int(state["step"])
 
 
-def build_train_loader(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> TrainLoader:
+def build_train_loader(spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> TrainLoader:
     return TrainLoader(spec, tokenizer, dp_rank=dp_rank, dp_size=dp_size, rank=rank)
 
 
-def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> List[PackedBatch]:
+def build_eval_batches(spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> List[PackedBatch]:
     """This rank's eval micro-batches; every rank gets the same number (padded with empty ones)."""
     if not spec.data.eval_datasets:
         return []

@@ -4,8 +4,10 @@
 Imports are lazy so `import xtune.engine` stays cheap for the CLI.
 """
 
+from xtune.config.schema import RunSpec
 
-def train(spec, work_dir=None, argv=None, *, method, **inject):
+
+def train(spec: RunSpec, work_dir=None, argv=None, *, method, **inject):
     from xtune.engine.trainer import train as _train
 
     return _train(spec, work_dir, argv, method=method, **inject)

@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from xtune.config.schema import RunSpec
 
-def run(spec, work_dir, argv=None) -> int:
+
+def run(spec: RunSpec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     from xtune.launch.rundir import write_run_files

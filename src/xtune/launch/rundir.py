@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from xtune.config.schema import RunSpec
 
-def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> Path:
+
+def write_run_files(spec: RunSpec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> Path:
     """config.yaml, or on a resume config.step-N.yaml (N: the step it resumes from; config.yaml keeps the first
     run's spec, so no launch's config is lost); with `argv`, cmd.txt and env.json. Returns the config written."""
     from xtune.config.io import spec_to_yaml
@@ -32,7 +34,7 @@ def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -
     return cfg
 
 
-def _resume_step(spec, run_dir: Path) -> Optional[int]:
+def _resume_step(spec: RunSpec, run_dir: Path) -> Optional[int]:
     from xtune.checkpoint.dcp import read_marker, resolve_resume
 
     ckpt = resolve_resume(spec.train.resume, run_dir)

@@ -6,10 +6,11 @@ the global normaliser, the metrics its numerator statistics become, and any prep
 step (the preference method's reference log-probs). See `base.Method`.
 """
 
+from xtune.config.schema import RunSpec
 from xtune.methods.base import Method
 
 
-def get_method(spec) -> Method:
+def get_method(spec: RunSpec) -> Method:
     if spec.method == "dpo":
         from xtune.methods.preference import PreferenceMethod
 
@@ -19,7 +20,7 @@ def get_method(spec) -> Method:
     return SftMethod(spec)
 
 
-def train(spec, work_dir=None, argv=None, **inject) -> dict:
+def train(spec: RunSpec, work_dir=None, argv=None, **inject) -> dict:
     """Train `spec` in this process with the method its `method` key names (the engine's entry for a spec)."""
     from xtune.engine.trainer import train as engine_train
 

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from xtune.config.schema import RunSpec
 from xtune.data.types import PackedBatch
 
 
@@ -16,7 +17,7 @@ class Method:
     # Names of the per-micro-batch statistic sums `forward` returns (all-reduced, then `metrics`).
     stat_names: Tuple[str, ...] = ()
 
-    def __init__(self, spec):
+    def __init__(self, spec: RunSpec):
         self.spec = spec
 
     def root(self, model: nn.Module, adapter, attn_impl: str, loss_mode: str) -> nn.Module:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtune.data.types import PackedBatch
-from xtune.config.schema import needs_reference
+from xtune.config.schema import RunSpec, needs_reference
 from xtune.methods.base import Method
 
 # The papers' inverse temperatures (see PrefSpec.loss); orpo's coefficient is pref.orpo_lambda.
@@ -67,7 +67,7 @@ class PrefLossModel(nn.Module):
     """The FSDP root of a preference run: trunk + chunked per-document log-probs + the pair loss, in one forward
     (so lm_head is unsharded there, as for engine.objective.LossModel)."""
 
-    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec, loss_mode: str):
+    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec: RunSpec, loss_mode: str):
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -107,7 +107,7 @@ class PrefLossModel(nn.Module):
 class PreferenceMethod(Method):
     stat_names = STATS
 
-    def __init__(self, spec):
+    def __init__(self, spec: RunSpec):
         super().__init__(spec)
         self.use_reference = spec.pref.reference == "init" or (
             spec.pref.reference == "auto" and needs_reference(spec.pref.loss))

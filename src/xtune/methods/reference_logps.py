@@ -23,10 +23,12 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from xtune.config.schema import RunSpec
+
 log = logging.getLogger("xtune.engine")
 
 
-def reference_key(spec, tokenizer, compute_dtype) -> str:
+def reference_key(spec: RunSpec, tokenizer, compute_dtype) -> str:
     from xtune.data import cache
     from xtune.data.records import list_files
 

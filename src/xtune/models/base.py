@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from xtune.config.schema import ModelSpec
 from xtune.config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
 from xtune.errors import XtuneError
 from xtune.models.build import ModelBuilder
@@ -37,7 +38,7 @@ __all__ = ["KeyStream", "ModelAdapter"]
 
 
 class ModelAdapter(ModelBuilder, HFWeights, HiddenStates):
-    def __init__(self, spec):
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
 
     # ----------------------------------------------------------------- paths and validation

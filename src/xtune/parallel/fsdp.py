@@ -17,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from xtune.config.schema import RunSpec
 from xtune.errors import XtuneError
 
 log = logging.getLogger("xtune.engine")
@@ -80,7 +81,7 @@ def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torc
                 ignored_params=ignored or None)
 
 
-def needs_fsdp(spec, denv) -> bool:
+def needs_fsdp(spec: RunSpec, denv) -> bool:
     """FSDP only where it does something: several ranks, a compute dtype other than the master
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
@@ -90,7 +91,7 @@ def needs_fsdp(spec, denv) -> bool:
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
 
 
-def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=None):
+def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_base_ready=None):
     """Meta-init -> (adapters) -> (activation checkpointing) -> fully_shard -> to_empty -> init / load
     -> (4-bit base, adapter init).
 
@@ -146,7 +147,7 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     return root, config, lora_config
 
 
-def init_random_weights(adapter, model: nn.Module, config, spec, denv, attn_impl: str) -> None:
+def init_random_weights(adapter, model: nn.Module, config, spec: RunSpec, denv, attn_impl: str) -> None:
     """A random init that does not depend on the layout: rank 0 initialises one whole plain model (no
     adapters, wrappers or shards) from `train.seed` with transformers' own init, and every rank's shards
     take it by broadcast, the way loaded weights arrive. The same seed gives the same model on 1 rank or

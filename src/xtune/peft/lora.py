@@ -21,6 +21,8 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
+from xtune.config.schema import RunSpec
+
 log = logging.getLogger("xtune.peft")
 
 ADAPTER = "default"  # peft's adapter name; one adapter per run
@@ -85,7 +87,7 @@ def resolve_targets(model: nn.Module, adapter, peft_spec) -> Tuple[List[str], Li
     return list(chosen), problems
 
 
-def check_targets(adapter, spec) -> List[str]:
+def check_targets(adapter, spec: RunSpec) -> List[str]:
     """Problems with peft.target_modules, resolved on a meta-device model (no weights are allocated)."""
     if not enabled(spec.peft):
         return []
