@@ -14,8 +14,9 @@ Stages, each including the ones before it:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -31,7 +32,7 @@ class Admitted:
     """What passed the gate: one job per sweep point (one without -m) and, at the load stage, the tokenizer
     of the first job."""
 
-    jobs: List[Job]
+    jobs: list[Job]
     tokenizer: Any = None
 
     @property
@@ -48,7 +49,7 @@ class Admitted:
         return without_hydra(self.jobs[0].cfg)
 
 
-def gate(command: Optional[str], overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+def gate(command: str | None, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
          stage: str = "load", multirun: bool = False, check_files: bool = True) -> Admitted:
     """Compose, validate and load-check a command line. Raises XtuneError (ConfigError: every problem
     found) for anything the user can fix. `command` names the primary config (sft, dpo, ...); None lets
@@ -70,22 +71,24 @@ def _recipe_method(overrides: Sequence[str], config_dirs: Sequence[str]) -> str:
     return method if method in PRIMARY else "sft"
 
 
-def _load_checks(jobs: List[Job]) -> Any:
+def _load_checks(jobs: list[Job]) -> Any:
     """Each distinct model section's tokenizer loads (once) and fits its vocabulary; returns the first's."""
     # Lazy: these import torch and transformers, which the compose and validate stages (config show,
     # --cfg, --dry-run) do not need.
     from xtune.models import get_adapter
     from xtune.models.tokenizer_check import load_checked_tokenizer
 
-    loaded, problems = {}, []
-    for job in jobs:
-        model = repr(job.spec.model)  # the spec holds dicts (model.arch): not hashable
-        if model in loaded:
+    specs = [job.spec for job in jobs if job.spec is not None]
+    loaded: dict[str, Any] = {}
+    problems: list[str] = []
+    for spec in specs:
+        key = repr(spec.model)  # the spec holds dicts (model.arch): not hashable
+        if key in loaded:
             continue
         try:
-            loaded[model] = load_checked_tokenizer(get_adapter(job.spec.model))
+            loaded[key] = load_checked_tokenizer(get_adapter(spec.model))
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
-    return loaded[repr(jobs[0].spec.model)]
+    return loaded[repr(specs[0].model)]

@@ -4,7 +4,7 @@ an `arch` key that changes the shape of the folder's weights, and a folder whose
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from xtune.config.families import folder_config
 from xtune.config.schema import ModelSpec
@@ -17,7 +17,7 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "m
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def arch_problems(m: ModelSpec) -> List[str]:
+def arch_problems(m: ModelSpec) -> list[str]:
     """`model.arch` keys that contradict `load_from`'s config.json where the weights' shapes depend on them."""
     original = folder_config(m.load_from)
     if not original or not m.arch:
@@ -25,7 +25,7 @@ def arch_problems(m: ModelSpec) -> List[str]:
     return _contradictions(dict(m.arch), original, "model.arch", f"{m.load_from}/config.json")
 
 
-def _contradictions(arch: Dict[str, Any], original: Dict[str, Any], key: str, where: str) -> List[str]:
+def _contradictions(arch: dict[str, Any], original: dict[str, Any], key: str, where: str) -> list[str]:
     out = []
     for name, value in arch.items():
         theirs = original.get(name)

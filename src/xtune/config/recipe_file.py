@@ -27,6 +27,7 @@ def load_recipe_file(path: Path) -> DictConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or 'syntax error'}"]) from None
-    if not isinstance(raw, dict):
+    node = OmegaConf.load(path) if isinstance(raw, dict) else None
+    if not isinstance(node, DictConfig):
         raise ConfigError([not_mapping])
-    return OmegaConf.load(path)
+    return node
