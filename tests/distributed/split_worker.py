@@ -125,8 +125,11 @@ def random_init_state(out_dir, names_and_layouts):
         spec = RunSpec(parallel=par, train=TrainSpec(seed=3))
         root, _, _ = build_sharded(TinyAdapter(ModelSpec()), spec, denv, "sdpa", Root)
         full = get_model_state_dict(root.model, options=StateDictOptions(full_state_dict=True))
+        # Every rank runs the same attention (Ulysses under sp_size=2): rank 0's init must not change its model.
+        attn = [None] * denv.world_size
+        torch.distributed.all_gather_object(attn, root.model.config._attn_implementation)
         if denv.is_main:
-            torch.save({k: v.clone() for k, v in full.items()}, Path(out_dir) / f"init-{name}.pt")
+            torch.save({"state": {k: v.clone() for k, v in full.items()}, "attn": attn}, Path(out_dir) / f"init-{name}.pt")
         denv.barrier()
 
 
@@ -169,7 +172,8 @@ def main():
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
         lora_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True), two)
         random_init_check(out_dir)
-        random_init_state(out_dir, [("2-fsdp", ParallelSpec()), ("2-hsdp", ParallelSpec(replicate_degree=2))])
+        random_init_state(out_dir, [("2-fsdp", ParallelSpec()), ("2-hsdp", ParallelSpec(replicate_degree=2)),
+                                    ("2-sp", ParallelSpec(sp_size=2))])
         freeze_check(init_dir, out_dir)
     d.close()
     from xtune.launch.worker import _exit

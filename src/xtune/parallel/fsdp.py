@@ -8,6 +8,7 @@ so that it does not depend on the number of ranks.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -157,8 +158,8 @@ def init_random_weights(adapter, model: nn.Module, config, spec: RunSpec, denv, 
 
     full = {}
     if denv.is_main:
-        with torch.device("meta"):
-            plain = adapter.build_model(config, attn_impl)
+        with torch.device("meta"):  # a copy of the config: building sets its attention implementation
+            plain = adapter.build_model(copy.deepcopy(config), attn_impl)
         plain.to(dtype=_DTYPES[spec.model.dtype])
         plain.to_empty(device="cpu")
         with torch.no_grad():
