@@ -125,8 +125,11 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     The jobs may run in other processes or on other machines (joblib, submitit): the summary and the exit
     code are read back from the sweep directory, which `SweepDirRecord` reports from inside Hydra.
 
-    Reach-in (hydra-core 1.3.8): `hydra.main` reads its arguments from sys.argv only; `_run_hydra` is what it
-    calls with them parsed, so the command line is handed over without rewriting sys.argv.
+    Private reach-in, kept here only (checked on hydra-core 1.3.8): Hydra has no public multirun entry but
+    `hydra.main`, which reads its arguments from sys.argv; the public compose API composes one job and runs
+    no launcher. Rewriting sys.argv for `hydra.main` would also change what the jobs see (a job run in this
+    process writes sys.argv to its run dir's cmd.txt), so `_run_hydra`, which `hydra.main` calls with the
+    parsed arguments, is called directly.
     """
     import tempfile
 
