@@ -1,7 +1,7 @@
 """xtune's side-by-side benchmarks: `make bench` = `python bench/run.py`.
 
     python bench/run.py                      # everything (~20 min on 2 busy CPU cores)
-    python bench/run.py --only pack,cli      # a subset: train, auto, lora, dpo, loss, pack, data, slowtok, cli, sp, ckpt, gpu
+    python bench/run.py --only pack,cli      # a subset of ORDER below (train, lora, dpo, compile, gpu, ...)
     python bench/run.py --quick              # smaller sizes and fewer steps (a smoke run, not the targets)
 
 Every baseline is measured in the same invocation. Prints tables and writes
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "compile", "gpu")
 
 
 def module(name: str):
@@ -233,6 +233,20 @@ def tables(res: dict):
                 t.add_row(name, f"{c['median_s']:.3f}", f"{c['min_s']:.3f}", f"{c['max_s']:.3f}",
                           str(c["runs"]))
         t.caption = f"target: xtune --help < 0.3 s -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "compile" in b and "systems" in b["compile"]:
+        r = b["compile"]
+        t = Table(title="parallel.compile on the blocks shape (hidden 512, 8 layers), fp32 CPU, 2048-token rows")
+        for c in ("system", "first step s", "s/step after warm-up", "speed-up", "compile s", "max loss rel diff"):
+            t.add_column(c, justify="right" if c != "system" else "left")
+        for name, s in r["systems"].items():
+            ratio = r["ratios"].get(name, {})
+            if "error" in s:
+                t.add_row(name, f"[red]{s['error'][:80]}[/red]")
+                continue
+            t.add_row(name, f"{s['first_step_s']:.1f}", f"{s['step_mean_s']:.2f}",
+                      f"{ratio['speedup']:.2f}x" if ratio else "", f"{ratio['compile_s']:.0f}" if ratio else "",
+                      f"{ratio['max_loss_rel_diff']:.1e}" if ratio else "")
         out.append(t)
     if "gpu" in b and "configs" in b["gpu"]:
         r = b["gpu"]

@@ -3,8 +3,8 @@
 #   bash tools/gpu_check.sh [OUT_DIR]
 # Wheels the image lacks (transformers, peft, hydra, liger-kernel, torchao, ...) are taken from .whl/ when present
 # (pip download them on a machine with an index; tools/README says which), installed into /tmp/site.
-# Runs: the environment report, `pytest -m gpu tests/gpu`, a short bf16 demo run through the CLI, and the
-# bench's gpu entry (quick). Each step has its own time limit so one hang cannot eat the others.
+# Runs: the environment report, `pytest -m gpu tests/gpu`, a short bf16 demo run through the CLI, the bf16-vs-fp32
+# probe (tools/gpu_probe_bf16.py) and the bench's gpu entry (quick). Each step has its own time limit so one hang cannot eat the others.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT"
@@ -40,6 +40,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
 step gpu_tests "${GPU_TESTS_S:-240}" python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs --durations=10
 step cli_demo "${CLI_DEMO_S:-120}" python3 -m xtune sft recipe=demo train.max_steps=30 train.log_every=10 \
   parallel.param_dtype=bfloat16 train.work_dir=/tmp/gpu_demo logging.progress=plain train.eval_every=15
+step bf16_probe "${PROBE_S:-90}" python3 tools/gpu_probe_bf16.py
 step bench_gpu "${BENCH_S:-300}" python3 bench/run.py --only gpu --quick
 cp bench/results/results.json "$OUT/bench_results.json" 2>/dev/null || true
 exit 0

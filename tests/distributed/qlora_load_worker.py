@@ -24,7 +24,7 @@ def main():
     spec = RunSpec(model=ModelSpec(load_from=init_dir), parallel=ParallelSpec(activation_checkpointing=True),
                    peft=PeftSpec(method="lora", r=4, alpha=8.0, quantize="nf4"))
     denv = init_distributed(spec.parallel)
-    root, _, _ = build_sharded(TinyAdapter(spec.model), spec, denv, "sdpa", lambda m: m)
+    root, _, _ = build_sharded(TinyAdapter(spec.model), spec, denv, "sdpa", lambda m, _impl: m)
     bases = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in root.named_parameters() if is_nf4(p)}
     out = {n: {"shape": tuple(p.shape), **{part: getattr(p, part) for part in PARTS}} for n, p in bases.items()}
     torch.save(out, Path(out_dir) / f"rank{denv.rank}.pt")

@@ -92,7 +92,7 @@ def random_init_check(out_dir):
     from xtune.parallel.fsdp import build_sharded
 
     class Root(nn.Module):
-        def __init__(self, m):
+        def __init__(self, m, _impl=None):
             super().__init__()
             self.model = m
 
@@ -116,7 +116,7 @@ def random_init_state(out_dir, names_and_layouts):
     from xtune.parallel.fsdp import build_sharded
 
     class Root(nn.Module):
-        def __init__(self, m):
+        def __init__(self, m, _impl=None):
             super().__init__()
             self.model = m
 

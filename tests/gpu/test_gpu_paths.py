@@ -10,7 +10,7 @@ from xtune.config.schema import ModelSpec
 from xtune.data.types import PackedBatch
 from xtune.models import get_adapter
 from xtune.models.tiny import QWEN3_TINY
-from xtune.ops.attention import resolve_attn
+from xtune.parallel.attention import resolve as resolve_attn
 from xtune.ops.loss import linear_cross_entropy, resolve_loss_mode
 
 pytestmark = [
@@ -94,7 +94,7 @@ def test_training_sdpa_path_isolates_documents_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_liger_fused_ce_matches_chunked(dtype):
     pytest.importorskip("liger_kernel")
-    assert resolve_loss_mode("auto", CUDA) == "liger"
+    assert resolve_loss_mode("auto", CUDA) == "chunk" and resolve_loss_mode("liger", CUDA) == "liger"
     g = torch.Generator().manual_seed(0)
     T, H, V = 2048, 512, 151936
     hidden = (torch.randn(T, H, generator=g) * 0.5).to(CUDA, dtype)

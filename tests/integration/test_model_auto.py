@@ -69,7 +69,7 @@ def test_loaded_folder_gives_transformers_logits(model_type, family, tmp_path, m
     assert adapter.validate() == []
     denv = init_distributed(spec.parallel)
     try:
-        model, _, _ = build_sharded(adapter, spec, denv, "sdpa", lambda m: m)
+        model, _, _ = build_sharded(adapter, spec, denv, "sdpa", lambda m, _impl: m)
         with torch.no_grad():
             got = model.eval()(**_inputs()).logits
     finally:

@@ -8,7 +8,8 @@ from xtune.data.types import PackedBatch
 from xtune.errors import XtuneError
 from xtune.models import get_adapter
 from xtune.models.tiny import QWEN3_TINY
-from xtune.ops.attention import block_causal_mask, packed_kwargs, resolve_attn
+from xtune.ops.attention import block_causal_mask, packed_kwargs
+from xtune.parallel.attention import resolve as resolve_attn
 
 
 def test_resolve_attn_on_cpu():

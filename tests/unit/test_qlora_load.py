@@ -144,7 +144,7 @@ def _child(folder: str, out: str) -> None:
                 sampler.sample()
 
     adapter.iter_hf_state_dict = read_and_sample
-    root, _, _ = build_sharded(adapter, spec, denv, "sdpa", lambda m: m)
+    root, _, _ = build_sharded(adapter, spec, denv, "sdpa", lambda m, _impl: m)
     (sampler,) = samplers
     params = dict(root.named_parameters())
     n4 = [n for n, p in params.items() if is_nf4(p)]

@@ -189,14 +189,10 @@ def build_plain_peft_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa
 
 
 def _build_plain(adapter, spec: RunSpec, attn_impl, peft: bool):
-    from xtune import peft as xpeft
-    from xtune.parallel.fsdp import _DTYPES, retie
+    from xtune.parallel.build import meta_model
+    from xtune.parallel.fsdp import retie
 
-    config = adapter.build_config()
-    with torch.device("meta"):
-        model = adapter.build_model(config, attn_impl)
-    model.to(dtype=_DTYPES[spec.model.dtype])
-    lora_config = xpeft.inject(model, adapter, spec.peft) if peft else None
+    model, config, lora_config = meta_model(adapter, spec, attn_impl, adapters=peft)
     model.to_empty(device="cpu")
     adapter.reset_buffers(model)  # the weights come from a checkpoint next; only the buffers are computed
     retie(model)

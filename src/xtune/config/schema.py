@@ -158,7 +158,7 @@ class SchedSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    # auto: liger on CUDA when installed, chunk otherwise.
+    # auto: chunk (measured faster than liger on an H200; liger must be asked for).
     mode: str = "auto"
     # Tokens per chunk of the chunked cross-entropy (memory grows with chunk_size x vocab).
     chunk_size: int = 1024
@@ -191,6 +191,8 @@ class ParallelSpec:
     attn: str = "auto"
     # Ulysses sequence parallelism: each packed row is cut over this many ranks (divides the world and the heads).
     sp_size: int = 1
+    # torch.compile each transformer block (dynamic sequence length; attention itself stays eager). Off until measured.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

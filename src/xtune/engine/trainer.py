@@ -26,9 +26,8 @@ from xtune.engine.metrics import MetricsLogger, NullLogger, check_wandb, memory_
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.parallel.fsdp import build_sharded
 from xtune.launch.rundir import write_run_files
-from xtune.parallel.ulysses import attn_name
+from xtune.parallel import attention
 from xtune.errors import CheckpointSaveError, ConfigError, DataError, XtuneError
-from xtune.ops import packed_sdpa
 from xtune import peft as xpeft
 from xtune.launch.env import launch_env
 from xtune.models.tokenizer_check import load_checked_tokenizer
@@ -103,7 +102,6 @@ def derived_seed(seed: int, step: int, index: int) -> int:
 class Trainer:
     def __init__(self, spec, run_dir, *, method, adapter=None, tokenizer=None, loader=None, eval_batches=None,
                  denv: DistEnv | None = None):
-        from xtune.ops.attention import resolve_attn
         from xtune.ops.loss import resolve_loss_mode
 
         self.spec = spec
@@ -119,9 +117,7 @@ class Trainer:
         t = spec.train
         self.grad_accum = t.global_batch_size // (d.dp_size * t.micro_batch_size)
         self.device = d.device
-        attn_impl = resolve_attn(spec.parallel.attn, d.device)
-        # The root's forward passes what the SP attention wrapper reads (the model itself is switched in build_sharded).
-        root_attn = attn_name(attn_impl) if d.sp_size > 1 else attn_impl
+        attn_impl = attention.resolve(spec.parallel.attn, d.device)
         loss_mode = resolve_loss_mode(spec.loss.mode, d.device)
         # Data first: a bad record or image stops the run before any model is built.
         if loader is None:
@@ -139,13 +135,8 @@ class Trainer:
         # (the adapter's spec: a resumed random-init adapter run reloads the base it saved)
         save_base = self._save_random_base if self.peft and not adapter.spec.load_from else None
 
-        def make_root(model):
-            impl = root_attn
-            # sdpa without sequence parallelism: attention per packed document (ops/packed_sdpa.py), not over the
-            # whole row.
-            if d.sp_size == 1 and packed_sdpa.use_on(adapter.language_model(model), attn_impl):
-                impl = packed_sdpa.NAME
-            return self.method.root(model, adapter, impl, loss_mode)
+        def make_root(model, forward_impl):
+            return self.method.root(model, adapter, forward_impl, loss_mode)
 
         self.root, self.model_config, self.lora_config = build_sharded(adapter, spec, d, attn_impl, make_root,
                                                                        on_base_ready=save_base)

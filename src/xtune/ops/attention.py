@@ -16,37 +16,12 @@ a different signal to stop attention crossing document boundaries:
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Dict
 
 import torch
 
-from xtune.config.schema import CHOICES
 from xtune.errors import XtuneError
 from xtune.ops.packed_sdpa import NAME as PACKED_SDPA
-
-ATTN_CHOICES = CHOICES["parallel.attn"]
-
-
-def _flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attn(attn: str, device) -> str:
-    """Map `parallel.attn` to a transformers `attn_implementation` for this device."""
-    device = torch.device(device)
-    if attn not in ATTN_CHOICES:
-        raise XtuneError(f"parallel.attn must be one of {ATTN_CHOICES}, got {attn!r}")
-    if attn == "eager":
-        return "eager"
-    if attn == "sdpa":
-        return "sdpa"
-    flash_ok = device.type == "cuda" and _flash_available()
-    if attn == "flash" and not flash_ok:
-        why = "a CUDA device" if device.type != "cuda" else "the flash-attn package (pip install 'xtune[gpu]')"
-        raise XtuneError(f"parallel.attn=flash needs {why}; use parallel.attn=sdpa or auto")
-    return "flash_attention_2" if flash_ok else "sdpa"
-
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Float [1, 1, T, T] mask: 0 where query i may attend key j (same document, j <= i), else finfo.min."""

@@ -61,6 +61,9 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
     return ((diff >= 0) & (diff < window))[None, None]
 
 
+# Not traced by torch.compile (parallel.compile): the loop below is shaped by the row's document boundaries, so a
+# traced version would recompile for every new packing.
+@torch.compiler.disable
 def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                 max_length_q=None, max_length_k=None, sliding_window=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -81,7 +84,12 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
             mask = _window_mask(n, sliding_window, query.device)
         o, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         outs.append(o)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+    # A fresh tensor in the standard layout whatever the number of documents: sdpa's output can be a view with an
+    # odd stride on its size-1 batch dim, and a compiled block after it (parallel.compile) would recompile on each.
+    out = outs[0].clone(memory_format=torch.contiguous_format) if len(outs) == 1 else torch.cat(outs, dim=1)
+    if out.stride() != torch.empty(out.shape, device="meta").stride():
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out, None
 
 
 def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs):

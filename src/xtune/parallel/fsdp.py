@@ -20,16 +20,17 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from xtune.config.schema import RunSpec
 from xtune.errors import XtuneError
+from xtune.parallel import attention
+from xtune.parallel.build import DTYPES, meta_model
 
 log = logging.getLogger("xtune.engine")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def param_dtype(parallel, device: torch.device) -> torch.dtype:
     if parallel.param_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[parallel.param_dtype]
+    return DTYPES[parallel.param_dtype]
 
 
 def checkpointed_indices(n_blocks: int, ratio: float) -> list[int]:
@@ -61,12 +62,21 @@ def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module], rat
     return out
 
 
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """`parallel.compile`: each block compiled in place (after activation checkpointing, before fully_shard, so
+    FSDP2's hooks stay outside the graph), with a dynamic sequence length: a packed row of a new length reuses the
+    graph. The attention functions are excluded from tracing (their per-document work depends on the row's
+    document boundaries), so a new document layout recompiles nothing either."""
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torch.device,
           ignored: set | None = None) -> None:
     """fully_shard each block, then the root (which takes the remaining parameters). `ignored` parameters
     (QLoRA's 4-bit bases) stay whole on every rank, outside FSDP."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel, device),
-                              reduce_dtype=_DTYPES[parallel.reduce_dtype])
+                              reduce_dtype=DTYPES[parallel.reduce_dtype])
     offload = OffloadPolicy()
     if parallel.cpu_offload:
         if device.type == "cuda":
@@ -87,7 +97,7 @@ def needs_fsdp(spec: RunSpec, denv) -> bool:
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
     (about 10% of a CPU step). Checkpoints, export and clipping work the same on both."""
-    master = _DTYPES[spec.model.dtype]
+    master = DTYPES[spec.model.dtype]
     return (denv.world_size > 1 or param_dtype(spec.parallel, denv.device) != master
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
 
@@ -96,7 +106,8 @@ def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_ba
     """Meta-init -> (adapters) -> (activation checkpointing) -> fully_shard -> to_empty -> init / load
     -> (4-bit base, adapter init).
 
-    `make_root(model)` returns the FSDP root module wrapping the model (the loss module).
+    `make_root(model, attn_impl)` returns the FSDP root module wrapping the model (the loss module); `attn_impl` is
+    the implementation its forward passes to `packed_kwargs` (parallel/attention.py switched the decoder to it).
     `on_base_ready(model, config)` runs once the base weights are initialised or loaded, before quantization
     when the base is random-init (the trainer saves it there); a QLoRA base loaded from a folder is 4-bit by
     then. Returns (root, model config, LoraConfig or None); the HF model is `root.model`.
@@ -107,22 +118,16 @@ def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_ba
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
     # the base it saved).
     load_from = adapter.spec.load_from
-    config = adapter.build_config()
-    with torch.device("meta"):
-        model = adapter.build_model(config, attn_impl)
-    if denv.sp_size > 1:
-        from xtune.parallel import ulysses
-
-        ulysses.register(denv.sp_group)
-        ulysses.use_on(adapter.language_model(model), attn_impl)
-    model.to(dtype=_DTYPES[spec.model.dtype])
-    adapter.apply_freeze(model)
-    lora_config = xpeft.inject(model, adapter, spec.peft) if xpeft.enabled(spec.peft) else None
+    model, config, lora_config = meta_model(adapter, spec, attn_impl)
+    forward_impl = attention.switch(adapter.language_model(model), attn_impl,
+                                    denv.sp_group if denv.sp_size > 1 else None)
     quantize = lora_config is not None and spec.peft.quantize == "nf4"
-    root = make_root(model)
+    root = make_root(model, forward_impl)
     blocks = list(adapter.blocks(model))
     if spec.parallel.activation_checkpointing:
         blocks = apply_activation_checkpointing(model, blocks, spec.parallel.ac_ratio)
+    if spec.parallel.compile:
+        compile_blocks(blocks)
     if needs_fsdp(spec, denv):
         shard(root, blocks, spec.parallel, denv.mesh, denv.device, quant.ignored_params(model) if quantize else None)
     offload = spec.parallel.cpu_offload and denv.device.type == "cuda"
@@ -135,7 +140,7 @@ def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_ba
         adapter.reset_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
     retie(model)
     if not load_from:
-        init_random_weights(adapter, model, config, spec, denv, attn_impl)
+        init_random_weights(adapter, model, spec, denv, attn_impl)
     torch.manual_seed(spec.train.seed)
     if load_from:
         load_full_weights(adapter, model, load_from, denv, to_quantize, device)
@@ -148,7 +153,7 @@ def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_ba
     return root, config, lora_config
 
 
-def init_random_weights(adapter, model: nn.Module, config, spec: RunSpec, denv, attn_impl: str) -> None:
+def init_random_weights(adapter, model: nn.Module, spec: RunSpec, denv, attn_impl: str) -> None:
     """A random init that does not depend on the layout: rank 0 initialises one whole plain model (no
     adapters, wrappers or shards) from `train.seed` with transformers' own init, and every rank's shards
     take it by broadcast, the way loaded weights arrive. The same seed gives the same model on 1 rank or
@@ -158,9 +163,11 @@ def init_random_weights(adapter, model: nn.Module, config, spec: RunSpec, denv, 
 
     full = {}
     if denv.is_main:
-        with torch.device("meta"):  # a copy of the config: building sets its attention implementation
-            plain = adapter.build_model(copy.deepcopy(config), attn_impl)
-        plain.to(dtype=_DTYPES[spec.model.dtype])
+        # A copy of the config: building a model (and switching its attention) writes into its config, and an
+        # adapter may hand out the one config the trained model was built with.
+        with torch.device("meta"):
+            plain = adapter.build_model(copy.deepcopy(adapter.build_config()), attn_impl)
+        plain.to(dtype=DTYPES[spec.model.dtype])
         plain.to_empty(device="cpu")
         with torch.no_grad():
             torch.manual_seed(spec.train.seed)

@@ -122,6 +122,7 @@ def _causal_mask(n: int, dtype, device) -> torch.Tensor:
 
 
 def _make_sp_attention(inner_name: str):
+    @torch.compiler.disable  # collectives and a per-document loop: eager under parallel.compile (fsdp.compile_blocks)
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                   max_length_q=None, max_length_k=None, position_ids=None, **kwargs):
         group = _STATE["group"]
