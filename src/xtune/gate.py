@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from xtune.config.compose import PRIMARY, Job, compose_jobs, without_hydra
+from xtune.config.compose import Job, compose_jobs, without_hydra
 from xtune.config.schema import RunSpec
 from xtune.errors import ConfigError
 
@@ -56,19 +56,11 @@ def gate(command: str | None, overrides: Sequence[str], config_dirs: Sequence[st
     the recipe's `method` decide (`data inspect` reads either kind of data)."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage}: one of {', '.join(STAGES)}")
-    command = command or _recipe_method(overrides, config_dirs)
     jobs = compose_jobs(command, overrides, config_dirs, multirun=multirun, validate=stage != "compose",
                         check_files=check_files)
     if stage != "load":
         return Admitted(jobs)
     return Admitted(jobs, tokenizer=_load_checks(jobs))
-
-
-def _recipe_method(overrides: Sequence[str], config_dirs: Sequence[str]) -> str:
-    """The primary config of the recipe's own method (sft when it names none the CLI knows)."""
-    first = compose_jobs("sft", overrides, config_dirs, validate=False)[0].cfg
-    method = str(first.get("method", "sft"))
-    return method if method in PRIMARY else "sft"
 
 
 def _load_checks(jobs: list[Job]) -> Any:

@@ -271,14 +271,15 @@ class Job:
     spec: Optional[RunSpec]
 
 
-def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+def compose_jobs(command: Optional[str], overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
                  multirun: bool = False, validate: bool = True, check_files: bool = True,
                  world_size: Optional[int] = None) -> List[Job]:
     """Parse once, compose each job once, validate each once. Raises ConfigError with every problem found.
 
     `multirun` allows sweeps (one job per point); `validate=False` composes only (for --cfg and config show).
+    `command=None`: the recipe's `method` picks the primary config (data inspect reads either kind of data).
     """
-    primary = primary_config(command)
+    primary = primary_config(command or "sft")
     setup(config_dirs)
     parsed, problems = _parse(overrides)
     problems += _choice_problems(parsed, config_dirs) + _added_key_problems(parsed)
@@ -295,6 +296,9 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
     for args in points:
         try:
             cfg = _compose_raw(args, primary)
+            method = str(cfg.get("method"))
+            if command is None and validate and PRIMARY.get(method, primary) != primary:
+                cfg = _compose_raw(args, PRIMARY[method])
         except Exception as e:
             raise ConfigError(list(dict.fromkeys(_diagnose(parsed, args, primary, e)))) from None
         try:
@@ -304,7 +308,7 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
             prefix = f"[{' '.join(user)}] " if len(points) > 1 else ""
             problems.extend(prefix + p for p in e.problems)
             continue
-        if spec is not None and spec.method != command and command in PRIMARY:
+        if spec is not None and command is not None and spec.method != command and command in PRIMARY:
             problems.append(f"recipe {spec.recipe} trains with method {spec.method}: run `xtune {spec.method} "
                             f"recipe={spec.recipe}` (or set method={command} with data of that kind)")
             continue
@@ -385,9 +389,5 @@ def missing_message(key: str) -> str:
 def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: Optional[str] = None,
               **kw) -> Tuple[DictConfig, RunSpec]:
     """One job's config and spec. Without `command` (data inspect, tests) the recipe's method decides."""
-    if command is None:
-        command = "sft"
-        first = compose_jobs(command, overrides, config_dirs, validate=False)[0].cfg
-        command = str(first.get("method", "sft")) if str(first.get("method")) in PRIMARY else "sft"
     job = compose_jobs(command, overrides, config_dirs, **kw)[0]
     return without_hydra(job.cfg), job.spec
