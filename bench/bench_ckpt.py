@@ -28,7 +28,7 @@ def measure(width: int, layers: int, steps: int, every: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from xtune.config.schema import ParallelSpec
-    from xtune.checkpoint import dcp as checkpoint
+    from xtune.checkpoint import integrity as checkpoint
     from xtune.checkpoint.dcp import Checkpointer
     from xtune.parallel.distributed import init_distributed
 

@@ -28,7 +28,8 @@ def work(a: dict) -> dict:
 
     from tests.s1_fixture import TINY, build_s1_tokenizer
     from xtune.data.templates import resolve_template
-    from xtune.data.tokenize import TokenizeSettings, tokenize_files
+    from xtune.data.tokenize import TokenizeSettings
+    from xtune.data.tokenize_files import tokenize_files
 
     lines = (ROOT / "src" / "xtune" / "assets" / "demo" / "train.jsonl").read_text().splitlines()[: a["records"]]
     lines += [json.dumps({"messages": [{"role": "user", "content": f"Describe <SMILES>{s}</SMILES>."},

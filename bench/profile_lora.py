@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def build_xtune(prep, work_dir, extra=()):
     from bench_lora import R
     from bench_train import xtune_spec
-    from xtune.engine.trainer import Trainer, preflight
+    from xtune.engine.preflight import preflight
+    from xtune.engine.trainer import Trainer
     from xtune.methods import get_method
     from xtune.models import get_adapter
 

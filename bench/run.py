@@ -21,7 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
-ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "compile", "gpu")
+ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "compile", "gen",
+         "evaltrain", "gpu")
 
 
 def module(name: str):
@@ -68,6 +69,16 @@ def tables(res: dict):
                       " ".join(f"{x:.4f}" for x in s["losses"]))
         t.caption = (f"auto / qwen3 tokens/s {r['speed_ratio']:.3f}, max |loss diff| {r['loss_max_abs_diff']:.2e}; "
                      f"target: >= 0.9 and equal losses -> meets: {_ok(r['meets'])}")
+        out.append(t)
+    if "evaltrain" in b and "error" not in b["evaltrain"]:
+        r = b["evaltrain"]
+        t = Table(title=f"Eval tasks during training: the demo, {r['config']['steps']} steps, its demo task every "
+                        f"{r['config']['eval_tasks_every']} steps")
+        for c in ("evals", "eval s", "run s", "share of run", "loop s", "share of loop", "final accuracy"):
+            t.add_column(c, justify="right")
+        t.add_row(str(r["evals"]), f"{r['eval_s']:.1f}", f"{r['wall_s']:.1f}", f"{100 * r['share_of_wall']:.1f}%",
+                  f"{r['loop_s']:.1f}", f"{100 * r['share_of_loop']:.1f}%", f"{r['accuracy'][-1][1]:.4f}")
+        t.caption = f"target: <= 10% of the run -> meets: {_ok(r['meets'])}"
         out.append(t)
     if "ckpt" in b:
         r = b["ckpt"]
@@ -233,6 +244,19 @@ def tables(res: dict):
                 t.add_row(name, f"{c['median_s']:.3f}", f"{c['min_s']:.3f}", f"{c['max_s']:.3f}",
                           str(c["runs"]))
         t.caption = f"target: xtune --help < 0.3 s -> meets: {_ok(r['meets'])}"
+        out.append(t)
+    if "gen" in b and "error" not in b["gen"]:
+        r = b["gen"]
+        c = r["config"]
+        t = Table(title=f"Generation: Qwen3 'blocks' shape ({c['params_m']}M params, random init), fp32, {c['prompts']} "
+                        f"demo prompts x {c['new_tokens']} greedy new tokens, {c['threads']} threads")
+        for col in ("system", "generated tok/s", "seconds", "tokens", "vs loop", "equal outputs"):
+            t.add_column(col, justify="right" if col != "system" else "left")
+        for name, s in r["systems"].items():
+            ratio = r["ratios"].get(name)
+            t.add_row(name, f"{s['tok_s']:.1f}", f"{s['seconds']:.1f}", str(s["tokens"]),
+                      "1.00x" if ratio is None else f"{ratio:.2f}x", "" if "equal" not in s else _ok(s["equal"]))
+        t.caption = f"target: engine >= 3x the one-at-a-time loop at equal greedy outputs -> meets: {_ok(r['meets'])}"
         out.append(t)
     if "compile" in b and "systems" in b["compile"]:
         r = b["compile"]

@@ -1,6 +1,6 @@
 """The `xtune` command line: a thin Typer layer over config -> launch.
 
-Only typer is imported at module level so that `xtune --help` answers at once; Hydra, torch and
+Only typer (and xtune.errors) is imported at module level so that `xtune --help` answers at once; Hydra, torch and
 the engine are imported inside the commands that need them.
 """
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from xtune.errors import XtuneError
 
 app = typer.Typer(
     name="xtune",
@@ -32,6 +34,7 @@ CONFIG_DIR = typer.Option(
 
 
 def _fail(error: BaseException) -> None:
+    # lazy: keeps `xtune --help` fast
     from rich.console import Console
     from rich.markup import escape
 
@@ -43,8 +46,6 @@ def _fail(error: BaseException) -> None:
 
 def _guarded(fn):
     """Run a command body; a user's mistake becomes one message and a non-zero exit, never a traceback."""
-    from xtune.errors import XtuneError
-
     try:
         return fn()
     except XtuneError as e:
@@ -61,6 +62,7 @@ def _training_command(name: str, doc: str):
         dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
         config_dir: Optional[List[str]] = CONFIG_DIR,
     ):
+        # lazy: keeps `xtune --help` fast
         from xtune.commands import train_command
 
         code = _guarded(
@@ -77,11 +79,14 @@ def _training_command(name: str, doc: str):
 sft = _training_command("sft", "Supervised fine-tuning: compose the recipe and overrides, validate, and train.")
 dpo = _training_command("dpo", "Preference tuning (DPO, IPO, SimPO, ORPO; see pref.*) on chosen/rejected pairs: "
                                "compose, validate, and train.")
+grpo = _training_command("grpo", "Online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; see grpo.*): sample completions of "
+                                 "prompts, score them with rewards, and train on them: compose, validate, and train.")
 
 
 @app.command()
 def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
     """List the recipes: model, data and a one-line description."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import recipes_table
 
     _guarded(lambda: recipes_table(list(config_dir or [])))
@@ -90,6 +95,7 @@ def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
 @config_app.command("show")
 def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
     """Print the resolved configuration."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import show_config
 
     _guarded(lambda: show_config(list(overrides or []), list(config_dir or [])))
@@ -98,6 +104,7 @@ def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional
 @data_app.command("inspect")
 def data_inspect(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
     """Per dataset: samples, tokens, truncated/dropped, length histogram; packing; one labelled sample."""
+    # lazy: keeps `xtune --help` fast
     from xtune.commands import inspect_data
 
     _guarded(lambda: inspect_data(list(overrides or []), list(config_dir or [])))
@@ -112,6 +119,7 @@ def export(
 ):
     """Export a checkpoint as a Hugging Face folder (safetensors, config, tokenizer), or an adapter run's
     PEFT folder (--adapter-only) or merged model (--merged); without a flag the run's peft.merge_on_export decides."""
+    # lazy: keeps `xtune --help` fast
     from xtune.checkpoint.hf_export import export_checkpoint
 
     if adapter_only and merged:
@@ -122,13 +130,38 @@ def export(
 
 
 @app.command()
-def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)")):
-    """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s."""
+def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
+         sort: Optional[str] = typer.Option(None, "--sort", help="Order by a column, best first: eval/<task>/<metric>, "
+                                            "final_loss, best_eval_loss, trained_tokens_per_s")):
+    """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s, eval task
+    metrics (eval/<task>/<metric>)."""
+    # lazy: keeps `xtune --help` fast
     from rich.console import Console
 
+    # lazy: keeps `xtune --help` fast
     from xtune.runs import summarize
 
-    _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True)))
+    _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True), sort=sort))
+
+
+@app.command(name="eval")
+def eval_(
+    path: Path = typer.Argument(..., help="A run directory, a Hugging Face folder or a PEFT adapter folder"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval/<task>/ goes (default: the run "
+                                       "directory; required for a bare model folder)"),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="One job per point of the sweep (same model)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compose and validate the tasks; load nothing."),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Evaluate a model on a task (eval=NAME from conf/eval, or eval.data.path=FILE eval.scorer=...): a table of
+    metrics, eval/<task>/samples.jsonl and summary.json; harness.tasks=[...] runs lm-evaluation-harness too."""
+    # lazy: keeps `xtune --help` fast
+    from xtune.commands import eval_command
+
+    code = _guarded(lambda: eval_command(path, list(overrides or []), out=out, multirun=multirun, dry_run=dry_run,
+                                         config_dirs=list(config_dir or [])))
+    raise typer.Exit(code or 0)
 
 
 @app.command()
@@ -138,6 +171,7 @@ def plot(
     metric: str = typer.Option("loss", "--metric", help="A metrics.jsonl field: loss, eval_loss, lr, grad_norm, ..."),
 ):
     """Draw one metric of several runs in one PNG, each line labelled by the run's varying overrides."""
+    # lazy: keeps `xtune --help` fast
     from xtune.runs import find_runs, plot_runs
 
     def body():
@@ -148,9 +182,33 @@ def plot(
     _guarded(body)
 
 
-def _both_export_flags():
-    from xtune.errors import XtuneError
+@app.command()
+def chat(
+    path: Path = typer.Argument(..., help="A run directory, a Hugging Face model folder or a PEFT adapter folder"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Generation settings: gen.KEY=VALUE (gen.temperature=0.7, "
+                                                               "gen.max_new_tokens=64, gen.stop=[...]) or gen=NAME"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt, print the answer and exit"),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image for the (first) turn: vision-language models"),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Same as gen.max_new_tokens=N"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Same as gen.temperature=T (0: greedy)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run Python code shipped in the model folder (read it first)"),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Chat with a model in the terminal (streamed; /reset, /system TEXT, /image FILE, /exit). With --prompt, or a
+    prompt piped on standard input, print one answer and exit."""
+    from xtune.commands import chat_command
 
+    code = _guarded(lambda: chat_command(
+        path, list(overrides or []), prompt=prompt, image=image, system=system,
+        flags={"max_new_tokens": max_new_tokens, "temperature": temperature}, device=device,
+        trust_remote_code=trust_remote_code, config_dirs=list(config_dir or [])))
+    raise typer.Exit(code or 0)
+
+
+def _both_export_flags():
     raise XtuneError("--adapter-only and --merged exclude each other: give one (or neither)")
 
 

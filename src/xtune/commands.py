@@ -11,17 +11,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from xtune.config.schema import RunSpec
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as _HydraCallback
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from xtune.config.compose import compose_jobs, hydra_overrides, primary_config, recipe_files, to_spec, without_hydra
+from xtune.config.io import to_frozen
+from xtune.config.resources import conf_dir
+from xtune.config.schema import GenSpec, RunSpec
+from xtune.config.validate import plan
+from xtune.config.validate_gen import gen_problems
 from xtune.errors import ConfigError, XtuneError
 from xtune.gate import gate
+from xtune.launch.env import launch_env
+from xtune.runs import find_runs, read_status, summarize, write_status
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
@@ -30,7 +42,7 @@ def _console(stderr: bool = False):
 
 def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
                   config_dirs: List[str]) -> int:
-    """`xtune <command> overrides...` for a training command (sft, dpo): the command names the primary
+    """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
     if cfg:
         if cfg not in ("job", "hydra", "all"):
@@ -53,8 +65,6 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
 
 def _launch_overrides(overrides: Sequence[str]) -> List[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
-    from xtune.launch.env import launch_env
-
     run_id = launch_env().run_id
     if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
         return [f"train.work_dir=work_dirs/${{recipe}}/run-{run_id}"]
@@ -63,10 +73,6 @@ def _launch_overrides(overrides: Sequence[str]) -> List[str]:
 
 def _print_cfg(jobs, which: str) -> int:
     """Hydra's --cfg: the job's config, its hydra node, or both (unresolved, as Hydra prints them)."""
-    from omegaconf import OmegaConf, open_dict
-
-    from xtune.config.compose import without_hydra
-
     for job in jobs:
         cfg = job.cfg
         if which == "job":
@@ -82,8 +88,6 @@ def _print_cfg(jobs, which: str) -> int:
 
 
 def _print_plan(jobs) -> int:
-    from xtune.config.validate import plan
-
     out = _console()
     for job in jobs:
         if len(jobs) > 1:
@@ -96,10 +100,9 @@ def _print_plan(jobs) -> int:
 
 def _run_job(spec: RunSpec, run_dir: Path) -> int:
     """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
+    # lazy: torch and the engine load when a run starts, not for `xtune config`, --dry-run or a configuration error
     from xtune.launch.launcher import run
     from xtune.launch.rundir import user_argv
-    from xtune.launch.env import launch_env
-
     if launch_env().rank == 0:
         try:
             _log_to(run_dir)
@@ -131,13 +134,7 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     process writes sys.argv to its run dir's cmd.txt), so `_run_hydra`, which `hydra.main` calls with the
     parsed arguments, is called directly.
     """
-    import tempfile
-
     from hydra._internal.utils import _run_hydra, get_args_parser
-
-    from xtune.config.compose import hydra_overrides, primary_config
-    from xtune.config.resources import conf_dir
-    from xtune.runs import find_runs, read_status
 
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "sweep_dir"
@@ -161,9 +158,6 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     return 1 if failed else 0
 
 
-from hydra.experimental.callback import Callback as _HydraCallback  # noqa: E402 (this module loads lazily)
-
-
 class SweepDirRecord(_HydraCallback):
     """Hydra callback, in the process that runs the sweep: writes the resolved sweep directory (its
     `${now:...}` is resolved once, there) to the file `record`, for the summary at the end."""
@@ -177,8 +171,6 @@ class SweepDirRecord(_HydraCallback):
 
 def _sweep_summary(job_dirs: List[Path]) -> None:
     """The comparison table of the sweep's points, printed and written to <sweep dir>/summary.{csv,json}."""
-    from xtune.runs import summarize
-
     sweep_dir = job_dirs[0].parent
     try:
         summarize(job_dirs, _console(), out_dir=sweep_dir if all(j.parent == sweep_dir for j in job_dirs) else None,
@@ -192,23 +184,17 @@ def _sweep_summary(job_dirs: List[Path]) -> None:
 def sweep_job(cfg) -> tuple:
     """One job of a sweep, run by Hydra's launcher: its run dir is Hydra's output dir. A failed job is
     reported in one line and the sweep goes on; returns (exit code, run dir), the code also in status.json."""
-    from xtune.runs import write_status
-
     code, work_dir = _sweep_job(cfg)
     write_status(work_dir, code)
     return code, work_dir
 
 
 def _sweep_job(cfg) -> tuple:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from xtune.config.compose import to_spec
-
     work_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = cfg.copy()
         OmegaConf.update(cfg, "train.work_dir", str(work_dir))
+        # lazy: torch and the engine load when a job starts (this module is imported by every command)
         from xtune.launch.launcher import run
         from xtune.launch.rundir import user_argv
 
@@ -224,12 +210,16 @@ def _sweep_job(cfg) -> tuple:
 # --------------------------------------------------------------------------- other commands
 
 
+def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
+                 config_dirs: List[str]) -> int:
+    """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
+    from xtune.eval.command import run_eval
+
+    return run_eval(path, overrides, out=out, multirun=multirun, dry_run=dry_run, config_dirs=config_dirs,
+                    console=_console())
+
+
 def recipes_table(config_dirs: List[str]) -> None:
-    from omegaconf import OmegaConf
-    from rich.table import Table
-
-    from xtune.config.compose import recipe_files
-
     table = Table(title="xtune recipes", show_lines=False)
     for col in ("recipe", "model", "data", "description"):
         table.add_column(col)
@@ -246,15 +236,43 @@ def recipes_table(config_dirs: List[str]) -> None:
 
 
 def show_config(overrides: List[str], config_dirs: List[str]) -> None:
-    from omegaconf import OmegaConf
-
-    # Composed only: config show prints what an invalid run would get.
-    cfg = gate(None, overrides, config_dirs, stage="compose").cfg
+    cfg = gate(None, overrides, config_dirs, stage="compose").cfg  # composed only: what an invalid run would get
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
-    from xtune.data.inspect import inspect_data as inspect
-
+    from xtune.data.inspect import inspect_data as inspect  # lazy: the data stage imports torch
     admitted = gate(None, overrides, config_dirs, stage="load")
     inspect(admitted.spec, admitted.tokenizer, _console())
+
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def compose_gen(overrides: Sequence[str], config_dirs: Sequence[str] = ()):
+    """The `gen` group composed with Hydra like every group (gen=NAME, gen.KEY=VALUE) and validated: a GenSpec."""
+    others = [o for o in overrides if not o.lstrip("+~").partition("=")[0].split(".")[0] == "gen"]
+    if others:
+        raise ConfigError([f"{o}: only generation settings are taken here (gen.KEY=VALUE, e.g. gen.temperature=0.7, "
+                           "or gen=NAME)" for o in others])
+    cfg = without_hydra(compose_jobs("sft", list(overrides), config_dirs, validate=False)[0].cfg)
+    spec = to_frozen(GenSpec, cfg.gen)
+    problems = gen_problems(spec)
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def chat_command(path: Path, overrides: List[str], *, prompt: Optional[str], image: Optional[Path],
+                 system: Optional[str], flags: dict, device: str, trust_remote_code: bool,
+                 config_dirs: List[str]) -> int:
+    """`xtune chat PATH [gen.KEY=VALUE ...]`: flags (--max-new-tokens, --temperature) are gen overrides too."""
+    from xtune.generate.chat import run_chat  # lazy: the generation engine imports torch and transformers
+
+    extra = [f"gen.{k}={v}" for k, v in flags.items() if v is not None]
+    gen = compose_gen(list(overrides) + extra, config_dirs)
+    if image is not None and not image.is_file():
+        raise XtuneError(f"--image {image}: no such file")
+    return run_chat(str(path), gen, prompt=prompt, image=str(image.resolve()) if image else None, system=system,
+                    device=device, trust_remote_code=trust_remote_code)

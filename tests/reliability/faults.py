@@ -27,17 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def kill_before_marker(step: int) -> None:
-    from xtune.checkpoint import dcp as checkpoint
+    from xtune.checkpoint import integrity
 
-    real = checkpoint._write_atomic
+    real = integrity.write_atomic
 
     def write_atomic(path, text):
         path = Path(path)
-        if path.name == checkpoint.MARKER and path.parent.name == f".tmp-step-{step}":
+        if path.name == integrity.MARKER and path.parent.name == f".tmp-step-{step}":
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, text)
 
-    checkpoint._write_atomic = write_atomic
+    integrity.write_atomic = write_atomic
 
 
 def kill_in_async_write(step: int) -> None:

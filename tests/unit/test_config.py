@@ -8,7 +8,9 @@ from xtune.config.compose import compose, load_spec, recipe_files, to_spec
 from xtune.config.schema import RunSpec
 from xtune.errors import ConfigError
 
-BIG = {"intern_s1_mini", "intern_s1_mini_lora", "qwen3_8b", "qwen3_8b_dpo", "qwen3_8b_long", "qwen3_8b_qlora",
+# demo_grpo starts from the SFT demo's export (work_dirs/demo/sft/hf), which may not exist yet.
+BIG = {"demo_grpo", "qwen3_8b_grpo",
+       "intern_s1_mini", "intern_s1_mini_lora", "qwen3_8b", "qwen3_8b_dpo", "qwen3_8b_long", "qwen3_8b_qlora",
        "qwen3_30b_a3b"}
 
 
@@ -129,6 +131,39 @@ def test_cross_field_rules():
     assert "data.sample_max_length=4096" in text and "data.pack_max_length" in text
     assert "exactly one of train.epochs and train.max_steps" in text
     assert "train.global_batch_size=3 is not divisible" in text
+
+
+@pytest.mark.parametrize("pack", ["soft", "bfd", "none", "hard"])
+def test_a_sample_longer_than_a_row_is_refused_unless_hard_packing_cuts_it(pack):
+    """The one rule for data.sample_max_length > data.pack_max_length (validator only): soft, bfd and none place
+    whole samples, so it is refused naming both keys and the mode; hard cuts samples into rows, so it passes."""
+    overrides = ["recipe=demo", f"data.pack={pack}", "data.pack_max_length=256", "data.sample_max_length=512"]
+    if pack == "hard":
+        _, spec = load_spec(overrides)
+        assert (spec.data.sample_max_length, spec.data.pack_max_length) == (512, 256)
+        return
+    with pytest.raises(ConfigError) as e:
+        load_spec(overrides)
+    assert e.value.problems == [f"data.sample_max_length=512 is larger than data.pack_max_length=256: a sample must "
+                                f"fit in one packed row with data.pack={pack} (data.pack=hard cuts longer samples "
+                                "into rows)"]
+
+
+def test_hard_packing_of_long_samples_needs_an_image_to_fit_in_a_row():
+    """hard never cuts an image block: with samples longer than a row, a vision model's largest image (12 tiles +
+    thumbnail x 256 tokens + 2 = 3330 tokens here) must fit in one row."""
+    from xtune.config.schema import DataSpec, DatasetSpec, ModelSpec
+    from xtune.config.validate import length_problems
+
+    def spec(pack_max_length):
+        return RunSpec(model=ModelSpec(family="intern_s1", max_tiles=12, tokens_per_tile=256, use_thumbnail=True),
+                       data=DataSpec(datasets=[DatasetSpec(name="x", path="x")], pack="hard",
+                                     sample_max_length=8192, pack_max_length=pack_max_length))
+
+    (msg,) = length_problems(spec(2048))
+    assert msg.startswith("data.pack=hard with data.sample_max_length=8192 > data.pack_max_length=2048: an image "
+                          "takes up to 3330 tokens") and "raise data.pack_max_length to 3330" in msg
+    assert length_problems(spec(3330)) == []
 
 
 def test_missing_files_are_named(tmp_path):

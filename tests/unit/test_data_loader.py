@@ -273,3 +273,23 @@ def test_hard_packing_weighs_a_cut_document_by_its_whole_count(qwen_tok, two_dat
     got = {k: v for k, v in got.items() if v}
     assert got.keys() == expected.keys()
     assert all(got[k] == pytest.approx(expected[k], rel=1e-5) for k in expected)
+
+
+def test_hard_packing_cuts_samples_longer_than_a_row_into_rows(qwen_tok, two_datasets):
+    """data.sample_max_length > data.pack_max_length is allowed with hard packing (config/validate.length_problems):
+    through the real loader every sample keeps its tokens up to sample_max_length (none is cut at the row length)
+    and is laid over consecutive rows, each piece continuing where the last ended."""
+    spec = two_datasets(pack="hard", pack_max_length=16, sample_max_length=96, train=dict(global_batch_size=1))
+    data = build_train_loader(spec, qwen_tok).data
+    assert all(ds.truncated == 0 for ds in data.datasets)
+    pieces = {}
+    for row in data.rows:
+        assert sum(e - s for _, s, e in row) <= 16
+        for i, s, e in row:
+            pieces.setdefault(i, []).append((s, e))
+    lengths = [data.item_length(d, i) for d, i in data.items]
+    assert max(lengths) > 2 * 16  # samples longer than two rows: the test can fail
+    for k, n in enumerate(lengths):
+        spans = pieces[k]
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))

@@ -16,7 +16,8 @@ from xtune.config.validate import model_problems
 from xtune.data.records import parse_record
 from xtune.data.slow_tokenize import encode_trained
 from xtune.data.templates import resolve_template
-from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
+from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings
+from xtune.data.tokenize_files import tokenize_files
 
 DEMO = Path(__file__).resolve().parents[2] / "src" / "xtune" / "assets" / "demo"
 SMILES_CHATS = [

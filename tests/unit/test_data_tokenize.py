@@ -7,7 +7,8 @@ import pytest
 
 from xtune.data.records import parse_record
 from xtune.data.templates import resolve_template
-from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
+from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings
+from xtune.data.tokenize_files import tokenize_files
 from xtune.errors import DataError
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",

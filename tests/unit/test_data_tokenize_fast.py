@@ -15,7 +15,8 @@ import pytest
 from xtune.data import multimodal
 from xtune.data.records import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
-from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings, tokenize_files
+from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings
+from xtune.data.tokenize_files import tokenize_files
 from xtune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,7 +185,8 @@ import os, sys
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
 from transformers import AutoTokenizer
 from xtune.data.templates import resolve_template
-from xtune.data.tokenize import TokenizeSettings, tokenize_files
+from xtune.data.tokenize import TokenizeSettings
+from xtune.data.tokenize_files import tokenize_files
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 tok.backend_tokenizer.encode_batch(["warm the thread pool"] * 2000)  # the pool has run in the parent
 out = tokenize_files(tok, TokenizeSettings(resolve_template(tok), 4096), [sys.argv[2]], None, num_workers=2,

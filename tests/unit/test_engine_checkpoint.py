@@ -260,12 +260,12 @@ def test_damaged_file_is_refused_naming_it(finished, init_dir, tmp_path, damage)
     assert not (tmp_path / "hf").exists()
 
 
-def test_sha256_marker_of_an_earlier_xtune_is_verified_with_sha256(finished, tmp_path):
-    """Markers written before the switch to xxh3_128 carry sha256 checksums: they are checked with sha256 (computed
-    here with hashlib), so an intact checkpoint passes and a changed file is named."""
+def test_a_marker_with_other_checksums_is_refused(finished, tmp_path):
+    """xtune writes one checksum (xxh3_128): a marker whose files carry another (sha256 here, valid ones) fails the
+    check for every file, naming the checksum it lacks."""
     import hashlib
 
-    from xtune.checkpoint.dcp import verify_checkpoint
+    from xtune.checkpoint.integrity import verify_checkpoint
 
     ck = tmp_path / "step-4"
     shutil.copytree(finished / "checkpoints" / "step-4", ck)
@@ -273,64 +273,45 @@ def test_sha256_marker_of_an_earlier_xtune_is_verified_with_sha256(finished, tmp
     meta["files"] = {n: {"sha256": hashlib.sha256((ck / n).read_bytes()).hexdigest(), "bytes": f["bytes"]}
                      for n, f in meta["files"].items()}
     (ck / "meta.json").write_text(json.dumps(meta))
-    assert verify_checkpoint(ck) == []
-    (ck / "state.json").write_text((ck / "state.json").read_text().replace('"step": 4', '"step": 5'))
-    assert verify_checkpoint(ck) == ["state.json does not match its sha256 checksum (changed on disk)"]
+    assert verify_checkpoint(ck) == [f"{n} has no xxh3_128 checksum in the marker" for n in sorted(meta["files"])]
 
 
-def _legacy(ck):
-    """Turn a checkpoint into one of an older xtune: per-rank pickled extra state (with the RNG states it
-    kept: torch's tensor, python's tuple, numpy's array), no checksums in the marker."""
-    import random
-
-    import numpy as np
+def _pickled_state(ck, payload=None):
+    """Rewrite a checkpoint the way xtune never writes it: the run state pickled in `extra-rank0.pt` instead of
+    state.json, and a marker without checksums."""
+    import pickle
 
     state = json.loads((ck / "state.json").read_text())
-    state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    torch.save(state, ck / "extra-rank0.pt")
+    if payload is not None:
+        state["counters"]["evil"] = payload
+    with open(ck / "extra-rank0.pt", "wb") as f:
+        pickle.dump(state, f, protocol=2)  # torch.save's protocol
     (ck / "state.json").unlink()
     meta = json.loads((ck / "meta.json").read_text())
     del meta["files"], meta["layout"]
     (ck / "meta.json").write_text(json.dumps(meta))
 
 
-def test_older_checkpoint_without_checksums_resumes_with_a_warning(finished, init_dir, tmp_path):
-    reference = tmp_path / "reference"
-    run(make_spec(init_dir, steps=6, save_every=2, keep_last=3), reference, steps=6)
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step-6")
-    (run_dir / "checkpoints" / "latest").write_text("step-4\n")
-    _legacy(run_dir / "checkpoints" / "step-4")
-    with pytest.warns(UserWarning, match="has no checksums"):
-        run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
-    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
-               if "loss" in line] for d in (reference, run_dir)]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
-
-
-def test_loading_never_runs_code_from_a_checkpoint(finished, init_dir, tmp_path):
-    """An old-style extra state file crafted to run a command when unpickled is refused, and nothing runs."""
-    import pickle
+def test_a_checkpoint_without_checksums_is_refused_and_never_unpickled(finished, init_dir, tmp_path):
+    """A folder whose marker lists no checksums and whose state is a pickle crafted to run a command is refused
+    (resume and export), naming the marker; nothing runs."""
+    from xtune.checkpoint.hf_export import export_checkpoint
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     ck = run_dir / "checkpoints" / "step-4"
-    shutil.copy(ck / "state.json", tmp_path / "state.json")
-    _legacy(ck)
     canary = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (open, (str(canary), "w"))
 
-    state = json.loads((run_dir.parent / "state.json").read_text())
-    state["counters"]["evil"] = Evil()
-    with open(ck / "extra-rank0.pt", "wb") as f:
-        pickle.dump(state, f, protocol=2)  # torch.save's protocol
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="extra-rank0.pt holds objects other than"):
+    _pickled_state(ck, Evil())
+    with pytest.raises(CheckpointError, match=f"checkpoint {ck}: its meta.json lists no files with checksums"):
         run(make_spec(init_dir, steps=6, resume="auto"), run_dir, steps=6)
-    assert not canary.exists()
+    with pytest.raises(CheckpointError, match="lists no files with checksums"):
+        export_checkpoint(ck, tmp_path / "hf", adapter=TinyAdapter(ModelSpec()))
+    assert not canary.exists() and not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------------------- changed config

@@ -11,7 +11,7 @@ import torch
 
 from tests.integration.test_model_families import make_original
 from xtune.config.schema import ModelSpec
-from xtune.engine.samples import generate_samples, prompt_ids
+from xtune.engine.samples import generate_samples
 from xtune.models import get_adapter
 
 PROMPTS = ["What is 2 + 3?", "Name a colour."]
@@ -37,7 +37,8 @@ def test_samples_from_an_interns1_layout_export(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True).eval()
     assert type(reference).__name__ == "InternS1ForConditionalGeneration"
     for prompt, rec in zip(PROMPTS, got):
-        ids = prompt_ids(tok, prompt)
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      enable_thinking=False, return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
             gen = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

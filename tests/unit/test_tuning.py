@@ -194,7 +194,7 @@ def test_qlora_base_is_4bit_trains_and_exports(init_dir, tmp_path, closing):
 
 
 def test_target_matching_nothing_is_refused_before_any_weight(init_dir, tmp_path):
-    from xtune.engine.trainer import preflight
+    from xtune.engine.preflight import preflight
     from xtune.models import get_adapter
 
     spec = spec_of(init_dir, "peft=lora", "peft.target_modules=[qkv_proj,q_proj]")
@@ -272,7 +272,7 @@ def test_lora_on_the_auto_family_equals_peft_all_linear(model_type, tmp_path, cl
 def test_adapter_only_export_is_what_samples_load(init_dir, tmp_path, closing):
     """peft.merge_on_export=false: only hf_adapter/ is written, and the samples path (engine/samples.py) loads it
     over its base through peft, with the trained model's logits."""
-    from xtune.engine.samples import load_export
+    from xtune.generate.load import load_export
 
     tr = trainer_of(spec_of(init_dir, "peft=lora", "peft.merge_on_export=false"), tmp_path / "run")
     closing.append(tr)
@@ -294,7 +294,7 @@ def test_adapter_of_multimodal_gemma3_loads_onto_the_multimodal_model(tmp_path, 
 
     from tests.integration.test_model_auto import make_auto_original
     from xtune.config.compose import load_spec
-    from xtune.engine.samples import load_export
+    from xtune.generate.load import load_export
 
     folder = tmp_path / "orig"
     make_auto_original("gemma3", folder)

@@ -1,202 +1,41 @@
-"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP): the save (synchronous, or
+staged to host memory and written in the background) and the load, resharded to any number of ranks.
 
-Layout of a run directory's `checkpoints/`:
-    step-N/              one complete checkpoint
-        .metadata, *.distcp   DCP shards of {"model", "optim"} (resharded on load)
-        state.json            the run's global state: LR schedule, data position, counters (no pickle)
-        meta.json             completion marker with a checksum (xxh3_128) of every other file, written last
-    latest               text file naming the newest complete folder, replaced atomically last
-
-A save goes to `.tmp-step-N`, gets its marker, is renamed to `step-N`, and only then does `latest`
-move. A crash at any point therefore leaves the previous checkpoint reachable and intact, and a
-folder without a readable marker is never loaded. Resume and export check every file against the
-marker's checksums before reading any of it; loading never unpickles anything.
-
-Checkpoints of older xtune versions (per-rank `extra-rank{R}.pt`, no checksums) still load, with a
-warning; their `.pt` files are read with `torch.load(weights_only=True)`, which runs no code.
+A save goes to `.tmp-step-N`, gets its marker (`integrity.py`: the checksum of every file), is renamed to
+`step-N`, and only then does `latest` move. A crash at any point therefore leaves the previous checkpoint
+reachable and intact. Resume and export check every file against the marker's checksums before reading any
+of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pickle
-import re
 import shutil
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
+from xtune.checkpoint import integrity
+from xtune.checkpoint.async_save import AsyncWriter
+from xtune.checkpoint.integrity import (LATEST, MARKER, STATE, complete_checkpoints, corrupt_error, read_marker,
+                                        read_state, resolve_resume, verify_checkpoint)
 from xtune.errors import CheckpointError, CheckpointSaveError
 
 log = logging.getLogger("xtune.engine")
 
-MARKER = "meta.json"
-STATE = "state.json"
-LATEST = "latest"
-LEGACY_EXTRA = "extra-rank{rank}.pt"  # per-rank pickled state of xtune <= 0.x checkpoints (read safely)
-_STEP_RE = re.compile(r"^step-(\d+)$")
+# Re-exported: callers locate and check checkpoints through this module too.
+__all__ = ["Checkpointer", "load_model_only", "read_marker", "read_state", "resolve_resume", "verify_checkpoint"]
 
 
-# ----------------------------------------------------------------------------------------- locating
-
-
-def read_marker(ckpt: Path) -> dict:
-    """The checkpoint's metadata; CheckpointError if the folder is not a complete checkpoint."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint {ckpt} does not exist")
-    marker = ckpt / MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MARKER}): the save was interrupted; "
-                              "delete it or resume from an earlier one")
-    try:
-        meta = json.loads(marker.read_text())
-        step, world = int(meta["step"]), int(meta["world_size"])
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise CheckpointError(f"checkpoint {ckpt} has an unreadable {MARKER} ({e})") from None
-    if not meta.get("complete"):
-        raise CheckpointError(f"checkpoint {ckpt} is not marked complete")
-    if "files" in meta:
-        needed = [".metadata", STATE, *meta["files"]]
-    else:  # an older xtune: per-rank pickled state, no checksums
-        needed = [".metadata"] + [LEGACY_EXTRA.format(rank=r) for r in range(world)]
-    absent = [n for n in dict.fromkeys(needed) if not (ckpt / n).is_file()]
-    if absent:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: missing {', '.join(absent)}")
-    meta["step"] = step
-    return meta
-
-
-# ----------------------------------------------------------------------------------------- checksums
-
-_CHUNK = 8 << 20
-_HASH_THREADS = 8  # the hashers release the GIL on large buffers: the threads hash files in parallel
-# The checksum of new markers: xxh3_128 hashes ~6x faster than sha256 here (3.4 against 0.53 GB/s on one core),
-# which is most of a synchronous save's hashing and of a resume's verification. Markers written with sha256
-# (xtune before it) are still verified with sha256.
-HASH = "xxh3_128"
-_HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-
-
-def file_digest(path: Path, algo: str = HASH) -> dict:
-    h = _HASHERS[algo]()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {algo: h.hexdigest(), "bytes": size}
-
-
-def digest_files(folder: Path, names: list) -> dict:
-    """{name: {xxh3_128, bytes}} of `names` under `folder`, hashed in parallel threads."""
-    if not names:
-        return {}
-    with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda n: file_digest(folder / n), names)))
-
-
-def checksum_problems(ckpt: Path, expected: dict, names: list) -> list:
-    """One message per file of `names` whose size or checksum differs from `expected` (the marker's)."""
-    problems = []
-
-    def check(name):
-        want = expected[name]
-        algo = next((a for a in _HASHERS if a in want), None)
-        if algo is None:
-            return f"{name} has no checksum xtune knows ({', '.join(k for k in want if k != 'bytes')})"
-        try:
-            size = (ckpt / name).stat().st_size
-            if size != want["bytes"]:
-                return f"{name} has {size} bytes, expected {want['bytes']} (truncated or replaced)"
-            got = file_digest(ckpt / name, algo)[algo]
-        except OSError as e:
-            return f"{name} cannot be read ({e})"
-        return None if got == want[algo] else f"{name} does not match its {algo} checksum (changed on disk)"
-
-    if names:
-        with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
-            problems = [p for p in pool.map(check, names) if p]
-    return problems
-
-
-def verify_checkpoint(ckpt: Path, meta: dict | None = None, rank: int = 0, world: int = 1) -> list:
-    """This rank's share of the checksum check (every file when world == 1): a list of problems.
-
-    A checkpoint from an older xtune has no checksums: [] and a warning (it is loaded unverified).
-    """
-    meta = meta if meta is not None else read_marker(ckpt)
-    files = meta.get("files")
-    if files is None:
-        if rank == 0:
-            msg = (f"checkpoint {ckpt} has no checksums (written by an older xtune): "
-                   "loading it without verifying its files")
-            log.warning(msg)
-            warnings.warn(msg, stacklevel=2)
-        return []
-    return checksum_problems(ckpt, files, sorted(files)[rank::world])
-
-
-def corrupt_error(ckpt: Path, problems: list) -> CheckpointError:
-    return CheckpointError(f"checkpoint {ckpt} is corrupt: {'; '.join(problems)}; "
-                           "resume from an earlier checkpoint (train.resume=PATH) or delete this one")
-
-
-def complete_checkpoints(root: Path) -> list:
-    """(step, folder) of the `step-N` folders under `root`, oldest first (without validating them)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-    return sorted(found)
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from (validated), or None to start fresh.
-
-    `auto` uses `run_dir/checkpoints/latest` (or the newest step-N when `latest` was never written,
-    i.e. a crash between the rename and the pointer update); a PATH may be a checkpoint folder, a
-    `checkpoints/` folder or a run directory.
-    """
-    if not resume:
-        return None
-    if resume == "auto":
-        root = Path(run_dir) / "checkpoints"
-        if not (root / LATEST).is_file() and not complete_checkpoints(root):
-            return None
-        return _pick(root)
-    path = Path(resume).expanduser()
-    if (path / MARKER).exists() or _STEP_RE.match(path.name):
-        read_marker(path)
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file() or complete_checkpoints(root):
-            return _pick(root)
-    raise CheckpointError(f"train.resume={resume}: no checkpoint found there")
-
-
-def _pick(root: Path) -> Path:
-    latest = root / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        ckpt = root / name
-        read_marker(ckpt)
-        return ckpt
-    _, ckpt = complete_checkpoints(root)[-1]
-    read_marker(ckpt)
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------- state
+# ----------------------------------------------------------------------------------------- errors
 
 
 def _describe(error: BaseException) -> str:
@@ -225,15 +64,6 @@ def _space_hint(root: Path, prev: str | None) -> str:
             f"{need / 2**20:.0f} MiB")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------- save / load
 
 
@@ -252,8 +82,6 @@ class Checkpointer:
         self.async_save = async_save
         self._pending = None  # the Future of the save in flight (background write, hashing, marker)
         if async_save:
-            from xtune.checkpoint.async_save import AsyncWriter
-
             self._writer = AsyncWriter(denv.device)
 
     def _state_dicts(self, model, optimizer) -> dict:
@@ -288,7 +116,7 @@ class Checkpointer:
             if not self.async_save:
                 dcp.save(self._state_dicts(model, optimizer), checkpoint_id=str(tmp))
             if denv.is_main:
-                _write_atomic(tmp / STATE, json.dumps(state))
+                integrity.write_atomic(tmp / STATE, json.dumps(state))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must stop the same way
             error = e
         if not self.async_save:
@@ -334,7 +162,7 @@ class Checkpointer:
         digests = {}
         try:
             names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MARKER)
-            digests = digest_files(tmp, names[denv.rank::denv.world_size])
+            digests = integrity.digest_files(tmp, names[denv.rank::denv.world_size])
         except OSError as e:
             error = e
         self._agree(error, step, tmp, group)
@@ -345,14 +173,14 @@ class Checkpointer:
                 files = {k: v for part in parts for k, v in part.items()}
                 meta = {"step": step, "world_size": denv.world_size, "complete": True, "time": time.time(),
                         "layout": layout or {}, "files": dict(sorted(files.items()))}
-                _write_atomic(tmp / MARKER, json.dumps(meta, indent=1))
+                integrity.write_atomic(tmp / MARKER, json.dumps(meta, indent=1))
                 old = None
                 if final.exists():  # re-saving a step: move the old copy aside until the new one is in place
                     old = final.with_name(f".old-{final.name}")
                     shutil.rmtree(old, ignore_errors=True)
                     os.rename(final, old)
                 os.rename(tmp, final)
-                _write_atomic(self.root / LATEST, final.name + "\n")
+                integrity.write_atomic(self.root / LATEST, final.name + "\n")
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
                 self._prune()
@@ -408,34 +236,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_describe(e)}") from e
 
 
-def read_state(ckpt: Path, meta: dict) -> dict:
-    """The global run state: state.json, or rank 0's pickled extra state of an older checkpoint read with
-    weights_only=True (tensors, containers and numbers only; numpy's RNG arrays allow-listed)."""
-    if "files" in meta or (ckpt / STATE).is_file():
-        try:
-            return json.loads((ckpt / STATE).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {ckpt}: {STATE} is unreadable ({e})") from None
-    import numpy as np
-
-    # torch 2.13's weights-only unpickler rebuilds numpy arrays only through these allow-listed globals
-    # (numpy's RNG state inside the old files); nothing else is importable, no code runs.
-    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    name = LEGACY_EXTRA.format(rank=0)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(ckpt / name, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = next((line for line in str(e).splitlines() if "Unsupported" in line), "").strip()
-        raise CheckpointError(f"checkpoint {ckpt}: {name} holds objects other than tensors, numbers and containers "
-                              f"({first or 'not a weights-only file'}); xtune never unpickles those") from None
-
-
 def load_model_only(ckpt: Path, model, trainable_only: bool = False) -> dict:
     """Load just the weights into a plain (unsharded, single-process) model, e.g. for export.
     trainable_only: the checkpoint of an adapter run, which holds only the parameters that train."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     meta = read_marker(ckpt)
     options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     problems = verify_checkpoint(ckpt, meta)

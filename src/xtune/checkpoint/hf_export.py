@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from xtune import peft as xpeft
+from xtune.checkpoint.dcp import load_model_only, read_marker
+from xtune.config.io import spec_from_yaml
 from xtune.config.schema import RunSpec
-from xtune.errors import CheckpointError
+from xtune.errors import CheckpointError, XtuneError
+from xtune.models import get_adapter
+from xtune.parallel.build import meta_model
+from xtune.parallel.fsdp import retie
+from xtune.peft.quant import dequantize_state, quantize_bases
 
 
 def gather_full_state_dict(model: torch.nn.Module) -> dict:
@@ -32,12 +43,7 @@ def write_peft(adapter, spec: RunSpec, lora_config, full_state_dict: dict, confi
     with the run's LoraConfig, and given the trained tensors without a copy (`assign`). A 4-bit base is
     dequantised to `dtype` (the compute dtype) first, so the merge adds the adapters to the weights trained on.
     """
-    import copy
-    import warnings
-
-    from peft import get_peft_model
-
-    from xtune.peft.quant import dequantize_state
+    from peft import get_peft_model  # lazy: peft is a heavy import only adapter runs need
 
     full = dequantize_state(full_state_dict, dtype)
     with torch.device("meta"):
@@ -72,10 +78,6 @@ def write_peft(adapter, spec: RunSpec, lora_config, full_state_dict: dict, confi
 def rename_adapter_modules(folder: Path, old: str, new: str) -> None:
     """Rename the adapted modules of a PEFT folder from `old...` to `new...` (keys and target_modules), for
     an adapter trained on the text part of a multimodal model and loaded onto the whole model."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     weights = folder / "adapter_model.safetensors"
     head = "base_model.model."
     sd = load_file(str(weights))
@@ -133,12 +135,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: RunSpec=N
     `what` is `adapter` (the PEFT folder) or `merged` (the full model); by default the run's
     peft.merge_on_export decides. The frozen base comes from model.load_from (or the run's saved base).
     """
-    from xtune import peft as xpeft
-    from xtune.config.io import spec_from_yaml
-    from xtune.checkpoint.dcp import load_model_only, read_marker
-    from xtune.errors import XtuneError
-    from xtune.models import get_adapter
-
     ckpt = Path(ckpt_dir)
     read_marker(ckpt)
     run_dir = ckpt.resolve().parent.parent
@@ -175,23 +171,16 @@ def build_plain_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
 def build_plain_peft_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
     """The adapted model on CPU with its base loaded (and NF4-rounded for QLoRA, as in training); the
     adapters come from a checkpoint. Returns (model, config, LoraConfig)."""
-    from xtune import peft as xpeft
-
     model, config, lora_config = _build_plain(adapter, spec, attn_impl, peft=True)
     base = adapter.read_hf_state_dict(spec.model.load_from)
     model.load_state_dict(xpeft.to_peft_keys(model.state_dict().keys(), base), strict=False)
     if spec.peft.quantize == "nf4":
-        from xtune.peft.quant import quantize_bases
-
         quantize_bases(model)
     xpeft.init_adapter_weights(model, spec.train.seed)  # modules_to_save copies; adapters are overwritten
     return model, config, lora_config
 
 
 def _build_plain(adapter, spec: RunSpec, attn_impl, peft: bool):
-    from xtune.parallel.build import meta_model
-    from xtune.parallel.fsdp import retie
-
     model, config, lora_config = meta_model(adapter, spec, attn_impl, adapters=peft)
     model.to_empty(device="cpu")
     adapter.reset_buffers(model)  # the weights come from a checkpoint next; only the buffers are computed

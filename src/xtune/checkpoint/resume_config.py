@@ -11,8 +11,10 @@ compared with it key by key:
 
 from __future__ import annotations
 
+import json
 from typing import Dict, List, NamedTuple
 
+from xtune.config.io import spec_to_dict
 from xtune.config.schema import RunSpec
 
 # Keys that may change inside a refused section without changing the run.
@@ -45,10 +47,6 @@ def _matches(key: str, patterns) -> bool:
 
 def compare(saved: dict, spec: RunSpec) -> Changes:
     """`saved`: the checkpoint's spec (as spec_to_dict wrote it); `spec`: this run's RunSpec."""
-    import json
-
-    from xtune.config.io import spec_to_dict
-
     # Through JSON as state.json was: tuples become lists on both sides.
     old, new = flatten(saved), flatten(json.loads(json.dumps(spec_to_dict(spec))))
     lines, refused, schedule, optim = [], [], False, False

@@ -20,9 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from xtune.config import validate as rules
+from xtune.config.families import resolve_family
 from xtune.config.io import to_frozen, writable_structured
 from xtune.config.recipe_file import load_recipe_file
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
@@ -30,9 +38,9 @@ from xtune.config.schema import RunSpec
 from xtune.config.validate import check_value, suggest
 from xtune.errors import ConfigError
 
-GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft")
+GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft", "gen", "grpo")
 # Command -> its primary config in conf/ (a new command, e.g. dpo, adds its line and its conf/<name>.yaml).
-PRIMARY = {"sft": "sft", "dpo": "dpo"}
+PRIMARY = {"sft": "sft", "dpo": "dpo", "grpo": "grpo"}
 SCHEMA_NAME = "xtune_schema"
 
 
@@ -79,8 +87,6 @@ if not OmegaConf.has_resolver("asset"):
 
 def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
     """Register the schema and every recipe with Hydra. Idempotent."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=writable_structured(RunSpec))
     recipes = recipe_files(config_dirs)
@@ -90,8 +96,6 @@ def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
 
 
 def _store_recipe(name: str, path: Path) -> None:
-    from hydra.core.config_store import ConfigStore
-
     node = load_recipe_file(path)
     node.recipe = name
     ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
@@ -105,9 +109,6 @@ def _recipe_path_override(value: str) -> bool:
 
 
 def _parse(overrides: Sequence[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     parsed, problems = [], []
     for text in overrides:
@@ -138,7 +139,8 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
         # A section's key given at the top level (lr -> optim.lr) beats a near spelling (seed -> sched).
         owners = [f"{sec}.{part}" for sec in options
                   if not walked and isinstance(node.get(sec), DictConfig) and part in node[sec]]
-        hint = f" Did you mean '{owners[0]}'?" if len(owners) == 1 else suggest(part, options)
+        others = "".join(f" (or '{o}')" for o in owners[1:])  # seed: train.seed, then gen.seed
+        hint = f" Did you mean '{owners[0]}'?{others}" if owners else suggest(part, options)
         allowed = f" Keys of {where}: {', '.join(map(str, options))}." if options and not hint else ""
         return f"{key}={given}: unknown key '{part}' in {where}.{hint}{allowed}"
     # The key exists; the unknown one is inside the value (e.g. a list of dataset mappings).
@@ -324,10 +326,6 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), comm
 
 
 def _compose_raw(args: Sequence[str], primary: str) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="xtune"):
@@ -357,9 +355,6 @@ def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[i
             validate: bool = True) -> RunSpec:
     """Composed config -> validated RunSpec, or ConfigError with every problem found.
     `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
-    from xtune.config import validate as rules
-    from xtune.config.families import resolve_family
-
     cfg = without_hydra(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

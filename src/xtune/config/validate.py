@@ -10,18 +10,17 @@ import dataclasses
 import difflib
 import importlib.util
 import re
-from pathlib import Path
 from typing import Iterable, List, Optional
 
 from xtune.config.families import family_problems, folder_config
-from xtune.config.model_checks import arch_problems, no_safetensors_message
-from xtune.config.resources import assets_dir
+from xtune.config.files import file_problems, model_file_problems
+from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
+from xtune.config.validate_eval import train_eval_problems
+from xtune.config.validate_gen import gen_problems
 from xtune.launch.env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def check_value(key: str, value) -> Optional[str]:
@@ -59,16 +58,6 @@ def world_size_of(spec: RunSpec, world_size: Optional[int] = None) -> int:
     return env.world_size if env.launched else spec.parallel.nproc_per_node
 
 
-def tokenizer_dir(m: ModelSpec) -> Optional[Path]:
-    """The tokenizer folder: model.tokenizer, else load_from; `builtin:NAME` is shipped with xtune."""
-    tok = m.tokenizer or m.load_from
-    if tok is None:
-        return None
-    if tok.startswith("builtin:"):
-        return assets_dir() / "tokenizers" / tok.split(":", 1)[1]
-    return Path(tok).expanduser()
-
-
 def _check_positive(problems: List[str], key: str, value, *, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -79,8 +68,36 @@ def _check_positive(problems: List[str], key: str, value, *, allow_zero: bool = 
 def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[int] = None) -> List[str]:
     problems: List[str] = []
     _walk_choices(spec, problems)
-    m, d, o, s, t, p = spec.model, spec.data, spec.optim, spec.sched, spec.train, spec.parallel
+    problems.extend(range_problems(spec))
+    problems.extend(length_problems(spec))
+    t = spec.train
+    if (t.epochs is None) == (t.max_steps is None):
+        problems.append(
+            f"give exactly one of train.epochs and train.max_steps (got epochs={t.epochs}, "
+            f"max_steps={t.max_steps}); set the other to null"
+        )
+    _check_positive(problems, "train.epochs", t.epochs)
+    _check_positive(problems, "train.max_steps", t.max_steps)
+    world = world_size_of(spec, world_size)
+    problems.extend(layout_problems(spec, world))
+    problems.extend(optim_problems(spec, world))
+    problems.extend(model_problems(spec.model, check_files=check_files))
+    problems.extend(peft_problems(spec))
+    problems.extend(pref_problems(spec))
+    problems.extend(grpo_problems(spec, check_files=check_files))
+    problems.extend(train_eval_problems(spec, check_files=check_files))
+    problems.extend(gen_problems(spec.gen))
+    problems.extend(train_eval_problems(spec, check_files=check_files))
+    problems.extend(dataset_problems(spec))
+    if check_files:
+        problems.extend(file_problems(spec))
+    return list(dict.fromkeys(problems))
 
+
+def range_problems(spec: RunSpec) -> List[str]:
+    """Counts and sizes that must be positive (or >= 0), and the ratios with a range."""
+    problems: List[str] = []
+    m, d, o, s, t, p = spec.model, spec.data, spec.optim, spec.sched, spec.train, spec.parallel
     for key, value in [
         ("data.sample_max_length", d.sample_max_length),
         ("data.pack_max_length", d.pack_max_length),
@@ -111,21 +128,48 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
         ("train.sample_max_new_tokens", t.sample_max_new_tokens),
     ]:
         _check_positive(problems, key, value, allow_zero=True)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        problems.append(f"optim.betas={list(o.betas)}: give two values in [0, 1)")
+    if not 0.0 <= s.warmup_ratio < 1.0:
+        problems.append(f"sched.warmup_ratio={s.warmup_ratio}: must be in [0, 1)")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        problems.append(f"sched.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    if not 0.0 < p.ac_ratio <= 1.0:
+        problems.append(f"parallel.ac_ratio={p.ac_ratio}: must be in (0, 1]")
+    return problems
 
-    if d.sample_max_length > d.pack_max_length:
-        problems.append(
-            f"data.sample_max_length={d.sample_max_length} is larger than data.pack_max_length="
-            f"{d.pack_max_length}: a sample must fit in one packed row"
-        )
-    if (t.epochs is None) == (t.max_steps is None):
-        problems.append(
-            f"give exactly one of train.epochs and train.max_steps (got epochs={t.epochs}, "
-            f"max_steps={t.max_steps}); set the other to null"
-        )
-    _check_positive(problems, "train.epochs", t.epochs)
-    _check_positive(problems, "train.max_steps", t.max_steps)
 
-    world = world_size_of(spec, world_size)
+def max_image_tokens(m: ModelSpec) -> int:
+    """The most tokens one image takes: model.max_tiles tiles (+ the thumbnail) x tokens_per_tile, + <img> </img>."""
+    tiles = m.max_tiles + (1 if m.use_thumbnail and m.max_tiles > 1 else 0)
+    return tiles * m.tokens_per_tile + 2
+
+
+def length_problems(spec: RunSpec) -> List[str]:
+    """data.sample_max_length against data.pack_max_length: the one place this rule lives.
+
+    soft, bfd and none place whole samples, so a sample must fit in one row. hard concatenates the samples and
+    cuts them every pack_max_length tokens, so a longer sample is cut into rows like any sample that crosses a
+    row's end; only an image block is never cut, so the largest one must fit in a row."""
+    d, m = spec.data, spec.model
+    if d.sample_max_length <= d.pack_max_length or min(d.sample_max_length, d.pack_max_length) <= 0:
+        return []
+    if d.pack != "hard":
+        return [f"data.sample_max_length={d.sample_max_length} is larger than data.pack_max_length="
+                f"{d.pack_max_length}: a sample must fit in one packed row with data.pack={d.pack} (data.pack=hard "
+                "cuts longer samples into rows)"]
+    block = max_image_tokens(m)
+    if m.family in VISION_FAMILIES and min(block, d.sample_max_length) > d.pack_max_length:
+        return [f"data.pack=hard with data.sample_max_length={d.sample_max_length} > data.pack_max_length="
+                f"{d.pack_max_length}: an image takes up to {block} tokens (model.max_tiles={m.max_tiles}, "
+                f"model.tokens_per_tile={m.tokens_per_tile}) and is never cut, so it must fit in one row: raise "
+                f"data.pack_max_length to {block}, or keep data.sample_max_length <= data.pack_max_length"]
+    return []
+
+
+def layout_problems(spec: RunSpec, world: int) -> List[str]:
+    """How the world splits into replicas, sequence-parallel groups and data-parallel micro-batches."""
+    p, t, problems = spec.parallel, spec.train, []
     if p.replicate_degree > 0 and world % p.replicate_degree:
         problems.append(
             f"parallel.replicate_degree={p.replicate_degree} does not divide the world size {world}"
@@ -141,21 +185,12 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
             f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size {dp} x "
             f"train.micro_batch_size={t.micro_batch_size} = {per_step}; use e.g. {lower} or {lower + per_step}"
         )
+    return problems
 
-    problems.extend(optim_problems(spec, world))
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        problems.append(f"optim.betas={list(o.betas)}: give two values in [0, 1)")
-    if not 0.0 <= s.warmup_ratio < 1.0:
-        problems.append(f"sched.warmup_ratio={s.warmup_ratio}: must be in [0, 1)")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        problems.append(f"sched.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
-    if not 0.0 < p.ac_ratio <= 1.0:
-        problems.append(f"parallel.ac_ratio={p.ac_ratio}: must be in (0, 1]")
 
-    problems.extend(model_problems(m, check_files=check_files))
-    problems.extend(peft_problems(spec))
-    problems.extend(pref_problems(spec))
-
+def dataset_problems(spec: RunSpec) -> List[str]:
+    """The dataset lists (the files themselves: `files.file_problems`)."""
+    d, problems = spec.data, []
     if not d.datasets:
         problems.append("data.datasets is empty: give at least one dataset (name, path)")
     for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
@@ -165,12 +200,9 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
                 problems.append(f"{group}[{i}].sample_ratio={ds.sample_ratio}: must be >= 0")
             if names.count(ds.name) > 1:
                 problems.append(f"{group}[{i}].name={ds.name}: names must be unique")
-    if t.eval_every and not d.eval_datasets:
-        problems.append(f"train.eval_every={t.eval_every} but data.eval_datasets is empty")
-
-    if check_files:
-        problems.extend(_file_problems(spec))
-    return list(dict.fromkeys(problems))
+    if spec.train.eval_every and not d.eval_datasets:
+        problems.append(f"train.eval_every={spec.train.eval_every} but data.eval_datasets is empty")
+    return problems
 
 
 def attention_heads(m: ModelSpec) -> tuple:
@@ -243,40 +275,8 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
             f"model.load_from is required for model {m.name}: give its Hugging Face folder, e.g. "
             f"model.load_from=/models/{m.name} (or pick a tiny model such as model=qwen3_tiny for a random-init trial)"
         )
-    if not check_files:
-        return problems
-    problems.extend(arch_problems(m))
-    if m.load_from is not None:
-        folder = Path(m.load_from).expanduser()
-        if not folder.is_dir():
-            problems.append(f"model.load_from={m.load_from}: no such folder")
-        elif not (folder / "config.json").is_file():
-            problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
-        elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
-            problems.append(no_safetensors_message(m, " or ".join(WEIGHTS_FILES)))
-        else:
-            for name in ("config.json", WEIGHTS_FILES[1]):
-                bad = _json_problem(folder / name)
-                if bad:
-                    problems.append(f"model.load_from={m.load_from}: {name} is not valid JSON ({bad}); "
-                                    "copy or download it again")
-    tok = tokenizer_dir(m)
-    key = "model.tokenizer" if m.tokenizer else "model.load_from"
-    if tok is None and m.arch:
-        problems.append("model.tokenizer is null and model.load_from is null: give a tokenizer folder or builtin:NAME")
-    elif tok is None:
-        pass  # already reported: model.load_from is required
-    elif not tok.is_dir():
-        if m.tokenizer and m.tokenizer.startswith("builtin:"):
-            shipped = sorted(p.name for p in (assets_dir() / "tokenizers").glob("*") if p.is_dir())
-            problems.append(f"model.tokenizer={m.tokenizer}: no such built-in tokenizer; choose one of "
-                            f"{', '.join('builtin:' + s for s in shipped)}")
-        elif not (key == "model.load_from" and any(m.load_from in p for p in problems)):
-            problems.append(f"{key}={tok}: no such folder")
-    elif not any((tok / f).is_file() for f in TOKENIZER_FILES):
-        problems.append(f"{key}={tok}: no tokenizer files there (expected one of {', '.join(TOKENIZER_FILES)})")
-    else:
-        problems.extend(filter(None, [remote_code_problem(m)]))
+    if check_files:
+        problems.extend(model_file_problems(m, problems))
     return problems
 
 
@@ -337,98 +337,6 @@ def peft_problems(spec: RunSpec) -> List[str]:
         if p.method == "dora":
             problems.append("peft.method=dora with peft.quantize=nf4 is not supported: peft's DoRA reads the base "
                             "weight as a plain tensor; use peft.method=lora for QLoRA, or quantize=none for DoRA")
-    return problems
-
-
-def remote_code_problem(m: ModelSpec) -> Optional[str]:
-    """The message when the tokenizer folder would run its own Python code and model.trust_remote_code is false."""
-    tok = tokenizer_dir(m)
-    code = None if m.trust_remote_code or tok is None else remote_tokenizer_code(tok)
-    if code is None:
-        return None
-    key = "model.tokenizer" if m.tokenizer else "model.load_from"
-    return (f"{key}={tok}: its tokenizer is remote code: loading it runs {code} (auto_map in "
-            f"tokenizer_config.json). Read that file; to allow it, set model.trust_remote_code=true")
-
-
-def remote_tokenizer_code(folder: Path) -> Optional[Path]:
-    """The .py file AutoTokenizer would import from `folder` (its tokenizer_config.json's auto_map), or None
-    when the folder needs no code of its own. Decided as transformers 5 does (AutoTokenizer.from_pretrained):
-    an `auto_map` AutoTokenizer entry is used unless `tokenizer_class` names a class transformers ships."""
-    import json
-
-    path = folder / "tokenizer_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
-    refs = auto_map if isinstance(auto_map, (list, tuple)) else (auto_map or {}).get("AutoTokenizer")
-    if not refs:
-        return None
-    refs = [refs] if isinstance(refs, str) else refs
-    ref = refs[1] if len(refs) > 1 and refs[1] else refs[0]
-    if not ref:
-        return None
-    cls = cfg.get("tokenizer_class")
-    if cls:
-        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-        base = cls.removesuffix("Fast")
-        if tokenizer_class_from_name(base) is not None or tokenizer_class_from_name(base + "Fast") is not None:
-            return None
-    module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
-    return folder / (module.replace(".", "/") + ".py")
-
-
-def _json_problem(path: Path) -> Optional[str]:
-    """Why `path` (when it exists) is not a JSON object, with the line and column; None when it is one."""
-    import json
-
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return f"{e.msg} at line {e.lineno} column {e.colno}"
-    except (OSError, UnicodeDecodeError) as e:
-        return str(e)
-    return None if isinstance(obj, dict) else "not a JSON object"
-
-
-def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
-    """The tokenizer's largest id must be a row of the model's embedding (vocab_size of load_from's
-    config.json, else of model.arch); checked once the tokenizer is loaded, before the model is built."""
-    if tokenizer is None:  # a caller that tokenises nothing itself (the engine tests' hand-made batches)
-        return None
-    cfg = {**(folder_config(m.load_from) or {}), **dict(m.arch or {})}
-    vocab = cfg.get("vocab_size") or dict(cfg.get("text_config") or {}).get("vocab_size")
-    if not isinstance(vocab, int):
-        return None
-    largest = max(tokenizer.get_vocab().values(), default=-1)
-    if largest < vocab:
-        return None
-    where = f"{m.load_from}/config.json" if m.load_from else "model.arch"
-    return (f"model vocab_size {vocab} ({where}) is smaller than the tokenizer's largest id {largest} "
-            f"({tokenizer_dir(m)}): use the model's own tokenizer, or a model whose vocabulary covers it")
-
-
-DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")
-
-
-def _file_problems(spec: RunSpec) -> List[str]:
-    problems: List[str] = []
-    d, t = spec.data, spec.train
-    for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
-        for i, ds in enumerate(items):
-            if not ds.path.startswith("hf://") and not Path(ds.path).expanduser().exists():
-                problems.append(f"{group}[{i}] ({ds.name}).path={ds.path}: no such file or folder")
-            if ds.format not in DATASET_FORMATS:
-                problems.append(f"{group}[{i}] ({ds.name}).format={ds.format}: choose one of {', '.join(DATASET_FORMATS)}")
-            if ds.media_root is not None and not Path(ds.media_root).expanduser().is_dir():
-                problems.append(f"{group}[{i}] ({ds.name}).media_root={ds.media_root}: no such folder")
-    if t.resume not in (None, "auto") and not Path(t.resume).expanduser().exists():
-        problems.append(f"train.resume={t.resume}: no such checkpoint folder (use auto, null or a checkpoint path)")
     return problems
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from xtune.data.types import ImageRef
 
@@ -73,8 +74,6 @@ def content_hash(path: str, memo_dir: Optional[Path]) -> str:
     start together (every rank of a run) wait on one lock per file while the first hashes it."""
     if memo_dir is None:
         return file_hash(path)
-    from filelock import FileLock
-
     real = os.path.realpath(path)
     memo = memo_dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
 
@@ -170,8 +169,6 @@ def build_or_load(folder: Path, build: Callable[[], None], poll_s: float = 0.5,
     `build()` must write the entry with `save_entry`. The lock is filelock's (an OS file lock), so the
     kernel releases it when its holder dies: a killed builder never leaves the others waiting.
     """
-    from filelock import FileLock, Timeout
-
     if (folder / "meta.json").exists():
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)

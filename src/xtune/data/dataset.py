@@ -14,7 +14,8 @@ from xtune.data.convert import Converter, resolve_format
 from xtune.data.records import count_kinds
 from xtune.data.sources import iter_file, list_files
 from xtune.data.templates import resolve_template
-from xtune.data.tokenize import TokenizeSettings, tokenize_files
+from xtune.data.tokenize import TokenizeSettings
+from xtune.data.tokenize_files import tokenize_files
 from xtune.data.types import IGNORE_INDEX, ImageRef, Sample
 from xtune.errors import DataError
 

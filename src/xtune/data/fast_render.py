@@ -1,12 +1,9 @@
 """Chat templates rendered without `apply_chat_template`'s per-call overhead: the one place that reaches into
 transformers' and jinja2's internals for it.
 
-Why it exists: on short chats rendering costs as much as tokenising. Per demo chat (Qwen3 template, CPU time,
-bench/bench_data.py, 2026-12-01): 195 us through `apply_chat_template` (159 us with all chats in one call),
-136 us in jinja2's plain sandbox compiled once, 70 us here, against 106 us to encode it. Cold preparation
-reached 0.31x the raw tokenizer's tokens/s with the public options and 0.39x with this one (goal 0.7x, out of
-reach while every chat is rendered by jinja2). The output must be `apply_chat_template(..., tokenize=False)`'s,
-character for character:
+Why it exists: on short chats rendering costs as much as tokenising, and `apply_chat_template` adds its own
+per-call overhead on top of jinja2's (bench/README.md, the `data` benchmark, has the measured costs per chat).
+The output must be `apply_chat_template(..., tokenize=False)`'s, character for character:
 
 - the template is compiled once per process in an environment configured exactly like transformers'
   (its filters, globals, extensions and policies copied from `_compile_jinja_template`'s environment);
@@ -22,8 +19,16 @@ differently, `fast_renderer` returns None and xtune renders with `apply_chat_tem
 
 from __future__ import annotations
 
+import types
 from functools import lru_cache
 from typing import Any, Dict
+
+import jinja2
+import jinja2.runtime
+import jinja2.utils
+import transformers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from transformers.utils import chat_template_utils as ctu
 
 # The versions whose private names (`_compile_jinja_template`, `_alias_reasoning_fields`) and sandbox methods
 # (`getattr`, `is_safe_attribute`, `is_safe_callable`) this module was checked against: a prefix of the
@@ -32,9 +37,6 @@ CHECKED = {"transformers": (5,), "jinja2": (3, 1)}
 
 
 def versions_supported() -> bool:
-    import jinja2
-    import transformers
-
     for mod in (transformers, jinja2):
         want = CHECKED[mod.__name__]
         try:
@@ -84,8 +86,6 @@ def fast_renderer(tokenizer, template: str):
     if not versions_supported():
         return None
     try:
-        from transformers.utils import chat_template_utils as ctu
-
         compiled = compile_template(template)
         kwargs = dict(tokenizer.special_tokens_map)
         alias = ctu._alias_reasoning_fields
@@ -136,9 +136,6 @@ def fast_renderer(tokenizer, template: str):
 @lru_cache(maxsize=16)
 def compile_template(template: str):
     """The template compiled once per process in a `_FastSandbox` configured like transformers' environment."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from transformers.utils import chat_template_utils as ctu
-
     ref_env = ctu._compile_jinja_template(template).environment
     if type(ref_env) is not ImmutableSandboxedEnvironment:
         return None
@@ -166,12 +163,6 @@ def _fast_sandbox_class():
     are always handed out unchanged; bound builtin methods (`str.startswith`, ...) cannot carry the
     `unsafe_callable` / `alters_data` markers.
     """
-    import types
-
-    import jinja2.runtime
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     dict_attrs = frozenset(dir(dict))
     # str methods the sandbox hands out unchanged (public, not `format` / `format_map`, which it wraps)
     str_methods = frozenset(a for a in dir(str) if not a.startswith("_") and a not in ("format", "format_map"))

@@ -27,7 +27,7 @@ from xtune.data.records import count_kinds
 from xtune.data.mix import mix
 from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
 from xtune.data.types import PackedBatch
-from xtune.errors import ConfigError, DataError
+from xtune.errors import DataError
 
 log = logging.getLogger("xtune.data")
 
@@ -70,11 +70,6 @@ class PackedData:
 
     def __init__(self, ds_specs, spec: RunSpec, tokenizer, *, shuffle: bool, verbose: bool):
         data, model = spec.data, spec.model
-        if data.sample_max_length > data.pack_max_length and data.pack != "hard":
-            raise ConfigError([
-                f"data.sample_max_length ({data.sample_max_length}) must be <= data.pack_max_length "
-                f"({data.pack_max_length})"
-            ])
         preference = getattr(spec, "method", "sft") == "dpo"
         self.group = 2 if preference else 1
         digest = cache.tokenizer_hash(tokenizer)

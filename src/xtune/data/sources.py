@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+from xtune.data.records import iter_lines
 from xtune.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
@@ -47,7 +48,7 @@ def list_files(path: str) -> List[str]:
 def _hub_files(path: str) -> List[str]:
     """hf://org/name[:split] -> the arrow files of that split in the local HF cache (load_dataset builds them)."""
     name, _, split = path[len(HF_PREFIX):].partition(":")
-    try:
+    try:  # lazy: datasets is an optional extra (xtune[datasets])
         import datasets
     except ImportError:
         raise DataError(f"{path}: hub datasets need the `datasets` package: pip install 'xtune[datasets]'") from None
@@ -63,8 +64,6 @@ def iter_file(file: str) -> Iterator[Tuple[object, str]]:
     suffix = Path(file).suffix
     reader = {".parquet": _parquet, ".arrow": _arrow, ".json": _json}.get(suffix)
     if reader is None:
-        from xtune.data.records import iter_lines
-
         yield from iter_lines(file)
         return
     n = 0
@@ -88,7 +87,7 @@ def _need_datasets(file: str) -> DataError:
 
 
 def _parquet(file: str):
-    try:
+    try:  # lazy: pyarrow comes with the optional datasets extra
         import pyarrow.parquet as pq
     except ImportError:
         raise _need_datasets(file) from None
@@ -101,7 +100,7 @@ def _parquet(file: str):
 
 
 def _arrow(file: str):
-    try:
+    try:  # lazy: datasets is an optional extra (xtune[datasets])
         from datasets import Dataset
     except ImportError:
         raise _need_datasets(file) from None

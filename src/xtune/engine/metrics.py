@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
 
 from xtune.errors import XtuneError
 
@@ -48,7 +50,7 @@ def truncate_history(path: Path, last_step: int) -> None:
 
 def check_wandb(logging_spec) -> None:
     if logging_spec.wandb:
-        try:
+        try:  # lazy: wandb is optional and heavy
             import wandb  # noqa: F401
         except ImportError:
             raise XtuneError("logging.wandb=true but wandb is not installed: pip install wandb "
@@ -65,13 +67,11 @@ class MetricsLogger:
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.tb = None
         if logging_spec.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
         self.wandb = None
         if logging_spec.wandb:
             check_wandb(logging_spec)
-            import wandb
+            import wandb  # lazy: optional and heavy (checked just above)
 
             self.wandb = wandb.init(project=logging_spec.wandb_project, dir=str(self.run_dir),
                                     name=self.run_dir.name, config=spec_dict, resume="allow")
@@ -79,8 +79,6 @@ class MetricsLogger:
         use_rich = mode == "rich" or (mode == "auto" and self.stream.isatty())
         self.progress = None
         if use_rich:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self.progress = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                 TextColumn("ETA"), TimeRemainingColumn(), refresh_per_second=4,
@@ -97,7 +95,9 @@ class MetricsLogger:
                    and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
+                # eval task metrics are already eval/<task>/<metric>; the others get their section
+                tag = k if k.startswith("eval/") else ("eval/" if k.startswith("eval") else "train/") + k
+                self.tb.add_scalar(tag, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         if "loss" in record:

@@ -51,8 +51,8 @@ def build_optimizer(named_params: Iterable, optim, device: torch.device, io_ids:
 
     `named_params`: (name, parameter) pairs (or bare parameters, named by position). `io_ids`: ids of the
     embedding / output-head weights (`io_param_ids`), which Muon leaves to AdamW.
-    adamw: `impl=auto` picks the fused kernel (CUDA and CPU both have one; on a 2-core CPU it is ~7x faster
-    than foreach for 80M parameters: one pass over memory instead of one per elementwise op).
+    adamw: `impl=auto` picks the fused kernel (CUDA and CPU both have one; one pass over memory instead of one
+    per elementwise op: bench/README.md has the measured ratio).
     """
     named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(named_params)]
     named = [(n, p) for n, p in named if p.requires_grad]
@@ -78,7 +78,7 @@ def _adamw_8bit(groups, optim) -> torch.optim.Optimizer:
     if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
         raise XtuneError(BNB_SHARDED_REASON)
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: optional extra (xtune[bnb])
     except ImportError:
         raise XtuneError("optim.name=adamw_8bit needs bitsandbytes: pip install 'xtune[bnb]'") from None
     # bitsandbytes keeps tensors under min_8bit_size (4096) elements in 32-bit state; its CPU path runs.
@@ -157,5 +157,8 @@ def lr_factor(sched, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(sched, total_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, sched, total_steps: int,
+                    last_step: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule over `total_steps`. `last_step` >= 0 continues a run whose step `last_step` is done: the
+    groups' LRs are set for the next step, from each group's `initial_lr` (the peak)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(sched, total_steps), last_epoch=last_step)

@@ -8,32 +8,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+from xtune.checkpoint.dcp import resolve_resume
 from xtune.config.schema import RunSpec
+from xtune.engine.preflight import preflight
+from xtune.errors import CheckpointError, XtuneError
+from xtune.launch.env import launch_env
+from xtune.launch.rundir import write_run_files
+from xtune.launch.runlock import HELD_ENV, lock_run_dir
 from xtune.launch.torchrun import run_agent
+from xtune.launch.watchdog import die_with_parent
+from xtune.methods import train
+from xtune.models import get_adapter
 
 
 def run(spec: RunSpec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
-    from xtune.launch.rundir import write_run_files
-    from xtune.launch.runlock import lock_run_dir
-    from xtune.engine.trainer import preflight
-    from xtune.methods import train
-    from xtune.launch.watchdog import die_with_parent
-    from xtune.launch.env import launch_env
-
     run_dir = Path(work_dir).expanduser().resolve()
     env = launch_env()
     nproc = spec.parallel.nproc_per_node
     if env.launched:
         die_with_parent()  # one rank of an external torchrun/srun: stop when its agent dies
     elif nproc > 1:
-        from xtune.models import get_adapter
-
         preflight(spec, get_adapter(spec.model), run_dir)
         lock = lock_run_dir(run_dir)  # before any file is written: a refused second run writes nothing
         try:
@@ -59,13 +60,10 @@ def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = No
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if lock is not None:
         # This process holds the run lock until the last worker is gone; the workers know it is held for them.
-        from xtune.launch.runlock import HELD_ENV
-
         env[HELD_ENV] = str(run_dir)
     before = _latest(run_dir)
     code = run_agent(nproc, args, env, str(report), sys.executable)
-    stopped = code > 128
-    if stopped and _latest(run_dir) not in (None, before):
+    if code > 128 and _latest(run_dir) not in (None, before):
         # The agent reports the signal as a failure; the workers stopped cleanly with a checkpoint.
         ckpt = _latest(run_dir)
         print(f"stopped by signal {code - 128}: checkpoint saved; continue with train.resume={ckpt}",
@@ -78,10 +76,6 @@ def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = No
 
 def _raise_worker_error(report: Path) -> None:
     """A worker's user error (its message and exit code), raised here so the CLI prints it as usual."""
-    import json
-
-    from xtune.errors import XtuneError
-
     try:
         data = json.loads(report.read_text())
         report.unlink()
@@ -93,9 +87,6 @@ def _raise_worker_error(report: Path) -> None:
 
 
 def _latest(run_dir: Path):
-    from xtune.checkpoint.dcp import resolve_resume
-    from xtune.errors import CheckpointError
-
     try:
         return resolve_resume("auto", run_dir)
     except CheckpointError:

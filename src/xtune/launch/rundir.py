@@ -11,14 +11,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+import transformers
+
+import xtune
+from xtune.checkpoint.dcp import read_marker, resolve_resume
+from xtune.config.io import spec_to_yaml
 from xtune.config.schema import RunSpec
 
 
 def write_run_files(spec: RunSpec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> Path:
     """config.yaml, or on a resume config.step-N.yaml (N: the step it resumes from; config.yaml keeps the first
     run's spec, so no launch's config is lost); with `argv`, cmd.txt and env.json. Returns the config written."""
-    from xtune.config.io import spec_to_yaml
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.yaml"
@@ -35,18 +39,11 @@ def write_run_files(spec: RunSpec, run_dir: Path, argv: Optional[Sequence[str]] 
 
 
 def _resume_step(spec: RunSpec, run_dir: Path) -> Optional[int]:
-    from xtune.checkpoint.dcp import read_marker, resolve_resume
-
     ckpt = resolve_resume(spec.train.resume, run_dir)
     return None if ckpt is None else read_marker(ckpt)["step"]
 
 
 def environment() -> dict:
-    import torch
-    import transformers
-
-    import xtune
-
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+
+from xtune.config.io import spec_from_yaml
+from xtune.errors import XtuneError
+from xtune.launch.env import launch_env
+from xtune.launch.watchdog import die_with_parent
 
 
 def main(argv=None) -> int:
@@ -13,15 +19,11 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--config", default=None, help="the spec of this launch (default: WORK_DIR/config.yaml)")
     args = parser.parse_args(argv)
-
-    from xtune.launch.watchdog import die_with_parent
-
     die_with_parent()  # a worker never outlives its torchrun agent
 
-    from xtune.config.io import spec_from_yaml
+    # Lazy, after the watchdog runs: the seconds spent importing torch and the engine (methods) would otherwise be a
+    # window in which the launcher's death goes unnoticed (a parent gone before die_with_parent is not watched).
     from xtune.methods import train
-    from xtune.errors import XtuneError
-    from xtune.launch.env import launch_env
 
     run_dir = Path(args.work_dir)
     try:
@@ -41,8 +43,6 @@ def main(argv=None) -> int:
 
 def _report_error(path: Path, error) -> None:
     """Write {exit_code, message} to `path` unless another rank already did (first one wins)."""
-    import json
-
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:

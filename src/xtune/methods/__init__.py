@@ -7,23 +7,24 @@ step (the preference method's reference log-probs). See `base.Method`.
 """
 
 from xtune.config.schema import RunSpec
+from xtune.engine.trainer import train as engine_train
 from xtune.methods.base import Method
+from xtune.methods.preference import PreferenceMethod
+from xtune.methods.sft import SftMethod
 
 
 def get_method(spec: RunSpec) -> Method:
+    if spec.method == "grpo":
+        from xtune.methods.grpo import GrpoMethod
+
+        return GrpoMethod(spec)
     if spec.method == "dpo":
-        from xtune.methods.preference import PreferenceMethod
-
         return PreferenceMethod(spec)
-    from xtune.methods.sft import SftMethod
-
     return SftMethod(spec)
 
 
 def train(spec: RunSpec, work_dir=None, argv=None, **inject) -> dict:
     """Train `spec` in this process with the method its `method` key names (the engine's entry for a spec)."""
-    from xtune.engine.trainer import train as engine_train
-
     return engine_train(spec, work_dir, argv, method=get_method(spec), **inject)
 
 

@@ -26,6 +26,8 @@ from torch import nn
 from xtune.data.types import PackedBatch
 from xtune.config.schema import RunSpec, needs_reference
 from xtune.methods.base import Method
+from xtune.methods.reference_logps import reference_logps
+from xtune.ops.logprobs import doc_index_of, linear_doc_logprobs
 
 # The papers' inverse temperatures (see PrefSpec.loss); orpo's coefficient is pref.orpo_lambda.
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
@@ -77,8 +79,6 @@ class PrefLossModel(nn.Module):
         self.mode = "eager" if loss_mode == "eager" else "chunk"  # liger has no log-prob kernel
 
     def doc_logprobs(self, batch: PackedBatch) -> torch.Tensor:
-        from xtune.ops.logprobs import doc_index_of, linear_doc_logprobs
-
         hidden, _ = self.adapter.hidden_states(self.model, batch, self.attn_impl)
         labels = batch.labels.reshape(-1)
         docs = doc_index_of(batch.cu_seqlens, labels.shape[0])
@@ -131,6 +131,4 @@ class PreferenceMethod(Method):
 
     def prepare(self, trainer) -> None:
         if self.use_reference:
-            from xtune.methods.reference_logps import reference_logps
-
             self.reference = reference_logps(trainer, self)

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from xtune.config.schema import RunSpec
+from xtune.data import cache
+from xtune.data.cache import default_cache_dir
+from xtune.data.records import list_files
 
 log = logging.getLogger("xtune.engine")
 
 
 def reference_key(spec: RunSpec, tokenizer, compute_dtype) -> str:
-    from xtune.data import cache
-    from xtune.data.records import list_files
-
     h = hashlib.sha256(b"xtune-reference-v1")
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
         for f in list_files(ds.path):
@@ -58,7 +58,7 @@ def reference_key(spec: RunSpec, tokenizer, compute_dtype) -> str:
 def adapters_disabled(model: torch.nn.Module):
     """The base model's outputs: every peft adapter layer off (peft's public BaseTunerLayer.enable_adapters,
     checked with peft 0.21), restored after."""
-    try:
+    try:  # lazy: peft is a heavy import only adapter runs need
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # no peft: no adapters
         yield
@@ -103,8 +103,6 @@ def _write(path: Path, table: torch.Tensor) -> None:
 
 
 def reference_logps(trainer, method) -> Dict[str, torch.Tensor]:
-    from xtune.data.cache import default_cache_dir
-
     spec, d = trainer.spec, trainer.denv
     key = reference_key(spec, trainer.tokenizer, trainer.compute_dtype)
     splits = {"train": (lambda: trainer.loader.reference_batches(d.rank, d.dp_size), trainer.loader.num_pairs)}

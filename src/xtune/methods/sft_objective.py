@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from xtune.data.types import IGNORE_INDEX, PackedBatch
+from xtune.ops.loss import linear_cross_entropy
+from xtune.parallel import ulysses
 
 
 def token_weights(batch: PackedBatch, reduction: str) -> torch.Tensor | None:
@@ -61,15 +63,11 @@ class LossModel(nn.Module):
         self.sp = None  # engine/ulysses.SeqParallel under sequence parallelism: this rank runs one piece of the row
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from xtune.ops.loss import linear_cross_entropy
-
         if self.sp is None:
             hidden, aux = self.adapter.hidden_states(self.model, batch, self.attn_impl)
             labels = batch.labels.reshape(-1)
             weights = token_weights(batch, self.loss_spec.reduction)
         else:
-            from xtune.parallel import ulysses
-
             real = batch.num_tokens
             batch = ulysses.pad_batch(batch, self.sp.size)
             share = self.sp.share(batch.num_tokens, real)

@@ -21,10 +21,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers import AutoConfig
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from xtune.errors import ConfigError
 from xtune.models.base import ModelAdapter
 from xtune.models.weights import rename_prefix
+from xtune.models.safetensors_io import SafetensorsView
+from xtune.ops.attention import packed_kwargs
 
 
 # Composite model_type -> (checkpoint prefix, text-model prefix) of its language model. transformers 5.24
@@ -40,8 +44,6 @@ class AutoAdapter(ModelAdapter):
     auto_class = "AutoModelForCausalLM"
 
     def config_from_dict(self, d: Dict[str, Any]):
-        from transformers import AutoConfig
-
         d = {k: v for k, v in d.items() if k not in ("architectures", "auto_map", "transformers_version")}
         model_type = d.pop("model_type", None)
         if not model_type:
@@ -79,8 +81,6 @@ class AutoAdapter(ModelAdapter):
             back.setdefault(new, old)  # the first prefix is the layout transformers writes
         out = {rename_prefix(key, back.items()): tensor for key, tensor in sd.items()}
         # The parts not trained, read back unchanged (a copy: the source files may be replaced later).
-        from xtune.models.safetensors_io import SafetensorsView
-
         folder = Path(str(self.spec.load_from)).expanduser()
         for fname, keys in self._weight_files(folder).items():
             view = SafetensorsView(folder / fname)
@@ -90,8 +90,6 @@ class AutoAdapter(ModelAdapter):
         return out
 
     def model_class(self, config) -> Any:
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
         try:
             return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         except KeyError:
@@ -134,8 +132,6 @@ class AutoAdapter(ModelAdapter):
         return found
 
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
-        from xtune.ops.attention import packed_kwargs
-
         if attn_impl == "eager":
             # One explicit 4D block mask would be used for every layer and drop sliding windows (Mistral,
             # Gemma 3, Phi-3). transformers' masking_utils (checked on 5.24) builds each layer's mask itself

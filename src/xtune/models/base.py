@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional
+from transformers import AutoTokenizer
 
+from xtune.config.files import TOKENIZER_FILES, remote_code_problem, tokenizer_dir
 from xtune.config.schema import ModelSpec
-from xtune.config.validate import TOKENIZER_FILES, model_problems, remote_code_problem, tokenizer_dir
+from xtune.config.validate import model_problems
 from xtune.errors import XtuneError
 from xtune.models.build import ModelBuilder
 from xtune.models.forward import HiddenStates
@@ -51,8 +53,6 @@ class ModelAdapter(ModelBuilder, HFWeights, HiddenStates):
 
     # ----------------------------------------------------------------- tokenizer
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
         path = self.tokenizer_path()
         if path is None:
             raise XtuneError("no tokenizer: set model.tokenizer (a folder or builtin:NAME) or model.load_from")

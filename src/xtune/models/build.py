@@ -13,6 +13,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from huggingface_hub.errors import StrictDataclassError
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+import transformers
 
 from xtune.errors import XtuneError
 
@@ -65,8 +68,6 @@ class ModelBuilder:
         original = self.original_config_dict()
         merged = deep_update(original, arch) if original is not None else arch
         # transformers 5 validates configs with huggingface_hub's strict dataclasses (huggingface_hub 1.x).
-        from huggingface_hub.errors import StrictDataclassError
-
         try:
             config = self.config_from_dict(merged)
         except (ValueError, TypeError, StrictDataclassError) as e:  # values that contradict each other
@@ -83,8 +84,6 @@ class ModelBuilder:
     def build_model(self, config, attn_impl: str) -> nn.Module:
         """The model for `config` (call under `torch.device("meta")`), through the family's Auto class: its
         public `from_config` sets the attention implementation and the dtype as `from_pretrained` does."""
-        import transformers
-
         cls = self.model_class(config)  # a family's own error for a config it cannot build comes first
         dtype = getattr(torch, self.spec.dtype)
         model = getattr(transformers, self.auto_class).from_config(config, attn_implementation=attn_impl, dtype=dtype)
@@ -108,8 +107,6 @@ class ModelBuilder:
 
         transformers has no public call for the buffers alone (checked on 5.24): this mirrors the rotary
         branch of `PreTrainedModel._init_weights`, which finds rotary modules by class name too."""
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         for module in model.modules():
             if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
                 if module.rope_type == "default":

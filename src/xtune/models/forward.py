@@ -11,11 +11,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from xtune.ops.attention import packed_kwargs
+
 
 class HiddenStates:
     def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
-        from xtune.ops.attention import packed_kwargs
-
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         return packed_kwargs(batch, attn_impl, dtype=dtype)
 

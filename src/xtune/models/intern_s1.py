@@ -26,10 +26,12 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
+from safetensors import safe_open
 
 from xtune.data.multimodal import IMG_CONTEXT
 from xtune.models.base import ModelAdapter
 from xtune.models.weights import rename_prefix
+from xtune.errors import XtuneError
 
 IMAGE_TOKEN = IMG_CONTEXT
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
@@ -68,8 +70,6 @@ class InternS1Adapter(ModelAdapter):
         """Whether load_from's weights use the older InternVL key names (then an export does too)."""
         if self.spec.load_from is None:
             return False
-        from safetensors import safe_open
-
         folder = Path(str(self.spec.load_from)).expanduser()
         keys = []
         for fname, names in self._weight_files(folder).items():
@@ -97,8 +97,6 @@ class InternS1Adapter(ModelAdapter):
         tok = self.load_tokenizer()
         tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         if tid is None or tid == tok.unk_token_id:
-            from xtune.errors import XtuneError
-
             raise XtuneError(f"tokenizer {self.tokenizer_path()} has no {IMAGE_TOKEN} token; set model.arch.image_token_id")
         return int(tid)
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from xtune.errors import XtuneError
 from xtune.models.base import KeyStream, ModelAdapter
@@ -63,8 +64,6 @@ class Qwen3MoeAdapter(ModelAdapter):
         `load_balancing_loss_func` on the router logits of the decoder's output, as Qwen3MoeForCausalLM
         computes it (no padding mask: every token of a packed row is real). Under sequence parallelism
         (`share`) this rank's part of the row's loss (`_row_balance_part`)."""
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
-
         coef = self.spec.router_aux_loss_coef
         if coef is None:
             coef = model.config.router_aux_loss_coef

@@ -6,9 +6,12 @@ from xtune.config.families import detect_family
 from xtune.config.schema import CHOICES
 from xtune.errors import XtuneError
 
+import dataclasses
+
 
 def _adapters():
-    # Imported lazily: transformers' model modules are slow to import and the CLI must start fast.
+    # Lazy: the families import transformers' model classes (seconds); the commands that only compose and
+    # validate a spec (xtune config, --dry-run, configuration errors) import this module without building a model.
     from xtune.models.auto import AutoAdapter
     from xtune.models.intern_s1 import InternS1Adapter
     from xtune.models.qwen3 import Qwen3Adapter
@@ -26,7 +29,5 @@ def get_adapter(model_spec):
     if family not in FAMILIES:
         raise XtuneError(f"model.family must be one of {FAMILIES}, got {model_spec.family!r}")
     if family != model_spec.family:
-        import dataclasses
-
         model_spec = dataclasses.replace(model_spec, family=family)
     return _adapters()[family](model_spec)

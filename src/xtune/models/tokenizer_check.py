@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xtune.config.validate import vocab_problem
+from xtune.config.files import vocab_problem
 from xtune.errors import ConfigError, XtuneError
 from xtune.models.base import ModelAdapter
 

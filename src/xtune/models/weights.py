@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import GenerationConfig
 
 from xtune.errors import XtuneError
 from xtune.models.build import deep_update, plain
+from xtune.models.safetensors_io import SafetensorsView
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_SINGLE = "model.safetensors"
@@ -77,8 +81,6 @@ class HFWeights:
         raise XtuneError(f"{folder} has no {WEIGHTS_SINGLE} or {WEIGHTS_INDEX}")
 
     def read_original_state_dict(self, folder) -> Dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         folder = Path(str(folder)).expanduser()
         out: Dict[str, torch.Tensor] = {}
         for fname, keys in self._weight_files(folder).items():
@@ -109,8 +111,6 @@ class HFWeights:
         that a reader never holds more than one file plus what a family is still assembling (the MoE
         experts of a layer split over two files). Tensors are views of the mapped files
         (`SafetensorsView`): copy them before writing to them."""
-        from xtune.models.safetensors_io import SafetensorsView
-
         folder = Path(str(folder)).expanduser()
         files = self._weight_files(folder)
         for fname, keys in files.items():
@@ -161,8 +161,6 @@ class HFWeights:
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         """Write a Hugging Face folder in the original layout: config.json, generation_config.json,
         safetensors shards + index, tokenizer files (with chat template), passthrough files."""
-        from safetensors.torch import save_file
-
         out = Path(str(out_dir)).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         sd = dict(full_state_dict)
@@ -223,8 +221,6 @@ class HFWeights:
         if src is not None and src.is_file():
             shutil.copyfile(src, out / "generation_config.json")
             return
-        from transformers import GenerationConfig
-
         generation = GenerationConfig.from_model_config(config.get_text_config())
         generation.use_cache = True  # training turns the KV cache off; inference wants it
         generation.save_pretrained(str(out))

@@ -37,8 +37,8 @@ def _liger_available() -> bool:
 def resolve_loss_mode(mode: str, device) -> str:
     """`auto` -> chunk everywhere; explicit modes are checked.
 
-    Liger is not the CUDA default: on the first GPU run (H200, Qwen3-0.6B shape, bf16, bench/README.md) its fused
-    CE trained at 0.67x the chunked loss's tokens/s for ~5% less peak memory. `loss.mode=liger` selects it."""
+    Liger is not the CUDA default: on the first GPU run its fused CE trained slower than the chunked loss
+    (bench/README.md, the `gpu` benchmark). `loss.mode=liger` selects it."""
     device = torch.device(device)
     if mode not in MODES:
         raise XtuneError(f"loss.mode must be one of {MODES}, got {mode!r}")
@@ -112,7 +112,7 @@ def _eager(hidden, weight, labels, token_weights):
 
 
 def _liger(hidden, weight, labels, token_weights):
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # lazy: optional GPU extra
 
     def summed(h, y):
         return liger_fused_linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, reduction="sum").float()

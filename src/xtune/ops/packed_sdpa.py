@@ -22,6 +22,9 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 try:  # torch >= 2.10; CUDA only
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -66,8 +69,6 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
 @torch.compiler.disable
 def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                 max_length_q=None, max_length_k=None, sliding_window=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if cu_seq_lens_q is None:
         return _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs)
     kwargs.pop("is_causal", None)  # decided per document below
@@ -94,8 +95,6 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, c
 
 def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwargs):
     """Rows that are one sequence each (padding, if any, is in `attention_mask`, built by `_mask`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and sliding_window is not None and kv_len > sliding_window:
         if q_len != kv_len:
@@ -107,8 +106,6 @@ def _unpacked(module, query, key, value, attention_mask, sliding_window, **kwarg
 def _mask(*args, attention_mask=None, **kwargs):
     """transformers' sdpa mask where there is padding; None otherwise (causal, or a packed row that
     `packed_sdpa` cuts by cu_seq_lens_q instead of a [T, T] mask)."""
-    from transformers.masking_utils import sdpa_mask
-
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -122,8 +119,6 @@ def use_on(language_model, attn_impl: str) -> bool:
     Only for a model that is fed packed rows with `packed_kwargs` (the engine's training model)."""
     if not applies(language_model, attn_impl):
         return False
-    from transformers import AttentionInterface, AttentionMaskInterface
-
     AttentionInterface.register(NAME, packed_sdpa)
     AttentionMaskInterface.register(NAME, _mask)
     language_model.set_attn_implementation(NAME)  # transformers' public switch (5.24)

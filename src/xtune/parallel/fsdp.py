@@ -17,11 +17,15 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+import ctypes
 
 from xtune.config.schema import RunSpec
 from xtune.errors import XtuneError
 from xtune.parallel import attention
 from xtune.parallel.build import DTYPES, meta_model
+from xtune import peft as xpeft
+from xtune.peft import quant
+from xtune.peft.quant import quantize_into
 
 log = logging.getLogger("xtune.engine")
 
@@ -96,7 +100,7 @@ def needs_fsdp(spec: RunSpec, denv) -> bool:
     """FSDP only where it does something: several ranks, a compute dtype other than the master
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
-    (about 10% of a CPU step). Checkpoints, export and clipping work the same on both."""
+    (bench/README.md has its measured cost). Checkpoints, export and clipping work the same on both."""
     master = DTYPES[spec.model.dtype]
     return (denv.world_size > 1 or param_dtype(spec.parallel, denv.device) != master
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
@@ -112,9 +116,6 @@ def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_ba
     when the base is random-init (the trainer saves it there); a QLoRA base loaded from a folder is 4-bit by
     then. Returns (root, model config, LoraConfig or None); the HF model is `root.model`.
     """
-    from xtune import peft as xpeft
-    from xtune.peft import quant
-
     # Where the weights come from: the adapter's model spec (a resumed random-init adapter run points it at
     # the base it saved).
     load_from = adapter.spec.load_from
@@ -202,8 +203,6 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
 
     `to_quantize` (QLoRA, quant.take_off_bases): base weights taken off the model, each materialised on
     `device` as it arrives, broadcast whole to every rank, quantized to NF4 and its full-precision copy dropped."""
-    from xtune import peft as xpeft
-
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     to_quantize = dict(to_quantize or {})
     # With adapters the base weights sit under peft's wrapper names (q_proj.weight -> q_proj.base_layer.weight).
@@ -249,8 +248,6 @@ def load_full_weights(adapter, model: nn.Module, folder: str, denv, to_quantize:
 def _load_quantized(bases: dict, batch: dict, denv, device: torch.device) -> None:
     """The batch's weights of `bases` ({state key: (base linear, meta weight)}), taken out of rank 0's `batch`:
     each is materialised in its dtype, broadcast from rank 0, quantized on every rank and dropped."""
-    from xtune.peft.quant import quantize_into
-
     names = [k for k in batch if k in bases] if denv.is_main else None
     if denv.world_size > 1:
         names = denv.broadcast_object(names)
@@ -273,8 +270,6 @@ def _return_freed_memory() -> None:
     freed, glibc's adaptive mmap threshold puts later ones of that size (the fused MoE experts of the
     next layer) in the heap, where freed chunks stay part of the RSS; trimming after each batch keeps
     the reader's footprint at what is alive. A no-op where libc has no malloc_trim."""
-    import ctypes
-
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from transformers import AttentionInterface
 
 from xtune.data.types import IGNORE_INDEX, PackedBatch
 from xtune.ops import packed_sdpa
@@ -111,8 +112,6 @@ def _inner(name: str, module):
     if name == "eager":
         # The model file's own eager function (transformers 5.x defines one per model module, not in the registry).
         return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers import AttentionInterface
-
     return AttentionInterface()[name]
 
 
@@ -160,8 +159,6 @@ def _make_sp_attention(inner_name: str):
 
 def register(group) -> None:
     """Make this process's SP group known and register `xtune_sp_<inner>` for each inner attention."""
-    from transformers import AttentionInterface
-
     _STATE["group"] = group
     for inner in ("sdpa", "eager", "flash_attention_2"):
         AttentionInterface.register(PREFIX + inner, _make_sp_attention(inner))

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from xtune.config.schema import RunSpec
+from xtune.errors import ConfigError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("xtune.peft")
 
@@ -103,6 +106,7 @@ def check_targets(adapter, spec: RunSpec) -> List[str]:
 
 
 def lora_config(peft_spec, targets: Iterable[str]):
+    # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft import LoraConfig
 
     return LoraConfig(
@@ -115,9 +119,8 @@ def lora_config(peft_spec, targets: Iterable[str]):
 def inject(model: nn.Module, adapter, peft_spec):
     """Put adapters into the (meta) model in place; only adapter and modules_to_save weights stay trainable.
     Returns the LoraConfig, which the export writes as adapter_config.json."""
+    # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft import inject_adapter_in_model
-
-    from xtune.errors import ConfigError
 
     targets, problems = resolve_targets(model, adapter, peft_spec)
     if problems:
@@ -164,8 +167,6 @@ def to_peft_keys(model_keys: Iterable[str], sd: Dict[str, torch.Tensor]) -> Dict
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank: DTensor shards are gathered (a collective), NF4 is dequantised."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(t, DTensor):
         t = t.full_tensor()
     if hasattr(t, "get_original_weight"):  # torchao NF4Tensor
@@ -178,10 +179,9 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
     """LoRA A ~ kaiming-uniform (as nn.Linear and peft), B = 0, so training starts at the base model;
     DoRA magnitude = row norms of the base weight; modules_to_save copies = their originals.
     Collective under FSDP2 (gathers the bases DoRA and modules_to_save need), same order on every rank."""
+    # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     full: Dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for module in model.modules():
@@ -224,6 +224,7 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int]:
 
 def adapted_bases(model: nn.Module) -> List[nn.Module]:
     """The frozen base linear layers under the adapters (what QLoRA keeps in 4 bits)."""
+    # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft.tuners.lora import LoraLayer
 
     return [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]

@@ -18,6 +18,9 @@ from typing import Dict, List, Set, Tuple
 import torch
 from torch import nn
 
+from xtune.peft.lora import adapted_bases
+from xtune.peft.lora import state_name
+
 log = logging.getLogger("xtune.peft")
 
 BLOCK_SIZE = 64  # values per absmax block (QLoRA's choice)
@@ -25,7 +28,8 @@ SCALER_BLOCK_SIZE = 256  # block scales per second-level (double) quantization b
 
 
 def _nf4():
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4  # torchao 0.18
+    # lazy: torchao is the optional QLoRA extra (checked with 0.18)
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
 
     return NF4Tensor, to_nf4
 
@@ -47,8 +51,6 @@ def scaler_block_size(numel: int) -> int:
 
 
 def _quantizable(model: nn.Module) -> List[nn.Module]:
-    from xtune.peft.lora import adapted_bases
-
     return [base for base in adapted_bases(model) if scaler_block_size(base.weight.numel())]
 
 
@@ -62,8 +64,6 @@ def take_off_bases(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Parameter]
     `to_empty` then leaves them unallocated and the load's `set_model_state_dict` never sees them (a meta
     parameter makes it assign the file's tensors instead of copying them); the load quantizes each one as it
     arrives and registers it again in 4 bits (`quantize_into`), so the base is never whole in the compute dtype."""
-    from xtune.peft.lora import state_name
-
     bases = {id(base) for base in _quantizable(model)}
     taken = {f"{state_name(name)}.weight": (m, m.weight) for name, m in model.named_modules() if id(m) in bases}
     for base, _ in taken.values():
@@ -83,8 +83,6 @@ def quantize_into(base: nn.Module, weight: torch.Tensor) -> None:
 def quantize_bases(model: nn.Module) -> Tuple[int, int]:
     """Replace each adapted base weight by its NF4 form, in place (those already NF4 are left as they are).
     Returns (quantized, left in full precision)."""
-    from xtune.peft.lora import adapted_bases
-
     done = kept = 0
     for base in adapted_bases(model):
         w = base.weight
