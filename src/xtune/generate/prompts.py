@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from xtune.data.records import parse_record
 from xtune.data.templates import TEMPLATE_ERRORS, Renderer, resolve_template, template_error
 from xtune.errors import DataError
 
-Prompt = Union[str, Sequence[dict]]
+Prompt = str | Sequence[dict]
 
 
 @dataclass(frozen=True)
