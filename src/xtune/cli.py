@@ -79,6 +79,8 @@ def _training_command(name: str, doc: str):
 sft = _training_command("sft", "Supervised fine-tuning: compose the recipe and overrides, validate, and train.")
 dpo = _training_command("dpo", "Preference tuning (DPO, IPO, SimPO, ORPO; see pref.*) on chosen/rejected pairs: "
                                "compose, validate, and train.")
+grpo = _training_command("grpo", "Online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; see grpo.*): sample completions of "
+                                 "prompts, score them with rewards, and train on them: compose, validate, and train.")
 
 
 @app.command()

@@ -43,7 +43,7 @@ def _console(stderr: bool = False):
 
 def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
                   config_dirs: List[str]) -> int:
-    """`xtune <command> overrides...` for a training command (sft, dpo): the command names the primary
+    """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
     if cfg:
         if cfg not in ("job", "hydra", "all"):

@@ -29,9 +29,8 @@ def fsdp_generator(folder):
     denv = init_distributed(spec.parallel)
     adapter = get_adapter(spec.model)
 
-    def make_root(model):
-        impl = packed_sdpa.NAME if packed_sdpa.use_on(adapter.language_model(model), "sdpa") else "sdpa"
-        return get_method(spec).root(model, adapter, impl, "chunk")
+    def make_root(model, forward_impl):  # as the trainer does (build_sharded switched the decoder's attention)
+        return get_method(spec).root(model, adapter, forward_impl, "chunk")
 
     root, _, _ = build_sharded(adapter, spec, denv, "sdpa", make_root)
     assert root.model.config.get_text_config()._attn_implementation == packed_sdpa.NAME
@@ -50,10 +49,14 @@ def main():
     result = {"completions": [[[c.token_ids, c.text, c.finish_reason] for c in cs]
                               for spec in SPECS for cs in gen.generate(PROMPTS, spec)],
               "loglik": gen.loglikelihood(LOGLIK_PAIRS, batch_size=2)}
-    if mode == "fsdp":  # the module is back as training left it
+    if mode == "fsdp":  # the module is back as training left it, and trains: generation came before any training forward
+        from tests.distributed.tiny import pack, random_docs
         from xtune.ops import packed_sdpa
 
         assert gen.root.training and gen.model.config.get_text_config()._attn_implementation == packed_sdpa.NAME
+        ce, _ = gen.root(pack(random_docs(0, 3)))
+        ce.backward()
+        assert all(p.grad is not None for p in gen.root.parameters() if p.requires_grad)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

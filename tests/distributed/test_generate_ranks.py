@@ -1,6 +1,7 @@
 """Generation on 2 ranks equals 1 rank (greedy): each rank generates its share of the prompts, results are gathered
 in input order; log-likelihoods too. Both for a folder every rank loads whole and for the live FSDP2 training model
-(sharded over the 2 ranks, its decoder on xtune's packed attention, as the trainer builds it)."""
+(sharded over the 2 ranks, its decoder on xtune's packed attention, as the trainer builds it); that model then
+still trains (a forward and backward through its root after generating before any training step)."""
 
 import json
 import subprocess

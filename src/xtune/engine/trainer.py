@@ -21,7 +21,7 @@ import torch
 from xtune import peft as xpeft
 from xtune.checkpoint.dcp import Checkpointer, resolve_resume
 from xtune.config.io import spec_to_dict
-from xtune.data import build_eval_batches, build_train_loader
+from xtune.data import build_eval_batches
 from xtune.data.types import PackedBatch
 from xtune.engine import outputs, resume, step
 from xtune.engine.eval_hook import EvalTasksHook
@@ -57,8 +57,8 @@ class Trainer:
         self.device = d.device
         self.peft = xpeft.enabled(spec.peft)
         # Data first: a bad record or image stops the run before any model is built.
-        self.loader = loader if loader is not None else \
-            build_train_loader(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size, rank=d.rank)
+        # the method's step source (the data stage's loader; grpo's rollouts)
+        self.loader = loader if loader is not None else method.train_loader(spec, tokenizer, d)
         if eval_batches is None and spec.data.eval_datasets:
             eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size)
         self.eval_batches = eval_batches or []

@@ -12,7 +12,8 @@ turned into an inference module for the length of one call, and back.
   (`reshard_after_forward`), so the whole model is never gathered on one rank: peak memory is the root's
   parameters plus one block, at the price of one all-gather per block per decoding step. Every rank must then run
   the same number of forwards: `generate` gets `synced_gpus=True` (a finished rank keeps stepping until all are
-  done) and ranks with fewer batches run a dummy batch (`shard.py`).
+  done) and ranks with fewer batches run a dummy batch (`shard.py`). Generating before the first training step is
+  fine: the root's FSDP lazy init runs first, as its own first forward would (`_init_as_root`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def _attn_of(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None)  # no public getter in transformers 5.25
 
 
+def _init_as_root(root: FSDPModule) -> None:
+    """FSDP2 makes root the module whose forward runs first. Generating calls the HF model's forward, not the training
+    root's: before the first training step that would make each block a root of its own, and the next training
+    forward fails ("requires running forward through the root module first"). So the root's lazy init runs here,
+    as its first forward would (no-op once done). torch 2.13 has no public call for it: `_get_fsdp_state()._lazy_init()`
+    (docs/PRIVATE_APIS.md)."""
+    root._get_fsdp_state()._lazy_init()
+
+
 @contextmanager
 def inference(root: torch.nn.Module, model: torch.nn.Module):
     """`root` (the FSDP root, or the model itself) ready to generate; everything put back after."""
@@ -63,6 +73,7 @@ def inference(root: torch.nn.Module, model: torch.nn.Module):
         for sub, _ in switched:
             sub.set_attn_implementation(STANDARD_ATTENTION)
         if unshard:
+            _init_as_root(root)
             root.unshard()
         with torch.no_grad():
             yield
