@@ -38,6 +38,7 @@ class Generator:
 
     def __init__(self, model, tokenizer, *, device=None, processor: Optional[ImageSettings] = None,
                  template: str = "auto", family: Optional[str] = None, shard_ranks: bool = True):
+        live.check_root(model)
         self.root = model
         self.model = live.hf_model(model)
         self.tokenizer = tokenizer
