@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo demo-grpo test test-all bench lint clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/xtune sft recipe=demo
+
+# Online RL from the SFT demo's model (trained first into work_dirs/demo/sft when absent).
+demo-grpo: install
+	@test -f work_dirs/demo/sft/hf/config.json || $(BIN)/xtune sft recipe=demo train.work_dir=work_dirs/demo/sft
+	$(BIN)/xtune grpo recipe=demo_grpo
 
 # Two pytest workers, whole files each (module fixtures are built once): the suite's multi-process tests
 # leave a core idle while their processes start, and this fills it (~22 min -> ~10 min on 2 cores).

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, machine  # noqa: E402
 
 ORDER = ("pack", "cli", "data", "slowtok", "loss", "train", "auto", "lora", "dpo", "sp", "ckpt", "compile", "gen",
-         "gpu")
+         "evaltrain", "gpu")
 
 
 def module(name: str):
@@ -69,6 +69,16 @@ def tables(res: dict):
                       " ".join(f"{x:.4f}" for x in s["losses"]))
         t.caption = (f"auto / qwen3 tokens/s {r['speed_ratio']:.3f}, max |loss diff| {r['loss_max_abs_diff']:.2e}; "
                      f"target: >= 0.9 and equal losses -> meets: {_ok(r['meets'])}")
+        out.append(t)
+    if "evaltrain" in b and "error" not in b["evaltrain"]:
+        r = b["evaltrain"]
+        t = Table(title=f"Eval tasks during training: the demo, {r['config']['steps']} steps, its demo task every "
+                        f"{r['config']['eval_tasks_every']} steps")
+        for c in ("evals", "eval s", "run s", "share of run", "loop s", "share of loop", "final accuracy"):
+            t.add_column(c, justify="right")
+        t.add_row(str(r["evals"]), f"{r['eval_s']:.1f}", f"{r['wall_s']:.1f}", f"{100 * r['share_of_wall']:.1f}%",
+                  f"{r['loop_s']:.1f}", f"{100 * r['share_of_loop']:.1f}%", f"{r['accuracy'][-1][1]:.4f}")
+        t.caption = f"target: <= 10% of the run -> meets: {_ok(r['meets'])}"
         out.append(t)
     if "ckpt" in b:
         r = b["ckpt"]

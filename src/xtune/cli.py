@@ -79,6 +79,8 @@ def _training_command(name: str, doc: str):
 sft = _training_command("sft", "Supervised fine-tuning: compose the recipe and overrides, validate, and train.")
 dpo = _training_command("dpo", "Preference tuning (DPO, IPO, SimPO, ORPO; see pref.*) on chosen/rejected pairs: "
                                "compose, validate, and train.")
+grpo = _training_command("grpo", "Online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; see grpo.*): sample completions of "
+                                 "prompts, score them with rewards, and train on them: compose, validate, and train.")
 
 
 @app.command()
@@ -128,15 +130,38 @@ def export(
 
 
 @app.command()
-def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)")):
-    """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s."""
+def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
+         sort: Optional[str] = typer.Option(None, "--sort", help="Order by a column, best first: eval/<task>/<metric>, "
+                                            "final_loss, best_eval_loss, trained_tokens_per_s")):
+    """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s, eval task
+    metrics (eval/<task>/<metric>)."""
     # lazy: keeps `xtune --help` fast
     from rich.console import Console
 
     # lazy: keeps `xtune --help` fast
     from xtune.runs import summarize
 
-    _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True)))
+    _guarded(lambda: summarize(dirs, Console(highlight=False, soft_wrap=True), sort=sort))
+
+
+@app.command(name="eval")
+def eval_(
+    path: Path = typer.Argument(..., help="A run directory, a Hugging Face folder or a PEFT adapter folder"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval/<task>/ goes (default: the run "
+                                       "directory; required for a bare model folder)"),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="One job per point of the sweep (same model)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compose and validate the tasks; load nothing."),
+    config_dir: Optional[List[str]] = CONFIG_DIR,
+):
+    """Evaluate a model on a task (eval=NAME from conf/eval, or eval.data.path=FILE eval.scorer=...): a table of
+    metrics, eval/<task>/samples.jsonl and summary.json; harness.tasks=[...] runs lm-evaluation-harness too."""
+    # lazy: keeps `xtune --help` fast
+    from xtune.commands import eval_command
+
+    code = _guarded(lambda: eval_command(path, list(overrides or []), out=out, multirun=multirun, dry_run=dry_run,
+                                         config_dirs=list(config_dir or [])))
+    raise typer.Exit(code or 0)
 
 
 @app.command()

@@ -43,7 +43,7 @@ def _console(stderr: bool = False):
 
 def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
                   config_dirs: List[str]) -> int:
-    """`xtune <command> overrides...` for a training command (sft, dpo): the command names the primary
+    """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
     if cfg:
         if cfg not in ("job", "hydra", "all"):
@@ -203,6 +203,15 @@ def _sweep_job(cfg) -> tuple:
 
 
 # --------------------------------------------------------------------------- other commands
+
+
+def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
+                 config_dirs: List[str]) -> int:
+    """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
+    from xtune.eval.command import run_eval
+
+    return run_eval(path, overrides, out=out, multirun=multirun, dry_run=dry_run, config_dirs=config_dirs,
+                    console=_console())
 
 
 def recipes_table(config_dirs: List[str]) -> None:

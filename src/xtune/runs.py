@@ -111,8 +111,28 @@ def status_of(run_dir: Path, records: List[dict]) -> str:
     return "ok" if (run_dir / "hf").is_dir() or (run_dir / "hf_adapter").is_dir() else "incomplete"
 
 
+def eval_metrics(run_dir: Path, records: List[dict]) -> Dict[str, float]:
+    """{eval/<task>/<metric>: value} of a run: its eval/<task>/summary.json files (the final eval, or `xtune eval`
+    on it), else the last value of each such key in metrics.jsonl (a run stopped before its end)."""
+    out: Dict[str, float] = {}
+    for rec in records:
+        out.update({k: v for k, v in rec.items() if k.startswith("eval/") and _finite(v)})
+    root = run_dir / "eval"
+    if root.is_dir():
+        for f in sorted(root.glob("*/summary.json")):
+            try:
+                summary = json.loads(f.read_text())
+            except ValueError:
+                continue
+            for k, v in (summary.get("metrics") or {}).items():
+                if _finite(v):
+                    out[f"eval/{f.parent.name}/{k}"] = v
+    return out
+
+
 def summary_rows(run_dirs: Sequence[Path]) -> tuple:
-    """(varying keys, rows): one dict per run with the varying config values and the run's results."""
+    """(varying keys, rows): one dict per run with the varying config values and the run's results (eval task
+    metrics as eval/<task>/<metric> keys, before run_dir)."""
     overrides = [_overrides(r) for r in run_dirs]
     # Sweep jobs: compare what was overridden (as typed); other runs: their resolved configs.
     configs = overrides if all(o is not None for o in overrides) else [_config(r) for r in run_dirs]
@@ -127,10 +147,31 @@ def summary_rows(run_dirs: Sequence[Path]) -> tuple:
         row.update(status=status_of(run_dir, recs),
                    final_loss=train[-1]["loss"] if train else None,
                    best_eval_loss=min(evals) if evals else None,
-                   trained_tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
-                   run_dir=str(run_dir))
+                   trained_tokens_per_s=sum(speeds) / len(speeds) if speeds else None)
+        row.update(eval_metrics(run_dir, recs))
+        row["run_dir"] = str(run_dir)
         rows.append(row)
     return keys, rows
+
+
+def eval_columns(rows: List[dict]) -> List[str]:
+    """The eval/<task>/<metric> keys any row has, in a fixed order."""
+    return sorted({k for r in rows for k in r if k.startswith("eval/")})
+
+
+def columns_of(keys: List[str], rows: List[dict]) -> List[str]:
+    return list(keys) + list(METRIC_COLUMNS[:-1]) + eval_columns(rows) + [METRIC_COLUMNS[-1]]
+
+
+def sort_rows(rows: List[dict], metric: str) -> List[dict]:
+    """Best first: highest for eval metrics and tokens/s, lowest for losses; runs without it last."""
+    have = [r for r in rows if _finite(r.get(metric))]
+    if not have:
+        known = [c for c in columns_of([], rows) if any(_finite(r.get(c)) for r in rows)]
+        raise XtuneError(f"--sort {metric}: no run has it; choose one of {', '.join(known) or '(none)'}")
+    lower_better = "loss" in metric
+    have.sort(key=lambda r: r[metric] if lower_better else -r[metric])
+    return have + [r for r in rows if not _finite(r.get(metric))]
 
 
 def _finite(v) -> bool:
@@ -138,9 +179,9 @@ def _finite(v) -> bool:
 
 
 def write_summary(sweep_dir: Path, keys: List[str], rows: List[dict]) -> None:
-    columns = list(keys) + list(METRIC_COLUMNS)
+    columns = columns_of(keys, rows)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(rows)
     (sweep_dir / "summary.json").write_text(json.dumps({"varying": keys, "runs": rows}, indent=2) + "\n")
@@ -148,16 +189,18 @@ def write_summary(sweep_dir: Path, keys: List[str], rows: List[dict]) -> None:
 
 def print_table(keys: List[str], rows: List[dict], console, title: str = "runs") -> None:
     table = Table(title=title)
-    for col in list(keys) + list(METRIC_COLUMNS):
+    columns = columns_of(keys, rows)
+    for col in columns:
         # Paths and override values wrap rather than being cut; status and numbers stay on one line.
-        table.add_column(col, justify="right" if col in METRIC_COLUMNS[1:4] else "left",
+        numeric = col in METRIC_COLUMNS[1:4] or col.startswith("eval/")
+        table.add_column(col, justify="right" if numeric else "left",
                          no_wrap=col in METRIC_COLUMNS[:4], overflow="fold")
     for row in rows:
         cells = []
-        for col in list(keys) + list(METRIC_COLUMNS):
-            v = row[col]
+        for col in columns:
+            v = row.get(col)
             cells.append("-" if v is None else f"{v:.4f}" if col in ("final_loss", "best_eval_loss")
-                         else f"{v:.0f}" if col == "trained_tokens_per_s" else str(v))
+                         or col.startswith("eval/") else f"{v:.0f}" if col == "trained_tokens_per_s" else str(v))
         table.add_row(*cells)
     console.print(table)
 
@@ -194,9 +237,12 @@ def plot_runs(run_dirs: Sequence[Path], metric: str = "loss"):
     return fig
 
 
-def summarize(paths: Sequence[Path], console, out_dir: Optional[Path] = None, title: str = "runs") -> List[dict]:
+def summarize(paths: Sequence[Path], console, out_dir: Optional[Path] = None, title: str = "runs",
+              sort: Optional[str] = None) -> List[dict]:
     runs = find_runs(paths)
     keys, rows = summary_rows(runs)
+    if sort:
+        rows = sort_rows(rows, sort)
     print_table(keys, rows, console, title)
     if out_dir is not None:
         write_summary(out_dir, keys, rows)

@@ -67,13 +67,23 @@ def test_sweep_table_matches_the_runs_metrics(sweep):
     assert [float(row["final_loss"]) for row in table if row["status"] == "ok"] == [r["final_loss"] for r in ok]
     assert "failed (exit 2)" in out.stdout and "summary.csv" in out.stdout
     assert f"{ok[0]['final_loss']:.4f}" in out.stdout
+    # The demo recipe's eval task (train.eval_tasks=[demo]) is a column: each point's value from its own run.
+    for r, row in zip(rows, table):
+        summary = Path(r["run_dir"]) / "eval" / "demo" / "summary.json"
+        if r["status"] == "ok":
+            want = json.loads(summary.read_text())["metrics"]["accuracy"]
+            assert r["eval/demo/accuracy"] == want and float(row["eval/demo/accuracy"]) == want
+        else:
+            assert "eval/demo/accuracy" not in r and row["eval/demo/accuracy"] == ""
+    assert "eval/demo/accuracy" in out.stdout
 
 
 def test_runs_command_prints_the_same_table(sweep):
     root, _ = sweep
     rows = json.loads((root / "summary.json").read_text())["runs"]
-    out = xtune("runs", str(root), env={"COLUMNS": "250"})
+    out = xtune("runs", str(root), "--sort", "eval/demo/accuracy", env={"COLUMNS": "250"})
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "eval/demo/accuracy" in out.stdout
     for r in rows:
         assert r["run_dir"] in out.stdout
         if r["final_loss"] is not None:

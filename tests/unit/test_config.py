@@ -8,7 +8,9 @@ from xtune.config.compose import compose, load_spec, recipe_files, to_spec
 from xtune.config.schema import RunSpec
 from xtune.errors import ConfigError
 
-BIG = {"intern_s1_mini", "intern_s1_mini_lora", "qwen3_8b", "qwen3_8b_dpo", "qwen3_8b_long", "qwen3_8b_qlora",
+# demo_grpo starts from the SFT demo's export (work_dirs/demo/sft/hf), which may not exist yet.
+BIG = {"demo_grpo", "qwen3_8b_grpo",
+       "intern_s1_mini", "intern_s1_mini_lora", "qwen3_8b", "qwen3_8b_dpo", "qwen3_8b_long", "qwen3_8b_qlora",
        "qwen3_30b_a3b"}
 
 

@@ -72,3 +72,31 @@ def test_peak_memory_does_not_grow_with_tokens():
         saved = [t for t in out.grad_fn.saved_tensors]
         assert max(t.numel() for t in saved) <= max(V * H, T * H)
         out.sum().backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_chunked_token_logprobs_and_entropy_match_an_independent_computation(chunk):
+    """Per-token log-probs (GRPO's input) equal log_softmax of the full logits token by token, with a different
+    incoming gradient per token; the entropies equal torch.distributions.Categorical's."""
+    from xtune.ops.logprobs import linear_token_logprobs
+
+    hidden, weight, labels, _ = _case(2)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got, ent = linear_token_logprobs(h1, w1, labels, chunk_size=chunk, with_entropy=True)
+    logits = h2 @ w2.t()
+    rows = [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX]
+    ref = torch.stack([torch.log_softmax(logits[i], -1)[labels[i]] for i in rows])
+    ref_ent = torch.distributions.Categorical(logits=logits[rows].detach()).entropy()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert not ent.requires_grad
+    upstream = torch.linspace(-2.0, 1.5, len(rows))
+    (got * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-5)
+    eager, eager_ent = linear_token_logprobs(hidden, weight, labels, mode="eager", with_entropy=True)
+    torch.testing.assert_close(eager, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager_ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert linear_token_logprobs(hidden, weight, labels, chunk_size=chunk)[1] is None

@@ -36,9 +36,9 @@ from xtune.config.schema import RunSpec
 from xtune.config.validate import check_value, suggest
 from xtune.errors import ConfigError
 
-GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft", "gen")
+GROUPS = ("model", "data", "optim", "sched", "loss", "parallel", "peft", "gen", "grpo")
 # Command -> its primary config in conf/ (a new command, e.g. dpo, adds its line and its conf/<name>.yaml).
-PRIMARY = {"sft": "sft", "dpo": "dpo"}
+PRIMARY = {"sft": "sft", "dpo": "dpo", "grpo": "grpo"}
 SCHEMA_NAME = "xtune_schema"
 
 

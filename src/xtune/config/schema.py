@@ -33,10 +33,17 @@ CHOICES: Dict[str, tuple] = {
     "peft.method": ("none", "lora", "dora"),
     "peft.quantize": ("none", "nf4"),
     "logging.progress": ("auto", "rich", "plain"),
-    "method": ("sft", "dpo"),
+    "method": ("sft", "dpo", "grpo"),
     "pref.loss": ("dpo", "ipo", "simpo", "orpo"),
     "pref.reference": ("auto", "init", "none"),
+    "grpo.advantage": ("group", "rloo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.loss": ("grpo", "dr_grpo", "dapo"),
+    "grpo.importance_sampling_level": ("token", "sequence"),
 }
+
+# Rewards a `grpo.rewards` item may name with `builtin` (methods/grpo_rewards.py): the eval scorers and two shapes.
+REWARD_BUILTINS = ("exact", "regex", "math", "format", "length")
 
 
 @dataclass(frozen=True)
@@ -233,6 +240,14 @@ class TrainSpec:
     sample_every: int = 0
     # Greedy tokens generated per sample prompt.
     sample_max_new_tokens: int = 32
+    # Eval tasks (conf/eval/NAME.yaml options, or YAML files) run on the live model every eval_tasks_every steps and
+    # at the end; eval/<task>/<metric> in metrics.jsonl, TensorBoard and W&B.
+    eval_tasks: List[str] = field(default_factory=list)
+    # Run train.eval_tasks every N steps (0: only at the end).
+    eval_tasks_every: int = 0
+    # <task>/<metric> (e.g. demo/accuracy): keep the checkpoint where it was highest as checkpoints/best and export
+    # it to <work_dir>/hf_best.
+    keep_best: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +295,61 @@ class PrefSpec:
 
 
 @dataclass(frozen=True)
+class RewardSpec:
+    """One reward of `xtune grpo`: a builtin or a user function, and its weight in the sum."""
+
+    # Name in the metrics (rewards/<name>/mean); null: the builtin's name or the function's name.
+    name: Optional[str] = None
+    # A user function `module:function(prompts, completions, **fields) -> list[float]` (module under grpo.reward_path).
+    fn: Optional[str] = None
+    # A builtin reward: exact, regex, math (the eval scorers of the same names, against the record's `answer`),
+    # format (1 when a regex matches the whole completion), length (a penalty per token over a budget).
+    builtin: Optional[str] = None
+    # Weight of this reward in the total.
+    weight: float = 1.0
+    # Keyword arguments of the builtin or the function (e.g. {pattern: ...} for format). (null, not {}: see
+    # DatasetSpec.columns.)
+    args: Optional[Dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class GrpoSpec:
+    """Online RL (`xtune grpo`): rollouts, advantages, the clipped policy loss and its KL term."""
+
+    # Completions sampled per prompt (a group); train.global_batch_size counts completions and is a multiple of it.
+    num_generations: int = 8
+    # Optimizer steps taken on each batch of rollouts (the importance ratio moves away from 1 after the first).
+    num_iterations: int = 1
+    # group: (r - mean of the group) / scale; rloo: r minus the mean of the other completions of its group.
+    advantage: str = "group"
+    # The advantage's divisor: the group's std (GRPO), the whole batch's std, or none (Dr. GRPO).
+    scale_rewards: str = "group"
+    # DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full.
+    dynamic_sampling: bool = False
+    # Most extra sampling rounds per step with dynamic_sampling; after them the batch is filled with dropped groups.
+    dynamic_sampling_max_rounds: int = 4
+    # grpo: token mean per completion, then mean over completions; dr_grpo: token sum / (completions x
+    # gen.max_new_tokens); dapo: token mean over all completion tokens of the batch.
+    loss: str = "dapo"
+    # Lower clipping range of the importance ratio: [1 - epsilon, 1 + epsilon_high].
+    epsilon: float = 0.2
+    # Upper clipping range (DAPO's clip-higher, e.g. 0.28); null: epsilon.
+    epsilon_high: Optional[float] = None
+    # token: one ratio per token (GRPO); sequence: the geometric mean ratio of the completion (GSPO).
+    importance_sampling_level: str = "token"
+    # Completions cut at gen.max_new_tokens (no EOS) carry no loss.
+    mask_truncated_completions: bool = False
+    # Weight of the k3 KL estimate to the reference (0: no reference is held).
+    beta: float = 0.0
+    # Rewards summed with their weights (list of {name, fn, builtin, weight, args}).
+    rewards: List[RewardSpec] = field(default_factory=list)
+    # Folder put on the import path while the `fn` rewards' modules are imported.
+    reward_path: Optional[str] = None
+    # Prompts longer than this many tokens (rendered with the chat template) are left out, counted in the log.
+    max_prompt_length: int = 512
+
+
+@dataclass(frozen=True)
 class GenSpec:
     """Generation settings (the `gen` group): `xtune chat`, `xtune eval` and the samples of a run."""
 
@@ -322,7 +392,7 @@ class RunSpec:
     recipe: str = "demo"
     # One line about the recipe, shown by `xtune recipes`.
     description: str = ""
-    # Training method: sft (`xtune sft`) or dpo (`xtune dpo`, preference pairs; see pref).
+    # Training method: sft (`xtune sft`), dpo (`xtune dpo`, preference pairs; see pref) or grpo (`xtune grpo`, online RL).
     method: str = "sft"
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -333,6 +403,7 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     peft: PeftSpec = field(default_factory=PeftSpec)
     pref: PrefSpec = field(default_factory=PrefSpec)
+    grpo: GrpoSpec = field(default_factory=GrpoSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     gen: GenSpec = field(default_factory=GenSpec)
 

@@ -14,7 +14,9 @@ from typing import Iterable, List, Optional
 
 from xtune.config.families import family_problems, folder_config
 from xtune.config.files import file_problems, model_file_problems
+from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
+from xtune.config.validate_eval import train_eval_problems
 from xtune.config.validate_gen import gen_problems
 from xtune.launch.env import launch_env
 
@@ -82,7 +84,10 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     problems.extend(model_problems(spec.model, check_files=check_files))
     problems.extend(peft_problems(spec))
     problems.extend(pref_problems(spec))
+    problems.extend(grpo_problems(spec, check_files=check_files))
+    problems.extend(train_eval_problems(spec, check_files=check_files))
     problems.extend(gen_problems(spec.gen))
+    problems.extend(train_eval_problems(spec, check_files=check_files))
     problems.extend(dataset_problems(spec))
     if check_files:
         problems.extend(file_problems(spec))

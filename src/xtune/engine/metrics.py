@@ -95,7 +95,9 @@ class MetricsLogger:
                    and not isinstance(v, bool) and math.isfinite(v)}
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
+                # eval task metrics are already eval/<task>/<metric>; the others get their section
+                tag = k if k.startswith("eval/") else ("eval/" if k.startswith("eval") else "train/") + k
+                self.tb.add_scalar(tag, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         if "loss" in record:

@@ -21,9 +21,10 @@ import torch
 from xtune import peft as xpeft
 from xtune.checkpoint.dcp import Checkpointer, resolve_resume
 from xtune.config.io import spec_to_dict
-from xtune.data import build_eval_batches, build_train_loader
+from xtune.data import build_eval_batches
 from xtune.data.types import PackedBatch
 from xtune.engine import outputs, resume, step
+from xtune.engine.eval_hook import EvalTasksHook
 from xtune.engine.metrics import MetricsLogger, NullLogger, memory_gb, truncate_history
 from xtune.engine.optim import build_optimizer, build_scheduler, io_param_ids
 from xtune.engine.preflight import preflight
@@ -56,8 +57,8 @@ class Trainer:
         self.device = d.device
         self.peft = xpeft.enabled(spec.peft)
         # Data first: a bad record or image stops the run before any model is built.
-        self.loader = loader if loader is not None else \
-            build_train_loader(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size, rank=d.rank)
+        # the method's step source (the data stage's loader; grpo's rollouts)
+        self.loader = loader if loader is not None else method.train_loader(spec, tokenizer, d)
         if eval_batches is None and spec.data.eval_datasets:
             eval_batches = build_eval_batches(spec, tokenizer, dp_rank=d.dp_rank, dp_size=d.dp_size)
         self.eval_batches = eval_batches or []
@@ -220,6 +221,7 @@ class Trainer:
         self.method.prepare(self)  # with the initial weights (a resumed run reads what it stored)
         notes = self.resume(ckpt) if ckpt is not None else []
         self.logger = self._open_logger(ckpt, notes)
+        self.eval_hook = EvalTasksHook(self.spec, self.run_dir)  # train.eval_tasks on the live model (engine/eval_hook.py)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -276,6 +278,8 @@ class Trainer:
                 self.logger.log(rec)
             if self.eval_batches and ((t.eval_every and self.step % t.eval_every == 0) or done):
                 result["eval_loss"] = self._eval_and_log(self.step)
+            if self.eval_hook.due(self.step, done) and not stop:
+                self.eval_hook.run(self)
             if t.sample_every and t.sample_prompts and self.step % t.sample_every == 0 and not done and not stop:
                 self.live_samples()
             if (t.save_every and self.step % t.save_every == 0) or stop:

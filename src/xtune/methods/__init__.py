@@ -13,6 +13,10 @@ from xtune.methods.sft import SftMethod
 
 
 def get_method(spec) -> Method:
+    if spec.method == "grpo":
+        from xtune.methods.grpo import GrpoMethod
+
+        return GrpoMethod(spec)
     if spec.method == "dpo":
         return PreferenceMethod(spec)
     return SftMethod(spec)

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from xtune.data import build_train_loader
 from xtune.data.types import PackedBatch
 
 
@@ -18,6 +19,11 @@ class Method:
 
     def __init__(self, spec):
         self.spec = spec
+
+    def train_loader(self, spec, tokenizer, denv):
+        """The step source: `next()` gives this rank's micro-batches of one optimizer step, with `state_dict`,
+        `load_state_dict` and `total_steps` (sft and dpo: the data stage's loader; grpo: its rollouts)."""
+        return build_train_loader(spec, tokenizer, dp_rank=denv.dp_rank, dp_size=denv.dp_size, rank=denv.rank)
 
     def root(self, model: nn.Module, adapter, attn_impl: str, loss_mode: str) -> nn.Module:
         """The FSDP root: holds the HF model as `.model`."""

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, scorers, the runner and its outputs."""
