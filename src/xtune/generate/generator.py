@@ -8,6 +8,10 @@ completions per prompt (each prompt repeated n times in the batch), EOS and stop
 `generation_config.json`) only the stop ids are taken, with the tokenizer's EOS and the chat template's
 end-of-turn token. Sampling is seeded per batch from `gen.seed` inside a forked RNG (training's random stream is
 untouched): the same seed, prompts, batch_size and number of ranks give the same completions.
+
+transformers' continuous batching (`generate_batch`, paged attention) was measured against this on the bench model
+(CPU, one thread, 48 prompts x 64 greedy tokens, equal outputs): 42.6 s against 12.1 s for `generate` on one padded
+batch, so `generate` it is.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Generator:
 
     def __init__(self, model, tokenizer, *, device=None, processor: Optional[ImageSettings] = None,
                  template: str = "auto", family: Optional[str] = None, shard_ranks: bool = True):
+        live.check_root(model)
         self.root = model
         self.model = live.hf_model(model)
         self.tokenizer = tokenizer

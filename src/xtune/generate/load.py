@@ -158,7 +158,9 @@ def _load_folder(folder: Path, kind: str, dtype, trust_remote_code: bool, run_sp
         model = load_export(get_adapter(spec), folder)
     problems = [p for p in get_adapter(tok_spec).validate() if "tokenizer" in p or "trust_remote_code" in p]
     if problems:
-        raise XtuneError(f"{folder}: {problems[0]}")
+        hint = problems[0] if run_spec is not None else problems[0].replace(
+            "set model.trust_remote_code=true", "pass --trust-remote-code (Python: trust_remote_code=True)")
+        raise XtuneError(f"{folder}: {hint}")
     template = run_spec.data.template if run_spec is not None else "auto"
     return Loaded(model, get_adapter(tok_spec).load_tokenizer(), spec, template, str(folder))
 
