@@ -12,8 +12,8 @@ import dataclasses
 import logging
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as _HydraCallback
@@ -40,8 +40,8 @@ def _console(stderr: bool = False):
 # --------------------------------------------------------------------------- training commands
 
 
-def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
-                  config_dirs: List[str]) -> int:
+def train_command(command: str, overrides: list[str], *, multirun: bool, cfg: str | None, dry_run: bool,
+                  config_dirs: list[str]) -> int:
     """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
     if cfg:
@@ -63,7 +63,7 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
     return _run_job(spec, run_dir)
 
 
-def _launch_overrides(overrides: Sequence[str]) -> List[str]:
+def _launch_overrides(overrides: Sequence[str]) -> list[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
     run_id = launch_env().run_id
     if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
@@ -169,7 +169,7 @@ class SweepDirRecord(_HydraCallback):
         self.record.write_text(str(Path(str(config.hydra.sweep.dir)).resolve()))
 
 
-def _sweep_summary(job_dirs: List[Path]) -> None:
+def _sweep_summary(job_dirs: list[Path]) -> None:
     """The comparison table of the sweep's points, printed and written to <sweep dir>/summary.{csv,json}."""
     sweep_dir = job_dirs[0].parent
     try:
@@ -210,8 +210,8 @@ def _sweep_job(cfg) -> tuple:
 # --------------------------------------------------------------------------- other commands
 
 
-def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
-                 config_dirs: List[str]) -> int:
+def eval_command(path: Path, overrides: list[str], *, out: Path | None, multirun: bool, dry_run: bool,
+                 config_dirs: list[str]) -> int:
     """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
     from xtune.eval.command import run_eval
 
@@ -219,7 +219,7 @@ def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multi
                     console=_console())
 
 
-def recipes_table(config_dirs: List[str]) -> None:
+def recipes_table(config_dirs: list[str]) -> None:
     table = Table(title="xtune recipes", show_lines=False)
     for col in ("recipe", "model", "data", "description"):
         table.add_column(col)
@@ -235,12 +235,12 @@ def recipes_table(config_dirs: List[str]) -> None:
     _console().print(table)
 
 
-def show_config(overrides: List[str], config_dirs: List[str]) -> None:
+def show_config(overrides: list[str], config_dirs: list[str]) -> None:
     cfg = gate(None, overrides, config_dirs, stage="compose").cfg  # composed only: what an invalid run would get
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
+def inspect_data(overrides: list[str], config_dirs: list[str]) -> None:
     from xtune.data.inspect import inspect_data as inspect  # lazy: the data stage imports torch
     admitted = gate(None, overrides, config_dirs, stage="load")
     inspect(admitted.spec, admitted.tokenizer, _console())
@@ -264,9 +264,9 @@ def compose_gen(overrides: Sequence[str], config_dirs: Sequence[str] = ()):
     return spec
 
 
-def chat_command(path: Path, overrides: List[str], *, prompt: Optional[str], image: Optional[Path],
-                 system: Optional[str], flags: dict, device: str, trust_remote_code: bool,
-                 config_dirs: List[str]) -> int:
+def chat_command(path: Path, overrides: list[str], *, prompt: str | None, image: Path | None,
+                 system: str | None, flags: dict, device: str, trust_remote_code: bool,
+                 config_dirs: list[str]) -> int:
     """`xtune chat PATH [gen.KEY=VALUE ...]`: flags (--max-new-tokens, --temperature) are gen overrides too."""
     from xtune.generate.chat import run_chat  # lazy: the generation engine imports torch and transformers
 

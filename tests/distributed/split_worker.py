@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import ListLoader, TinyAdapter, pack
 from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
-from xtune.parallel.distributed import init_distributed
 from xtune.engine.trainer import Trainer
 from xtune.methods import get_method
+from xtune.parallel.distributed import init_distributed
 
 REDUCTIONS = ("token", "sample", "square")
 

@@ -16,9 +16,9 @@ import dataclasses
 import itertools
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -47,7 +47,7 @@ SCHEMA_NAME = "xtune_schema"
 # --------------------------------------------------------------------------- discovery
 
 
-def _recipe_dirs(config_dirs: Sequence[str]) -> List[Path]:
+def _recipe_dirs(config_dirs: Sequence[str]) -> list[Path]:
     dirs = [recipes_dir()]
     for d in config_dirs:
         for sub in ("recipes", "recipe"):
@@ -56,16 +56,16 @@ def _recipe_dirs(config_dirs: Sequence[str]) -> List[Path]:
     return dirs
 
 
-def recipe_files(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
+def recipe_files(config_dirs: Sequence[str] = ()) -> dict[str, Path]:
     """Recipe name -> file. A user's folder shadows a packaged recipe of the same name."""
-    found: Dict[str, Path] = {}
+    found: dict[str, Path] = {}
     for d in _recipe_dirs(config_dirs):
         for f in sorted(d.glob("*.yaml")):
             found[f.stem] = f
     return found
 
 
-def group_options(group: str, config_dirs: Sequence[str] = ()) -> List[str]:
+def group_options(group: str, config_dirs: Sequence[str] = ()) -> list[str]:
     names = set()
     for root in [conf_dir(), *map(Path, config_dirs)]:
         names.update(f.stem for f in (root / group).glob("*.yaml"))
@@ -85,7 +85,7 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", _resolve_asset)
 
 
-def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
+def setup(config_dirs: Sequence[str] = ()) -> dict[str, Path]:
     """Register the schema and every recipe with Hydra. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=writable_structured(RunSpec))
@@ -147,7 +147,7 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
     return f"{key}={given}: {str(error).splitlines()[0]}"
 
 
-def _choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
+def _choice_problems(parsed, config_dirs: Sequence[str]) -> list[str]:
     """Group and recipe choices, checked against the files (no composition needed)."""
     problems = []
     recipes = recipe_files(config_dirs)
@@ -165,7 +165,7 @@ def _choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
     return problems
 
 
-def _value_problems(parsed, base: DictConfig) -> List[str]:
+def _value_problems(parsed, base: DictConfig) -> list[str]:
     """key=value overrides tried one by one on `base`: unknown keys, wrong types, values not allowed."""
     problems = []
     for o in parsed:
@@ -189,7 +189,7 @@ def _value_problems(parsed, base: DictConfig) -> List[str]:
     return problems
 
 
-def _added_key_problems(parsed) -> List[str]:
+def _added_key_problems(parsed) -> list[str]:
     """`+key=value` / `++key=value` may add a key only inside a free-form mapping (model.arch, ...): a key
     the schema does not have is reported as any unknown key is, with the nearest known one."""
     problems = []
@@ -210,7 +210,7 @@ def _added_key_problems(parsed) -> List[str]:
     return problems
 
 
-def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> List[str]:
+def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> list[str]:
     """Hydra refused a job's overrides (it stops at the first): find every bad one. The error path only:
     the values are tried on the config the group and recipe choices compose to."""
     choices = [a for a in args if a.partition("=")[0] in ("recipe", *GROUPS) or a.startswith("hydra.searchpath")]
@@ -222,9 +222,9 @@ def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> Li
     return _value_problems(parsed, base) or [hydra_error_message(error)]
 
 
-def _job_args(parsed, config_dirs: Sequence[str]) -> List[List[str]]:
+def _job_args(parsed, config_dirs: Sequence[str]) -> list[list[str]]:
     """One Hydra override list per job: sweeps expanded, path recipes registered, user dirs on the search path."""
-    axes: List[List[str]] = []
+    axes: list[list[str]] = []
     for o in parsed:
         if o.is_sweep_override():
             axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
@@ -244,13 +244,13 @@ def _register_path_recipe(text: str) -> str:
     return text
 
 
-def _search_path(config_dirs: Sequence[str]) -> List[str]:
+def _search_path(config_dirs: Sequence[str]) -> list[str]:
     if not config_dirs:
         return []
     return [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"]
 
 
-def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> List[str]:
+def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[str]:
     """The override list handed to Hydra's own main (a sweep): path recipes registered, user dirs searched."""
     return [_register_path_recipe(o) for o in overrides] + _search_path(config_dirs)
 
@@ -268,14 +268,14 @@ def primary_config(command: str) -> str:
 class Job:
     """One job of a command line: its overrides (as given to Hydra), composed config and validated spec."""
 
-    overrides: List[str]
+    overrides: list[str]
     cfg: DictConfig
-    spec: Optional[RunSpec]
+    spec: RunSpec | None
 
 
-def compose_jobs(command: Optional[str], overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+def compose_jobs(command: str | None, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
                  multirun: bool = False, validate: bool = True, check_files: bool = True,
-                 world_size: Optional[int] = None) -> List[Job]:
+                 world_size: int | None = None) -> list[Job]:
     """Parse once, compose each job once, validate each once. Raises ConfigError with every problem found.
 
     `multirun` allows sweeps (one job per point); `validate=False` composes only (for --cfg and config show).
@@ -351,7 +351,7 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[int] = None,
+def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: int | None = None,
             validate: bool = True) -> RunSpec:
     """Composed config -> validated RunSpec, or ConfigError with every problem found.
     `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
@@ -381,8 +381,8 @@ def missing_message(key: str) -> str:
     return f"{key} is required but has no value: set {key}=..."
 
 
-def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: Optional[str] = None,
-              **kw) -> Tuple[DictConfig, RunSpec]:
+def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: str | None = None,
+              **kw) -> tuple[DictConfig, RunSpec]:
     """One job's config and spec. Without `command` (data inspect, tests) the recipe's method decides."""
     job = compose_jobs(command, overrides, config_dirs, **kw)[0]
     return without_hydra(job.cfg), job.spec

@@ -7,7 +7,6 @@ import functools
 import types
 import typing
 from pathlib import Path
-from typing import Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +23,7 @@ def writable_structured(cls) -> DictConfig:
     return OmegaConf.structured(_unfrozen(cls))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unfrozen(cls):
     hints = typing.get_type_hints(cls)
     fields = []
@@ -91,5 +90,5 @@ def spec_from_dict(values: dict) -> RunSpec:
     return to_frozen(RunSpec, OmegaConf.merge(writable_structured(RunSpec), values))
 
 
-def spec_from_yaml(path: Union[str, Path]) -> RunSpec:
+def spec_from_yaml(path: str | Path) -> RunSpec:
     return spec_from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))

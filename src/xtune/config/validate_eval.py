@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List, Optional
 
 from xtune.config.schema import GenSpec, RunSpec
 from xtune.config.schema_eval import EVAL_CHOICES, EvalRunSpec, EvalSpec
@@ -24,7 +23,7 @@ NAMED_PATTERNS = {
 BOXED = "boxed"
 
 
-def pattern_problem(pattern: Optional[str]) -> Optional[str]:
+def pattern_problem(pattern: str | None) -> str | None:
     """Why eval.pattern cannot extract an answer (no regex, not a regex, no group), or None."""
     if pattern is None:
         return "eval.scorer=regex needs eval.pattern: gsm8k, boxed, last_number or a regex with one group"
@@ -40,13 +39,13 @@ def pattern_problem(pattern: Optional[str]) -> Optional[str]:
     return None
 
 
-def metric_names(espec: EvalSpec, gen: GenSpec) -> List[str]:
+def metric_names(espec: EvalSpec, gen: GenSpec) -> list[str]:
     """The metrics a task reports: accuracy (builtin scorers) or score (a user function), and pass@k for k > 1."""
     main = "score" if ":" in espec.scorer else "accuracy"
     return [main] + [f"pass@{k}" for k in espec.k if k > 1 and espec.scorer != "choice"]
 
 
-def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> List[str]:
+def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> list[str]:
     out = []
     if ":" in e.scorer:
         module, _, fn = e.scorer.partition(":")
@@ -79,7 +78,7 @@ def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> List[str]:
     return out
 
 
-def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where: str = "") -> List[str]:
+def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where: str = "") -> list[str]:
     """What is wrong with one eval task and its generation settings."""
     out = _scorer_problems(e, gen, where)
     for key, allowed in EVAL_CHOICES.items():
@@ -98,7 +97,7 @@ def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where:
     return out
 
 
-def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> List[str]:
+def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> list[str]:
     """`xtune eval`: the task (unless only harness tasks are asked for) and the harness section."""
     out = []
     harness_only = bool(spec.harness.tasks) and spec.eval.data.path is None
@@ -117,7 +116,7 @@ def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> List[st
     return out
 
 
-def train_eval_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
+def train_eval_problems(spec: RunSpec, *, check_files: bool = True) -> list[str]:
     """train.eval_tasks (each task loaded and checked), train.eval_tasks_every and train.keep_best."""
     from xtune.config.eval_tasks import load_task
 

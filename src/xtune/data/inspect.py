@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -63,7 +61,7 @@ def _spec_format(spec: RunSpec, name: str) -> str:
     return next((d.format for d in spec.data.datasets if d.name == name), "messages")
 
 
-def inspect_data(spec: RunSpec, tokenizer, console: Optional[Console] = None, *, sample_index: int = 0) -> PackedData:
+def inspect_data(spec: RunSpec, tokenizer, console: Console | None = None, *, sample_index: int = 0) -> PackedData:
     """Print per dataset its counts and length histogram, the packing efficiency and one rendered sample."""
     console = console or Console()
     data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=False)

@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 from xtune.config.eval_tasks import load_task
 from xtune.config.schema import RunSpec
@@ -86,7 +85,7 @@ def table_text(results, title: str) -> str:
     return console.file.getvalue().rstrip()
 
 
-def _read_best(run_dir: Path) -> Optional[dict]:
+def _read_best(run_dir: Path) -> dict | None:
     path = run_dir / "checkpoints" / BEST_JSON
     try:
         return json.loads(path.read_text()) if path.is_file() else None

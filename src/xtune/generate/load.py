@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -75,7 +75,7 @@ def kind_of(path: Path) -> str:
     raise XtuneError(f"{path} is not a model xtune can load; expected {EXPECTED}")
 
 
-def load(path, *, device="cpu", dtype: Optional[str] = None, trust_remote_code: bool = False) -> Loaded:
+def load(path, *, device="cpu", dtype: str | None = None, trust_remote_code: bool = False) -> Loaded:
     path = Path(path).expanduser()
     kind = kind_of(path)
     if kind == "run":

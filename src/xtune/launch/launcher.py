@@ -1,9 +1,9 @@
 """Start a run: in this process, under an external torchrun/Slurm, or by spawning N workers.
 
-    nproc_per_node > 1 and not launched yet  ->  torch's elastic agent in this process (torchrun --standalone
-                                                 --nproc-per-node N): python -m xtune.launch.worker --work-dir W
-    RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
-    otherwise                                 ->  train in this process (a 1-rank group, no ports)
+nproc_per_node > 1 and not launched yet  ->  torch's elastic agent in this process (torchrun --standalone
+--nproc-per-node N): python -m xtune.launch.worker --work-dir W
+RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
+otherwise                                 ->  train in this process (a 1-rank group, no ports)
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -16,7 +14,7 @@ class Method:
     """Global-batch loss = sum over micro-batches and ranks of `forward(...)[0]` / sum of `normaliser(...)`."""
 
     # Names of the per-micro-batch statistic sums `forward` returns (all-reduced, then `metrics`).
-    stat_names: Tuple[str, ...] = ()
+    stat_names: tuple[str, ...] = ()
 
     def __init__(self, spec: RunSpec):
         self.spec = spec
@@ -35,11 +33,11 @@ class Method:
         raise NotImplementedError
 
     def forward(self, root: nn.Module, batch: PackedBatch, split: str = "train"
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(loss numerator, aux loss or None, statistic sums [len(stat_names)] or None)."""
         raise NotImplementedError
 
-    def metrics(self, sums: List[float], normaliser: float) -> Dict[str, float]:
+    def metrics(self, sums: list[float], normaliser: float) -> dict[str, float]:
         """The statistics of a global batch, from their all-reduced sums."""
         return {}
 

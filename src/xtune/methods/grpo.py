@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from typing import Dict, List
 
 import torch
 from torch import nn
@@ -84,7 +83,7 @@ class GrpoMethod(Method):
     def forward(self, root, batch, split="train"):
         return root(batch)
 
-    def metrics(self, sums: List[float], normaliser_total: float) -> Dict[str, float]:
+    def metrics(self, sums: list[float], normaliser_total: float) -> dict[str, float]:
         s = dict(zip(self.stat_names, sums))
         tokens = s["tokens"] if s["tokens"] > 0 else float("nan")
         out = dict(self.rollouts.metrics) if self.rollouts is not None else {}

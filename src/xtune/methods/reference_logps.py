@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import torch
@@ -74,7 +73,7 @@ def adapters_disabled(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def compute(root, batches: List, denv, device, num_pairs: int) -> torch.Tensor:
+def compute(root, batches: list, denv, device, num_pairs: int) -> torch.Tensor:
     """[num_pairs, 2] float64 (chosen, rejected) log-prob sums, the same on every rank."""
     table = torch.full((num_pairs, 2), float("-inf"), dtype=torch.float64, device=device)
     was_training = root.training
@@ -102,7 +101,7 @@ def _write(path: Path, table: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def reference_logps(trainer, method) -> Dict[str, torch.Tensor]:
+def reference_logps(trainer, method) -> dict[str, torch.Tensor]:
     spec, d = trainer.spec, trainer.denv
     key = reference_key(spec, trainer.tokenizer, trainer.compute_dtype)
     splits = {"train": (lambda: trainer.loader.reference_batches(d.rank, d.dp_size), trainer.loader.num_pairs)}

@@ -9,6 +9,7 @@ so that it does not depend on the number of ranks.
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 
 import torch
@@ -17,13 +18,12 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-import ctypes
 
+from xtune import peft as xpeft
 from xtune.config.schema import RunSpec
 from xtune.errors import XtuneError
 from xtune.parallel import attention
 from xtune.parallel.build import DTYPES, meta_model
-from xtune import peft as xpeft
 from xtune.peft import quant
 from xtune.peft.quant import quantize_into
 

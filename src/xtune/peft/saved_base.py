@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict
 
 import torch
 
@@ -23,7 +22,7 @@ def saved_base_dir(run_dir) -> Path:
     return Path(run_dir) / BASE_DIR
 
 
-def base_state(full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def base_state(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's weights, under its own key names, from a full state dict of the adapted model."""
     return {base_key(k): v for k, v in full.items() if not is_adapter_key(k)}
 
