@@ -1,6 +1,7 @@
 """The README's table of every config key, generated from the schema so that it never drifts.
 
-Descriptions are the comment lines written just above each field in `schema.py`.
+Descriptions are the comment lines written just above each field in the module that defines its class (`schema.py`,
+`schema_grpo.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ END = "<!-- config-reference:end -->"
 
 
 def _field_comments(cls) -> dict[str, str]:
-    lines = inspect.getsource(schema).splitlines()
+    lines = inspect.getsource(inspect.getmodule(cls) or schema).splitlines()
     tree = ast.parse("\n".join(lines))
     out: dict[str, str] = {}
     for node in tree.body:
