@@ -43,8 +43,10 @@ bench: install
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python bench/run.py
 
+# ruff (style, imports, pyupgrade, bugbear, docstring layout) and mypy against its shrinking baseline.
 lint: install
-	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff check src tests bench tools/typecheck.py
+	$(BIN)/python tools/typecheck.py
 
 clean:
-	rm -rf $(VENV) work_dirs dist build
+	rm -rf $(VENV) work_dirs dist build .mypy_cache

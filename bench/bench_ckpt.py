@@ -27,9 +27,9 @@ def measure(width: int, layers: int, steps: int, every: int) -> dict:
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    from xtune.config.schema import ParallelSpec
     from xtune.checkpoint import integrity as checkpoint
     from xtune.checkpoint.dcp import Checkpointer
+    from xtune.config.schema import ParallelSpec
     from xtune.parallel.distributed import init_distributed
 
     torch.manual_seed(0)

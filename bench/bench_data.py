@@ -93,8 +93,9 @@ def _render_us(tok, chats, rounds: int) -> dict:
 
 
 def _labels(enc, spans):
-    import numpy as np
     from bisect import bisect_left
+
+    import numpy as np
 
     trained = np.zeros(len(enc.ids), dtype=bool)
     starts = [o[0] for o in enc.offsets]

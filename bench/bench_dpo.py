@@ -87,9 +87,9 @@ def xtune_spec(tok_dir: Path, model_dir: Path, work_dir: Path, data_path: str, e
 
 def prepare(quick: bool, n_pairs: int) -> dict:
     """Write the pairs, tokenise them with xtune's data stage (warms its cache) and count its rows."""
+    from qwen_tok import qwen3_tokenizer_dir
     from transformers import AutoTokenizer
 
-    from qwen_tok import qwen3_tokenizer_dir
     from xtune.data.loader import PackedData
 
     tok_dir = qwen3_tokenizer_dir()

@@ -73,8 +73,8 @@ COUNT_AS = {"peft_hf_trainer": SYSTEMS["xtune_lora"]["overrides"]}
 def parameter_counts(prep: dict, overrides) -> tuple:
     """(trainable, total) of the adapted model, counted on a meta-device build (no weights)."""
     import torch
-
     from bench_train import xtune_spec
+
     from xtune import peft as xpeft
     from xtune.models import get_adapter
 

@@ -67,11 +67,11 @@ def worker(args: dict) -> None:
     import torch
 
     from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, RunSpec, TrainSpec
-    from xtune.parallel import ulysses
-    from xtune.parallel.distributed import init_distributed
     from xtune.engine.trainer import Trainer
     from xtune.methods import get_method
     from xtune.models import get_adapter
+    from xtune.parallel import ulysses
+    from xtune.parallel.distributed import init_distributed
 
     spent = [0.0]
     inner = ulysses._all_to_all

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -18,7 +17,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 # -- memory (Linux /proc; the values are kB there) ----------------------------------------------
-def _status_kb(field: str) -> Optional[int]:
+def _status_kb(field: str) -> int | None:
     try:
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def build_xtune(prep, work_dir, extra=()):
     from bench_lora import R
     from bench_train import xtune_spec
+
     from xtune.engine.preflight import preflight
     from xtune.engine.trainer import Trainer
     from xtune.methods import get_method
@@ -38,10 +39,9 @@ def build_xtune(prep, work_dir, extra=()):
 
 def build_hf(prep):
     import torch
+    from bench_lora import R
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from bench_lora import R
 
     model = AutoModelForCausalLM.from_pretrained(prep["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear"))
@@ -108,10 +108,9 @@ def main():
     import os
 
     import torch
-    from transformers import AutoTokenizer
-
     from bench_lora import BLOCKS, SHAPES
     from bench_train import prepare
+    from transformers import AutoTokenizer
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)

@@ -68,7 +68,7 @@ def make_image(tmp_path):
 @pytest.fixture
 def run_spec(tmp_path):
     """run_spec(datasets=[(name, path, kw...)], model=..., train=..., **data) -> RunSpec with a tmp cache."""
-    from xtune.config.schema import DataSpec, DatasetSpec, ModelSpec, RunSpec, TrainSpec
+    from xtune.config.schema import DatasetSpec, DataSpec, ModelSpec, RunSpec, TrainSpec
 
     def make(datasets, eval_datasets=(), model=None, train=None, **data):
         def ds(d):

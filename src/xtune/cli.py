@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -56,11 +55,11 @@ def _training_command(name: str, doc: str):
     """Register `xtune <name>`: the training commands differ only in the primary config they compose."""
 
     def command(
-        overrides: Optional[List[str]] = OVERRIDES,
+        overrides: list[str] | None = OVERRIDES,
         multirun: bool = typer.Option(False, "--multirun", "-m", help="Run one job per point of the sweep."),
-        cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
+        cfg: str | None = typer.Option(None, "--cfg", "-c", help="Print the config (job|hydra|all) and exit."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Compose, validate and print the plan; build nothing."),
-        config_dir: Optional[List[str]] = CONFIG_DIR,
+        config_dir: list[str] | None = CONFIG_DIR,
     ):
         # lazy: keeps `xtune --help` fast
         from xtune.commands import train_command
@@ -84,7 +83,7 @@ grpo = _training_command("grpo", "Online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO; s
 
 
 @app.command()
-def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
+def recipes(config_dir: list[str] | None = CONFIG_DIR):
     """List the recipes: model, data and a one-line description."""
     # lazy: keeps `xtune --help` fast
     from xtune.commands import recipes_table
@@ -93,7 +92,7 @@ def recipes(config_dir: Optional[List[str]] = CONFIG_DIR):
 
 
 @config_app.command("show")
-def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
+def config_show(overrides: list[str] | None = OVERRIDES, config_dir: list[str] | None = CONFIG_DIR):
     """Print the resolved configuration."""
     # lazy: keeps `xtune --help` fast
     from xtune.commands import show_config
@@ -102,7 +101,7 @@ def config_show(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional
 
 
 @data_app.command("inspect")
-def data_inspect(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[List[str]] = CONFIG_DIR):
+def data_inspect(overrides: list[str] | None = OVERRIDES, config_dir: list[str] | None = CONFIG_DIR):
     """Per dataset: samples, tokens, truncated/dropped, length histogram; packing; one labelled sample."""
     # lazy: keeps `xtune --help` fast
     from xtune.commands import inspect_data
@@ -130,8 +129,8 @@ def export(
 
 
 @app.command()
-def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
-         sort: Optional[str] = typer.Option(None, "--sort", help="Order by a column, best first: eval/<task>/<metric>, "
+def runs(dirs: list[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
+         sort: str | None = typer.Option(None, "--sort", help="Order by a column, best first: eval/<task>/<metric>, "
                                             "final_loss, best_eval_loss, trained_tokens_per_s")):
     """Compare finished runs: varying overrides, status, final loss, best eval_loss, trained tokens/s, eval task
     metrics (eval/<task>/<metric>)."""
@@ -147,12 +146,12 @@ def runs(dirs: List[Path] = typer.Argument(..., help="Run directories or sweep d
 @app.command(name="eval")
 def eval_(
     path: Path = typer.Argument(..., help="A run directory, a Hugging Face folder or a PEFT adapter folder"),
-    overrides: Optional[List[str]] = OVERRIDES,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval/<task>/ goes (default: the run "
+    overrides: list[str] | None = OVERRIDES,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where eval/<task>/ goes (default: the run "
                                        "directory; required for a bare model folder)"),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="One job per point of the sweep (same model)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compose and validate the tasks; load nothing."),
-    config_dir: Optional[List[str]] = CONFIG_DIR,
+    config_dir: list[str] | None = CONFIG_DIR,
 ):
     """Evaluate a model on a task (eval=NAME from conf/eval, or eval.data.path=FILE eval.scorer=...): a table of
     metrics, eval/<task>/samples.jsonl and summary.json; harness.tasks=[...] runs lm-evaluation-harness too."""
@@ -166,7 +165,7 @@ def eval_(
 
 @app.command()
 def plot(
-    dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
+    dirs: list[Path] = typer.Argument(..., help="Run directories or sweep directories (their jobs)"),
     out: Path = typer.Option(Path("plot.png"), "-o", "--out", help="PNG file to write"),
     metric: str = typer.Option("loss", "--metric", help="A metrics.jsonl field: loss, eval_loss, lr, grad_norm, ..."),
 ):
@@ -185,17 +184,17 @@ def plot(
 @app.command()
 def chat(
     path: Path = typer.Argument(..., help="A run directory, a Hugging Face model folder or a PEFT adapter folder"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Generation settings: gen.KEY=VALUE (gen.temperature=0.7, "
+    overrides: list[str] | None = typer.Argument(None, help="Generation settings: gen.KEY=VALUE (gen.temperature=0.7, "
                                                                "gen.max_new_tokens=64, gen.stop=[...]) or gen=NAME"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt, print the answer and exit"),
-    image: Optional[Path] = typer.Option(None, "--image", help="An image for the (first) turn: vision-language models"),
-    system: Optional[str] = typer.Option(None, "--system", help="A system prompt"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Same as gen.max_new_tokens=N"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Same as gen.temperature=T (0: greedy)"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this prompt, print the answer and exit"),
+    image: Path | None = typer.Option(None, "--image", help="An image for the (first) turn: vision-language models"),
+    system: str | None = typer.Option(None, "--system", help="A system prompt"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Same as gen.max_new_tokens=N"),
+    temperature: float | None = typer.Option(None, "--temperature", help="Same as gen.temperature=T (0: greedy)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Run Python code shipped in the model folder (read it first)"),
-    config_dir: Optional[List[str]] = CONFIG_DIR,
+    config_dir: list[str] | None = CONFIG_DIR,
 ):
     """Chat with a model in the terminal (streamed; /reset, /system TEXT, /image FILE, /exit). With --prompt, or a
     prompt piped on standard input, print one answer and exit."""

@@ -12,8 +12,8 @@ import dataclasses
 import logging
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as _HydraCallback
@@ -21,16 +21,15 @@ from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from xtune.config.compose import (compose, compose_jobs, hydra_overrides, load_spec, primary_config, recipe_files,
-                                  to_spec, without_hydra)
+from xtune.config.compose import compose_jobs, hydra_overrides, primary_config, recipe_files, to_spec, without_hydra
 from xtune.config.io import to_frozen
 from xtune.config.resources import conf_dir
-from xtune.config.schema import GenSpec
+from xtune.config.schema import GenSpec, RunSpec
 from xtune.config.validate import plan
 from xtune.config.validate_gen import gen_problems
 from xtune.errors import ConfigError, XtuneError
+from xtune.gate import gate
 from xtune.launch.env import launch_env
-from xtune.models import get_adapter
 from xtune.runs import find_runs, read_status, summarize, write_status
 
 
@@ -41,16 +40,19 @@ def _console(stderr: bool = False):
 # --------------------------------------------------------------------------- training commands
 
 
-def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Optional[str], dry_run: bool,
-                  config_dirs: List[str]) -> int:
+def train_command(command: str, overrides: list[str], *, multirun: bool, cfg: str | None, dry_run: bool,
+                  config_dirs: list[str]) -> int:
     """`xtune <command> overrides...` for a training command (sft, dpo, grpo): the command names the primary
     config, everything else is shared."""
     if cfg:
         if cfg not in ("job", "hydra", "all"):
             raise ConfigError([f"--cfg {cfg}: choose one of job, hydra, all"])
-        return _print_cfg(compose_jobs(command, overrides, config_dirs, multirun=multirun, validate=False), cfg)
+        return _print_cfg(gate(command, overrides, config_dirs, multirun=multirun, stage="compose").jobs, cfg)
 
-    jobs = compose_jobs(command, list(overrides) + _launch_overrides(overrides), config_dirs, multirun=multirun)
+    # A dry run and a sweep's points stop at validation: a sweep's jobs load their tokenizer where they run.
+    stage = "validate" if dry_run or multirun else "load"
+    jobs = gate(command, list(overrides) + _launch_overrides(overrides), config_dirs, multirun=multirun,
+                stage=stage).jobs
     if dry_run:
         return _print_plan(jobs)
     if multirun:
@@ -61,7 +63,7 @@ def train_command(command: str, overrides: List[str], *, multirun: bool, cfg: Op
     return _run_job(spec, run_dir)
 
 
-def _launch_overrides(overrides: Sequence[str]) -> List[str]:
+def _launch_overrides(overrides: Sequence[str]) -> list[str]:
     """Under an external launcher every rank composes; make them agree on one run directory."""
     run_id = launch_env().run_id
     if run_id is not None and not any(o.startswith("train.work_dir=") for o in overrides):
@@ -96,7 +98,7 @@ def _print_plan(jobs) -> int:
     return 0
 
 
-def _run_job(spec, run_dir: Path) -> int:
+def _run_job(spec: RunSpec, run_dir: Path) -> int:
     """One job: the engine trains it here (or spawns its workers). User errors propagate as XtuneError."""
     # lazy: torch and the engine load when a run starts, not for `xtune config`, --dry-run or a configuration error
     from xtune.launch.launcher import run
@@ -126,8 +128,11 @@ def _hydra_multirun(command: str, overrides: Sequence[str], config_dirs: Sequenc
     The jobs may run in other processes or on other machines (joblib, submitit): the summary and the exit
     code are read back from the sweep directory, which `SweepDirRecord` reports from inside Hydra.
 
-    Reach-in (hydra-core 1.3.8): `hydra.main` reads its arguments from sys.argv only; `_run_hydra` is what it
-    calls with them parsed, so the command line is handed over without rewriting sys.argv.
+    Private reach-in, kept here only (checked on hydra-core 1.3.8): Hydra has no public multirun entry but
+    `hydra.main`, which reads its arguments from sys.argv; the public compose API composes one job and runs
+    no launcher. Rewriting sys.argv for `hydra.main` would also change what the jobs see (a job run in this
+    process writes sys.argv to its run dir's cmd.txt), so `_run_hydra`, which `hydra.main` calls with the
+    parsed arguments, is called directly.
     """
     from hydra._internal.utils import _run_hydra, get_args_parser
 
@@ -164,7 +169,7 @@ class SweepDirRecord(_HydraCallback):
         self.record.write_text(str(Path(str(config.hydra.sweep.dir)).resolve()))
 
 
-def _sweep_summary(job_dirs: List[Path]) -> None:
+def _sweep_summary(job_dirs: list[Path]) -> None:
     """The comparison table of the sweep's points, printed and written to <sweep dir>/summary.{csv,json}."""
     sweep_dir = job_dirs[0].parent
     try:
@@ -205,8 +210,8 @@ def _sweep_job(cfg) -> tuple:
 # --------------------------------------------------------------------------- other commands
 
 
-def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
-                 config_dirs: List[str]) -> int:
+def eval_command(path: Path, overrides: list[str], *, out: Path | None, multirun: bool, dry_run: bool,
+                 config_dirs: list[str]) -> int:
     """`xtune eval PATH overrides...`: every job composed and validated before the model is loaded."""
     from xtune.eval.command import run_eval  # lazy: the eval runner imports torch and transformers
 
@@ -214,7 +219,7 @@ def eval_command(path: Path, overrides: List[str], *, out: Optional[Path], multi
                     console=_console())
 
 
-def recipes_table(config_dirs: List[str]) -> None:
+def recipes_table(config_dirs: list[str]) -> None:
     table = Table(title="xtune recipes", show_lines=False)
     for col in ("recipe", "model", "data", "description"):
         table.add_column(col)
@@ -230,16 +235,15 @@ def recipes_table(config_dirs: List[str]) -> None:
     _console().print(table)
 
 
-def show_config(overrides: List[str], config_dirs: List[str]) -> None:
-    cfg = compose(overrides, config_dirs)  # composed only: config show prints what an invalid run would get
+def show_config(overrides: list[str], config_dirs: list[str]) -> None:
+    cfg = gate(None, overrides, config_dirs, stage="compose").cfg  # composed only: what an invalid run would get
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def inspect_data(overrides: List[str], config_dirs: List[str]) -> None:
+def inspect_data(overrides: list[str], config_dirs: list[str]) -> None:
     from xtune.data.inspect import inspect_data as inspect  # lazy: the data stage imports torch
-    _, spec = load_spec(overrides, config_dirs)
-    tokenizer = get_adapter(spec.model).load_tokenizer()
-    inspect(spec, tokenizer, _console())
+    admitted = gate(None, overrides, config_dirs, stage="load")
+    inspect(admitted.spec, admitted.tokenizer, _console())
 
 
 
@@ -260,9 +264,9 @@ def compose_gen(overrides: Sequence[str], config_dirs: Sequence[str] = ()):
     return spec
 
 
-def chat_command(path: Path, overrides: List[str], *, prompt: Optional[str], image: Optional[Path],
-                 system: Optional[str], flags: dict, device: str, trust_remote_code: bool,
-                 config_dirs: List[str]) -> int:
+def chat_command(path: Path, overrides: list[str], *, prompt: str | None, image: Path | None,
+                 system: str | None, flags: dict, device: str, trust_remote_code: bool,
+                 config_dirs: list[str]) -> int:
     """`xtune chat PATH [gen.KEY=VALUE ...]`: flags (--max-new-tokens, --temperature) are gen overrides too."""
     from xtune.generate.chat import run_chat  # lazy: the generation engine imports torch and transformers
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 
 class XtuneError(Exception):
@@ -11,7 +11,7 @@ class XtuneError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, problems: Iterable[str] = ()):
-        self.problems: List[str] = list(problems) or [message]
+        self.problems: list[str] = list(problems) or [message]
         super().__init__(message)
 
 

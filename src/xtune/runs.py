@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from rich.table import Table
@@ -33,7 +33,7 @@ def is_run(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file() or (path / STATUS_FILE).is_file()
 
 
-def find_runs(paths: Sequence[Path]) -> List[Path]:
+def find_runs(paths: Sequence[Path]) -> list[Path]:
     """Run directories named directly, or found one level below a sweep directory (in job order)."""
     runs = []
     for p in map(Path, paths):
@@ -50,7 +50,7 @@ def find_runs(paths: Sequence[Path]) -> List[Path]:
     return runs
 
 
-def read_metrics(run_dir: Path) -> List[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     out = []
     if path.is_file():
@@ -62,7 +62,7 @@ def read_metrics(run_dir: Path) -> List[dict]:
     return out
 
 
-def _flat(node, prefix="") -> Dict[str, str]:
+def _flat(node, prefix="") -> dict[str, str]:
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
@@ -71,14 +71,14 @@ def _flat(node, prefix="") -> Dict[str, str]:
     return {prefix[:-1]: json.dumps(node) if isinstance(node, (list, dict)) else str(node)}
 
 
-def _config(run_dir: Path) -> Dict[str, str]:
+def _config(run_dir: Path) -> dict[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
     return _flat(OmegaConf.to_container(OmegaConf.load(path)))
 
 
-def _overrides(run_dir: Path) -> Optional[Dict[str, str]]:
+def _overrides(run_dir: Path) -> dict[str, str] | None:
     """A sweep job's overrides as Hydra recorded them (.hydra/overrides.yaml); a job that failed before
     writing config.yaml still has them."""
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -87,13 +87,13 @@ def _overrides(run_dir: Path) -> Optional[Dict[str, str]]:
     return dict(str(o).split("=", 1) for o in OmegaConf.load(path) if "=" in str(o))
 
 
-def varying_keys(configs: Sequence[Dict[str, str]]) -> List[str]:
+def varying_keys(configs: Sequence[dict[str, str]]) -> list[str]:
     present = [c for c in configs if c]  # a run that failed early may have no config at all
     keys = sorted({k for c in present for k in c})
     return [k for k in keys if k not in _IGNORED and len({c.get(k) for c in present}) > 1]
 
 
-def read_status(run_dir: Path) -> Optional[int]:
+def read_status(run_dir: Path) -> int | None:
     """A sweep job's exit code from its status.json, None when it has none (not a sweep job, or unfinished)."""
     path = run_dir / STATUS_FILE
     if not path.is_file():
@@ -104,17 +104,17 @@ def read_status(run_dir: Path) -> Optional[int]:
         return None
 
 
-def status_of(run_dir: Path, records: List[dict]) -> str:
+def status_of(run_dir: Path, records: list[dict]) -> str:
     code = read_status(run_dir)
     if code is not None:
         return "ok" if code == 0 else f"failed (exit {code})"
     return "ok" if (run_dir / "hf").is_dir() or (run_dir / "hf_adapter").is_dir() else "incomplete"
 
 
-def eval_metrics(run_dir: Path, records: List[dict]) -> Dict[str, float]:
+def eval_metrics(run_dir: Path, records: list[dict]) -> dict[str, float]:
     """{eval/<task>/<metric>: value} of a run: its eval/<task>/summary.json files (the final eval, or `xtune eval`
     on it), else the last value of each such key in metrics.jsonl (a run stopped before its end)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for rec in records:
         out.update({k: v for k, v in rec.items() if k.startswith("eval/") and _finite(v)})
     root = run_dir / "eval"
@@ -154,16 +154,16 @@ def summary_rows(run_dirs: Sequence[Path]) -> tuple:
     return keys, rows
 
 
-def eval_columns(rows: List[dict]) -> List[str]:
+def eval_columns(rows: list[dict]) -> list[str]:
     """The eval/<task>/<metric> keys any row has, in a fixed order."""
     return sorted({k for r in rows for k in r if k.startswith("eval/")})
 
 
-def columns_of(keys: List[str], rows: List[dict]) -> List[str]:
+def columns_of(keys: list[str], rows: list[dict]) -> list[str]:
     return list(keys) + list(METRIC_COLUMNS[:-1]) + eval_columns(rows) + [METRIC_COLUMNS[-1]]
 
 
-def sort_rows(rows: List[dict], metric: str) -> List[dict]:
+def sort_rows(rows: list[dict], metric: str) -> list[dict]:
     """Best first: highest for eval metrics and tokens/s, lowest for losses; runs without it last."""
     have = [r for r in rows if _finite(r.get(metric))]
     if not have:
@@ -178,7 +178,7 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def write_summary(sweep_dir: Path, keys: List[str], rows: List[dict]) -> None:
+def write_summary(sweep_dir: Path, keys: list[str], rows: list[dict]) -> None:
     columns = columns_of(keys, rows)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, restval="")
@@ -187,7 +187,7 @@ def write_summary(sweep_dir: Path, keys: List[str], rows: List[dict]) -> None:
     (sweep_dir / "summary.json").write_text(json.dumps({"varying": keys, "runs": rows}, indent=2) + "\n")
 
 
-def print_table(keys: List[str], rows: List[dict], console, title: str = "runs") -> None:
+def print_table(keys: list[str], rows: list[dict], console, title: str = "runs") -> None:
     table = Table(title=title)
     columns = columns_of(keys, rows)
     for col in columns:
@@ -205,7 +205,7 @@ def print_table(keys: List[str], rows: List[dict], console, title: str = "runs")
     console.print(table)
 
 
-def label(row: dict, keys: List[str]) -> str:
+def label(row: dict, keys: list[str]) -> str:
     return " ".join(f"{k}={row[k]}" for k in keys) or Path(row["run_dir"]).name
 
 
@@ -237,8 +237,8 @@ def plot_runs(run_dirs: Sequence[Path], metric: str = "loss"):
     return fig
 
 
-def summarize(paths: Sequence[Path], console, out_dir: Optional[Path] = None, title: str = "runs",
-              sort: Optional[str] = None) -> List[dict]:
+def summarize(paths: Sequence[Path], console, out_dir: Path | None = None, title: str = "runs",
+              sort: str | None = None) -> list[dict]:
     runs = find_runs(paths)
     keys, rows = summary_rows(runs)
     if sort:

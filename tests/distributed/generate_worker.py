@@ -33,6 +33,13 @@ def fsdp_generator(folder):
         return get_method(spec).root(model, adapter, forward_impl, "chunk")
 
     root, _, _ = build_sharded(adapter, spec, denv, "sdpa", make_root)
+    from xtune.errors import XtuneError
+
+    try:  # the HF model inside the root is not what generates under FSDP: its embeddings are the root's to gather
+        Generator(root.model, adapter.load_tokenizer())
+        raise AssertionError("Generator(root.model) was accepted")
+    except XtuneError as e:
+        assert "not an FSDP root" in str(e)
     assert root.model.config.get_text_config()._attn_implementation == packed_sdpa.NAME
     return Generator(root, adapter.load_tokenizer(), family="qwen3"), denv
 

@@ -14,11 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.distributed.split_worker import full_grads  # noqa: E402
 from tests.distributed.tiny import ListLoader, TinyAdapter  # noqa: E402
 from tests.unit.test_pref_losses import _packed, _pairs  # noqa: E402
-from xtune.config.schema import LossSpec, ModelSpec, PrefSpec, RunSpec, TrainSpec  # noqa: E402
-from xtune.config.schema import ParallelSpec  # noqa: E402
-from xtune.parallel.distributed import init_distributed  # noqa: E402
+from xtune.config.schema import (  # noqa: E402
+    LossSpec,
+    ModelSpec,
+    ParallelSpec,  # noqa: E402
+    PrefSpec,
+    RunSpec,
+    TrainSpec,
+)
 from xtune.engine.trainer import Trainer  # noqa: E402
 from xtune.methods import get_method
+from xtune.parallel.distributed import init_distributed  # noqa: E402
 
 LOSSES = ("dpo", "simpo")
 

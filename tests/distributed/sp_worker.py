@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.distributed.split_worker import full_grads
 from tests.distributed.tiny import ListLoader, pack
 from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
-from xtune.parallel.distributed import init_distributed
 from xtune.engine.trainer import Trainer
 from xtune.methods import get_method
 from xtune.models import get_adapter
+from xtune.parallel.distributed import init_distributed
 
 STEPS = 5
 ROWS = 2  # rows per global batch (1 micro-batch of 1 row per data-parallel rank and micro-step)

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.tiny import ListLoader, TinyAdapter, pack
 from xtune.config.schema import LossSpec, ModelSpec, OptimSpec, ParallelSpec, PeftSpec, RunSpec, TrainSpec
-from xtune.parallel.distributed import init_distributed
 from xtune.engine.trainer import Trainer
 from xtune.methods import get_method
+from xtune.parallel.distributed import init_distributed
 
 REDUCTIONS = ("token", "sample", "square")
 
@@ -108,6 +108,31 @@ def random_init_check(out_dir):
         torch.save(res, Path(out_dir) / "random_init.pt")
 
 
+def random_init_state(out_dir, names_and_layouts):
+    """The whole random-init state dict (seed 3) of each layout, for the test to compare across world sizes."""
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from xtune.parallel.fsdp import build_sharded
+
+    class Root(nn.Module):
+        def __init__(self, m, _impl=None):
+            super().__init__()
+            self.model = m
+
+    for name, par in names_and_layouts:
+        denv = init_distributed(par)
+        spec = RunSpec(parallel=par, train=TrainSpec(seed=3))
+        root, _, _ = build_sharded(TinyAdapter(ModelSpec()), spec, denv, "sdpa", Root)
+        full = get_model_state_dict(root.model, options=StateDictOptions(full_state_dict=True))
+        # Every rank runs the same attention (Ulysses under sp_size=2): rank 0's init must not change its model.
+        attn = [None] * denv.world_size
+        torch.distributed.all_gather_object(attn, root.model.config._attn_implementation)
+        if denv.is_main:
+            torch.save({"state": {k: v.clone() for k, v in full.items()}, "attn": attn}, Path(out_dir) / f"init-{name}.pt")
+        denv.barrier()
+
+
 class FreezingAdapter(TinyAdapter):
     def apply_freeze(self, model):
         model.model.embed_tokens.weight.requires_grad_(False)
@@ -140,12 +165,15 @@ def main():
         d = run_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
         run_layout(init_dir, out_dir, "1x1", ParallelSpec(), lambda rows, r: [pack([d for row in rows for d in row])])
         lora_layout(init_dir, out_dir, "1x4", ParallelSpec(), lambda rows, r: [pack(row) for row in rows])
+        random_init_state(out_dir, [("1", ParallelSpec())])
     else:
         two = lambda rows, r: [pack(row) for row in rows[2 * r:2 * r + 2]]
         d = run_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True, ac_ratio=0.5), two)
         run_layout(init_dir, out_dir, "2x2-hsdp", ParallelSpec(replicate_degree=2), two)
         lora_layout(init_dir, out_dir, "2x2", ParallelSpec(activation_checkpointing=True), two)
         random_init_check(out_dir)
+        random_init_state(out_dir, [("2-fsdp", ParallelSpec()), ("2-hsdp", ParallelSpec(replicate_degree=2)),
+                                    ("2-sp", ParallelSpec(sp_size=2))])
         freeze_check(init_dir, out_dir)
     d.close()
     from xtune.launch.worker import _exit

@@ -58,6 +58,21 @@ def test_random_init_distinct_shards_identical_replicas(layouts):
     assert res == {"fsdp": False, "hsdp": True}
 
 
+def test_random_init_is_the_same_model_on_any_number_of_ranks(layouts):
+    """One seed, one model: the whole initial state dict on 1 rank equals the one gathered from 2 ranks
+    (FSDP2 shards, HSDP replicas, Ulysses sequence parallel), value for value."""
+    tmp, _ = layouts
+    one = torch.load(tmp / "init-1.pt")["state"]
+    assert one and all(v.abs().sum() > 0 for k, v in one.items() if k.endswith(("proj.weight", "embed_tokens.weight")))
+    for name in ("2-fsdp", "2-hsdp", "2-sp"):
+        saved = torch.load(tmp / f"init-{name}.pt")
+        other, attn = saved["state"], saved["attn"]
+        assert len(set(attn)) == 1, (name, attn)  # rank 0's whole-model init left its model's attention alone
+        assert set(other) == set(one), name
+        for k, v in one.items():
+            assert torch.equal(other[k], v), (name, k)
+
+
 def test_frozen_parameters_under_fsdp(layouts):
     tmp, _ = layouts
     res = torch.load(tmp / "freeze.pt")

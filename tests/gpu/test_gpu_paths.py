@@ -10,8 +10,8 @@ from xtune.config.schema import ModelSpec
 from xtune.data.types import PackedBatch
 from xtune.models import get_adapter
 from xtune.models.tiny import QWEN3_TINY
-from xtune.parallel.attention import resolve as resolve_attn
 from xtune.ops.loss import linear_cross_entropy, resolve_loss_mode
+from xtune.parallel.attention import resolve as resolve_attn
 
 pytestmark = [
     pytest.mark.gpu,

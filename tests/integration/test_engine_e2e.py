@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from tests.distributed.tiny import child_env
 
+from tests.distributed.tiny import child_env
 from xtune.config.io import spec_from_yaml
 
 OVERRIDES = [
@@ -55,9 +55,9 @@ def test_run_dir_contents(run_dir):
 def test_hf_export_matches_checkpoint(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_model, export_checkpoint
+    from xtune.config.io import spec_from_yaml
     from xtune.models import get_adapter
 
     tok = AutoTokenizer.from_pretrained(str(run_dir / "hf"))

@@ -26,9 +26,9 @@ def test_live_samples_on_two_ranks_match_the_checkpoint(tmp_path):
     assert [(r["step"], r["prompt"]) for r in recs] == [(2, PROMPTS[0]), (2, PROMPTS[1]), (4, PROMPTS[0]), (4, PROMPTS[1])]
     assert not (run / ".samples-hf").exists()
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_model
+    from xtune.config.io import spec_from_yaml
     from xtune.models import get_adapter
 
     spec = spec_from_yaml(run / "config.yaml")

@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from tests.distributed.tiny import child_env
@@ -53,9 +52,9 @@ def test_adapters_train_on_two_ranks_and_export_for_peft(model_name, method, tmp
     from peft import PeftModel
     from torch.distributed.checkpoint import FileSystemReader
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_peft_model
+    from xtune.config.io import spec_from_yaml
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_model_families import (
-    ROOT, _save_tokenizer, assert_trained, safetensors_of, two_rank_args, xtune_sft)
+from tests.integration.test_model_families import ROOT, _save_tokenizer, assert_trained, safetensors_of, two_rank_args, xtune_sft
 from xtune.models.tiny import AUTO_TINY
 
 STEPS = 3
@@ -56,9 +55,9 @@ def test_loaded_folder_gives_transformers_logits(model_type, family, tmp_path, m
     from transformers import AutoModelForCausalLM
 
     from xtune.config.compose import load_spec
+    from xtune.models import get_adapter
     from xtune.parallel.distributed import init_distributed
     from xtune.parallel.fsdp import build_sharded
-    from xtune.models import get_adapter
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     make_auto_original(model_type, tmp_path / "orig", tie_word_embeddings=True)
@@ -86,9 +85,9 @@ def test_auto_trains_on_two_ranks_and_exports_a_drop_in(model_type, tmp_path):
     and the export is the multimodal folder again, the vision tower and projector unchanged."""
     import transformers
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_model
+    from xtune.config.io import spec_from_yaml
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

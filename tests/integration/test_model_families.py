@@ -197,9 +197,9 @@ def cache_dir(tmp_path_factory):
 def test_original_layout_trains_on_two_ranks_and_exports_a_drop_in(model_name, tmp_path, cache_dir):
     import transformers
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_model
+    from xtune.config.io import spec_from_yaml
     from xtune.models import get_adapter
 
     orig = tmp_path / "orig"

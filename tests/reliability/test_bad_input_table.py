@@ -186,6 +186,25 @@ def break_tokenizer_json(m):
     (m / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
 
 
+def to_pytorch_bin(m):
+    """The folder as older transformers saved it: one pickled pytorch_model.bin, no safetensors."""
+    for p in m.glob("model*.safetensors*"):
+        p.unlink()
+    (m / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a pickle xtune must not load")
+
+
+def png_header(width, height):
+    """A PNG whose header says width x height (the probe reads headers only): signature, IHDR, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
 def set_config(m, **kv):
     cfg = json.loads((m / "config.json").read_text())
     cfg.update(kv)
@@ -278,10 +297,10 @@ def ok_data(t):
     write_lines(t / "ok.jsonl", GOOD[:4])
 
 
-def bad_recipe(text_):
+def bad_recipe(text_, name="my.yaml"):
     def files(t):
         ok_data(t)
-        (t / "my.yaml").write_text(text_)
+        (t / name).write_text(text_)
     return files
 
 
@@ -316,6 +335,10 @@ ROWS = [
      ["data.cache_dir: cannot write the tokenised data to {t}/afile/cache", "Not a directory"]),
     ("cache_dir_permission", config_row("data.cache_dir=/sys/xtune-bad-cache", files=ok_data),
      ["data.cache_dir: cannot write the tokenised data to /sys/xtune-bad-cache", "Operation not permitted"]),
+    ("added_unknown_key", config_row("+trian.seed=3", files=ok_data),
+     ["trian.seed=3: unknown key 'trian' in the top level. Did you mean 'train'?"]),
+    ("recipe_plain_text", config_row("recipe={t}/passwd", files=bad_recipe("root:x:0:0:root:/root:/bin/bash\n", "passwd")),
+     ["{t}/passwd: a recipe must be a YAML mapping"]),
     ("misspelt_key", config_row("train.max_stpes=3", files=ok_data),
      ["train.max_stpes=3: unknown key 'max_stpes' in train", "Did you mean 'max_steps'?"]),
     ("wrong_type", config_row("train.save_every=often", files=ok_data),
@@ -388,6 +411,8 @@ ROWS = [
      ["{f}:3: image {img} is truncated"]),
     ("image_header_only", image_row(lambda p: p.write_bytes(IMAGE.read_bytes()[:64])), ["{f}:3: image {img}"]),
     ("image_is_a_folder", image_row(lambda p: p.mkdir()), ["{f}:3: message 0: image file not found: {img}"]),
+    ("image_over_pixel_limit", image_row(lambda p: p.write_bytes(png_header(40000, 40000))),
+     ["{f}:3: image {img} is 40000 x 40000 pixels, over PIL's limit", "not decoded"]),
     ("image_wh_malformed", image_row(lambda p: shutil.copyfile(IMAGE, p), image_wh=[0, "x"]),
      ["{f}:3: message 0: 'image_wh' must be [width, height]"]),
     # -- chat templates (the tokenizer folder's): the folder, the template line and jinja2's reason
@@ -436,7 +461,11 @@ ROWS = [
     ("safetensors_too_short", model_row(lambda m: cut(first_shard(m), lambda n: 3)),
      ["{m}/model-", "not a safetensors file (too short: 3 bytes)"]),
     ("arch_contradicts_config", model_row(lambda m: None, model="qwen3_tiny"),
-     ["the model config ({m}/config.json with model.arch) is invalid", "num_hidden_layers"]),
+     ["model.arch.hidden_size=128 contradicts {m}/config.json (hidden_size: 32)",
+      "model.arch.num_hidden_layers=4 contradicts {m}/config.json (num_hidden_layers: 2)"]),
+    ("pickle_weights_only", model_row(to_pytorch_bin),
+     ["model.load_from={m}: the weights are pytorch_model.bin (a pickle), and xtune reads safetensors only",
+      "save_pretrained"]),
     ("no_weights", model_row(lambda m: [p.unlink() for p in m.glob("model*")]), ["model.load_from={m}: no weights there"]),
     ("tokenizer_json_corrupt", model_row(break_tokenizer_json, tokenizer="null"),
      ["could not load the tokenizer ({m})"]),
@@ -449,13 +478,70 @@ ROWS = [
 ]
 
 
+# Every command that takes overrides passes the same gate (xtune.gate: compose -> validate -> load the
+# tokenizer), then does its own work. A row runs through every command that reaches the stage its mistake
+# is found at; a new command adds its line here (and the stage it reaches) and inherits the rows.
+STAGES = ("compose", "validate", "load", "data", "run")
+COMMANDS = {
+    "sft": "run",
+    "dpo": "load",             # the preference data stage has its own table (tests/unit/test_data_preference.py)
+    "data_inspect": "data",    # reads and tokenises the data, never builds the model
+    "config_show": "compose",  # prints what an invalid run would get: only what does not compose stops it
+}
+# The stage of the config and model-folder rows (data, image and template rows are "data"; checkpoint rows "run").
+STAGE = {
+    **dict.fromkeys(["recipe_yaml_syntax", "recipe_not_mapping", "recipe_file_missing", "override_syntax",
+                     "added_unknown_key", "recipe_plain_text", "misspelt_key", "wrong_type", "bad_group_option"],
+                    "compose"),
+    **dict.fromkeys(["builtin_tokenizer_unknown", "media_root_missing", "resume_missing", "bad_choice", "cross_field",
+                     "dataset_file_missing", "load_from_missing", "load_from_not_hf", "tokenizer_files_missing",
+                     "config_json_not_json", "config_unknown_model_type", "config_model_type_mismatch",
+                     "index_not_json", "arch_contradicts_config", "no_weights", "pickle_weights_only"], "validate"),
+    **dict.fromkeys(["vocab_smaller_than_tokenizer", "tokenizer_json_corrupt"], "load"),
+    **dict.fromkeys(["cache_dir_under_a_file", "cache_dir_permission", "disk_full_while_caching"], "data"),
+    **dict.fromkeys(["work_dir_under_a_file", "work_dir_permission"], "run"),
+}
+
+
+def stage_of(row) -> str:
+    name, setup = row[0], row[1]
+    if name in STAGE:
+        return STAGE[name]
+    return "run" if getattr(setup, "needs_model", False) or getattr(setup, "needs_checkpoint", False) else "data"
+
+
+def as_command(args, command):
+    """A row's `xtune sft ...` line as `command` runs it."""
+    if command == "sft":
+        return args
+    rest = args[1:]
+    if command == "dpo":  # the preference demo, its rows short enough for a pair to fit one packed row
+        return ["dpo", "recipe=demo_dpo", *[a for a in rest if a != "recipe=demo"], "data.sample_max_length=128"]
+    return [*command.split("_"), *rest]
+
+
+CASES = [(row, command) for row in ROWS for command, reach in COMMANDS.items()
+         if STAGES.index(stage_of(row)) <= STAGES.index(reach)]
+
+
 def test_the_table_has_40_rows_across_every_kind():
     assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
+    assert all(stage_of(r) in STAGES for r in ROWS)
 
 
-@pytest.mark.parametrize("setup, fragments", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, setup, fragments):
+def test_every_command_runs_the_rows_of_its_stages():
+    """The gate is shared: each command that takes overrides gets the compose rows at least, data inspect the
+    data rows too, and the training commands the tokenizer rows."""
+    via = {c: {r[0] for r, cc in CASES if cc == c} for c in COMMANDS}
+    assert {"misspelt_key", "recipe_plain_text", "added_unknown_key"} <= via["config_show"]
+    assert {"tokenizer_json_corrupt", "not_utf8", "image_over_pixel_limit"} <= via["data_inspect"]
+    assert {"tokenizer_json_corrupt", "vocab_smaller_than_tokenizer", "bad_choice"} <= via["dpo"]
+    assert via["sft"] == {r[0] for r in ROWS}
 
+
+@pytest.mark.parametrize("row, command", CASES, ids=[f"{r[0]}-{c}" for r, c in CASES])
+def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, row, command):
+    _, setup, fragments = row
     t = tmp_path
     if getattr(setup, "needs_model", False):
         args, names = setup(t, request.getfixturevalue("model_folder"))
@@ -463,6 +549,7 @@ def test_bad_input_exits_2_naming_where_without_traceback(request, tmp_path, set
         args, names = setup(t, request.getfixturevalue("checkpoint_run"))
     else:
         args, names = setup(t)
+    args = as_command(args, command)
     with getattr(setup, "fault", lambda t: contextlib.nullcontext())(t):
         out = xtune_here(*args)
     said = out.stdout + out.stderr

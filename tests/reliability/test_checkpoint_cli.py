@@ -35,7 +35,7 @@ def damage_truncated_shard(ck):
 # (garbage or incomplete marker, missing .metadata / extra-rank files, dangling `latest`) go through the same
 # preflight call as partial_by_path and are covered at unit level.
 ROWS = [
-    ("partial_by_path", damage_no_marker, "{run}/checkpoints/step-%d" % STEPS,
+    ("partial_by_path", damage_no_marker, "{run}/checkpoints/step-" + str(STEPS),
      ["checkpoint {ck} is incomplete (no meta.json)", "delete it or resume from an earlier one"]),
     ("truncated_shard", damage_truncated_shard, "auto", ["checkpoint {ck} is corrupt: __0_0.distcp has", "truncated"]),
 ]

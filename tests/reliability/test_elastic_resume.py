@@ -3,8 +3,8 @@
 relative: the split of the global batch over ranks changes the summation order), across epoch boundaries
 (8 packed rows, 4 per step: an epoch every 2 steps), from the real CLI, model, tokenizer and loader.
 
-The weights start from a saved folder (model.load_from): a random init on meta devices is drawn per shard,
-so it differs between layouts, and the comparison is about resuming, not initialising."""
+The weights start from a saved folder (model.load_from), so the comparison is about resuming, not initialising
+(a random init is the same on any layout too: tests/distributed/test_engine_split_invariance.py)."""
 
 import os
 import random

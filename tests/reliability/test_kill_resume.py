@@ -12,7 +12,6 @@ import random
 import signal
 import time
 
-
 from tests.reliability.helpers import (
     STEPS,
     assert_same_losses,

@@ -1,6 +1,6 @@
 """A dead launcher leaves no worker training, and one run at a time writes a run directory.
 
-The user's path: `python -m xtune sft ... parallel.nproc_per_node=2` (xtune starts torchrun, which starts two
+The user's path: `python -m xtune sft ... parallel.nproc_per_node=2` (xtune runs torch's elastic agent, which starts two
 workers in their own sessions). SIGKILL of xtune's process group (xtune and the torchrun agent, as `kill -9`
 or the OOM killer would) must take the workers down within seconds, after which nothing in the run directory
 changes; while the run is alive, a second `xtune sft` on its directory exits 2 naming the holder.

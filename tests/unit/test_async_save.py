@@ -14,16 +14,16 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tests.distributed.tiny import ListLoader, TinyAdapter
-from tests.unit.test_engine_checkpoint import init_dir, make_spec  # noqa: F401 - init_dir is a fixture
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from tests.distributed.tiny import ListLoader, TinyAdapter
+from tests.unit.test_engine_checkpoint import init_dir, make_spec  # noqa: F401 - init_dir is a fixture
 from xtune.checkpoint.dcp import load_model_only, read_marker
-from xtune.parallel.distributed import init_distributed
 from xtune.checkpoint.hf_export import build_plain_model
 from xtune.engine.trainer import Trainer
-from xtune.methods import get_method, train
 from xtune.errors import CheckpointSaveError, XtuneError
+from xtune.methods import get_method, train
+from xtune.parallel.distributed import init_distributed
 
 
 @contextmanager

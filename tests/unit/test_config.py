@@ -152,7 +152,7 @@ def test_a_sample_longer_than_a_row_is_refused_unless_hard_packing_cuts_it(pack)
 def test_hard_packing_of_long_samples_needs_an_image_to_fit_in_a_row():
     """hard never cuts an image block: with samples longer than a row, a vision model's largest image (12 tiles +
     thumbnail x 256 tokens + 2 = 3330 tokens here) must fit in one row."""
-    from xtune.config.schema import DataSpec, DatasetSpec, ModelSpec
+    from xtune.config.schema import DatasetSpec, DataSpec, ModelSpec
     from xtune.config.validate import length_problems
 
     def spec(pack_max_length):

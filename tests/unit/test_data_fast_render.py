@@ -22,8 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from xtune.data import fast_render
-from xtune.data.records import iter_lines, parse_record
 from xtune.data.preference import pair_records, parse_pair
+from xtune.data.records import iter_lines, parse_record
 from xtune.data.templates import Renderer, resolve_template
 from xtune.data.tokenize import SampleTokenizer, TokenizedChunk, TokenizeSettings
 from xtune.errors import DataError

@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import torch
-from tests.distributed.tiny import ListLoader, TinyAdapter, save_tiny_hf
 
-from xtune.config.schema import LoggingSpec, LossSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec
+from tests.distributed.tiny import ListLoader, TinyAdapter, save_tiny_hf
 from xtune.checkpoint.dcp import read_marker, resolve_resume
-from xtune.parallel.distributed import init_distributed
+from xtune.config.schema import LoggingSpec, LossSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec
 from xtune.engine.trainer import Trainer
-from xtune.methods import get_method, train
 from xtune.errors import CheckpointError, XtuneError
+from xtune.methods import get_method, train
+from xtune.parallel.distributed import init_distributed
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +168,9 @@ def test_hf_every_writes_step_folders_pruned_by_keep_last(init_dir, tmp_path):
     weights of its own step, read back with safetensors against the DCP checkpoint of that step."""
     from safetensors.torch import load_file
 
-    from xtune.config.io import spec_from_yaml
     from xtune.checkpoint.dcp import load_model_only
     from xtune.checkpoint.hf_export import build_plain_model
+    from xtune.config.io import spec_from_yaml
 
     run(make_spec(init_dir, steps=8, hf_every=2, save_every=2, keep_last=2), tmp_path, steps=8)
     hf = tmp_path / "hf"

@@ -81,8 +81,8 @@ def test_replicate_degree_must_divide_world():
     import torch
 
     from xtune.config.schema import ParallelSpec
-    from xtune.parallel.distributed import init_distributed
     from xtune.errors import ConfigError
+    from xtune.parallel.distributed import init_distributed
 
     with pytest.raises(ConfigError, match="replicate_degree=2"):
         init_distributed(ParallelSpec(replicate_degree=2))

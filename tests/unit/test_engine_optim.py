@@ -8,8 +8,8 @@ import torch
 
 from xtune.config.schema import OptimSpec, SchedSpec
 from xtune.data.types import IGNORE_INDEX, PackedBatch
-from xtune.methods.sft_objective import token_weights, weight_sum
 from xtune.engine.optim import build_optimizer, build_scheduler, lr_factor
+from xtune.methods.sft_objective import token_weights, weight_sum
 
 
 def lrs(sched, total, lr=1.0):

@@ -124,3 +124,15 @@ def test_bad_records_name_file_and_line(write_jsonl):
     user_only = write_jsonl("u.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match=r"u.jsonl:1: no assistant turn"):
         load_items(_spec(user_only))
+
+
+def test_items_from_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"problem": ["1+1", "2+2"], "solution": ["2", "4"]}), path)
+    items = load_items(EvalSpec(data=EvalDataSpec(path=str(path), columns={"question": "problem", "answer": "solution"})))
+    assert [(i.prompt, i.reference, i.source) for i in items] == [
+        ([{"role": "user", "content": "1+1"}], "2", f"{path}:row 0"),
+        ([{"role": "user", "content": "2+2"}], "4", f"{path}:row 1")]

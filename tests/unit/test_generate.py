@@ -185,3 +185,21 @@ def test_live_model_generates_with_standard_attention_and_is_restored(folders):
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert Generator(model, live.tokenizer).generate(PROMPTS[:2], GenSpec(max_new_tokens=NEW)) == want
     assert model.training and model.config._attn_implementation == "xtune_refuses" and model.config.use_cache is False
+
+
+def test_remote_code_runs_only_when_allowed(tmp_path):
+    """A folder whose tokenizer is Python code shipped in it (Intern-S1's kind; the tests' fixture) is refused, naming
+    the file and the flag; with trust_remote_code=True it loads and answers, its prompt rendered by that tokenizer."""
+    from tests.s1_fixture import build_s1_tokenizer
+
+    folder = tmp_path / "m"
+    make_original("qwen3_tiny", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    build_s1_tokenizer(folder)
+    with pytest.raises(XtuneError, match=r"tokenization_s1_fixture.py .* pass --trust-remote-code"):
+        Generator.from_path(folder)
+    gen = Generator.from_path(folder, trust_remote_code=True)
+    assert type(gen.tokenizer).__name__ != "Qwen2TokenizerFast"
+    (c,) = gen.generate(["hi"], GenSpec(max_new_tokens=4))[0]
+    assert len(c.token_ids) == 4 or c.finish_reason == "stop"

@@ -57,3 +57,22 @@ def test_commands(generator, monkeypatch):
     fresh = ChatSession(generator, GenSpec(max_new_tokens=4), io.StringIO())
     assert interactive(fresh, io.StringIO()) == 0
     assert [m["content"] for m in fresh.history if m["role"] == "user"] == ["hello"]
+
+
+def test_the_gen_group_is_composed_and_checked():
+    from xtune.commands import compose_gen
+    from xtune.errors import ConfigError
+
+    spec = compose_gen(["gen.temperature=0.7", "gen.n=3", "gen.stop=[END,'###']", "gen.enable_thinking=false"])
+    assert (spec.temperature, spec.n, spec.stop, spec.enable_thinking) == (0.7, 3, ["END", "###"], False)
+    assert compose_gen([]) == GenSpec()
+    with pytest.raises(ConfigError) as e:
+        compose_gen(["gen.top_p=2", "gen.max_new_tokens=0", "gen.n=2", "gen.top_k=-1"])
+    msg = str(e.value)
+    for fragment in ("gen.top_p=2.0: must be in (0, 1]", "gen.max_new_tokens=0: must be > 0",
+                     "gen.n=2 with gen.temperature=0 (greedy)", "gen.top_k=-1: must be >= 0"):
+        assert fragment in msg
+    with pytest.raises(ConfigError, match="gen.temprature=1: unknown key 'temprature' in gen. Did you mean 'temperature'"):
+        compose_gen(["gen.temprature=1"])
+    with pytest.raises(ConfigError, match="optim.lr=1: only generation settings are taken here"):
+        compose_gen(["optim.lr=1"])

@@ -56,8 +56,8 @@ def test_image_turn_is_rendered_as_training_and_generates_like_transformers(vlm,
     # (a bare folder does not say how many tiles training allowed: the engine takes model.max_tiles' default)
     model_spec = dataclasses.replace(spec.model, max_tiles=ModelSpec().max_tiles)
     tok = SampleTokenizer(gen.tokenizer, tokenize_settings(gen.tokenizer, spec.data, model_spec))
-    line = '{"messages": [{"role": "user", "content": [{"type": "image", "image": "%s"}, {"type": "text", "text": ' \
-           '"%s"}]}, {"role": "assistant", "content": "A picture."}]}' % (image, QUESTION)
+    line = ('{"messages": [{"role": "user", "content": [{"type": "image", "image": "' + str(image) + '"}, '
+            '{"type": "text", "text": "' + str(QUESTION) + '"}]}, {"role": "assistant", "content": "A picture."}]}')
     chunk = TokenizedChunk()
     tok.tokenize([parse_record("t.jsonl", 1, line, "/")], chunk)
     assert chunk.ids[0][:len(ids)].tolist() == ids and len(chunk.ids[0]) > len(ids)

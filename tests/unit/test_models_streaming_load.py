@@ -143,9 +143,9 @@ def _child(folder: str, out: str) -> None:
     from safetensors.torch import save_file
 
     from xtune.config.schema import ModelSpec, ParallelSpec
+    from xtune.models import get_adapter
     from xtune.parallel.distributed import init_distributed
     from xtune.parallel.fsdp import load_full_weights
-    from xtune.models import get_adapter
 
     denv = init_distributed(ParallelSpec())
     adapter = get_adapter(ModelSpec(name="m", family="qwen3_moe", load_from=folder, tokenizer="builtin:qwen3_tiny"))

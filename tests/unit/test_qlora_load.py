@@ -122,9 +122,9 @@ def _child(folder: str, out: str) -> None:
 
     from tests.unit.test_tuning import BASE
     from xtune.config.compose import load_spec
+    from xtune.models import get_adapter
     from xtune.parallel.distributed import init_distributed
     from xtune.parallel.fsdp import build_sharded
-    from xtune.models import get_adapter
     from xtune.peft.quant import is_nf4
 
     spec = load_spec(BASE + [f"model.load_from={folder}", "peft=qlora", "peft.r=4"])[1]

@@ -36,10 +36,10 @@ def spec_of(init_dir, *extra):
 
 def trainer_of(spec, run_dir):
     from xtune.config.schema import ParallelSpec
-    from xtune.parallel.distributed import init_distributed
     from xtune.engine.trainer import Trainer
     from xtune.methods import get_method
     from xtune.models import get_adapter
+    from xtune.parallel.distributed import init_distributed
 
     adapter = get_adapter(spec.model)
     denv = init_distributed(ParallelSpec())

@@ -20,13 +20,27 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from xtune.checkpoint import integrity
 from xtune.checkpoint.async_save import AsyncWriter
-from xtune.checkpoint.integrity import (LATEST, MARKER, STATE, complete_checkpoints, corrupt_error, read_marker,
-                                        read_state, resolve_resume, verify_checkpoint)
+from xtune.checkpoint.integrity import (
+    LATEST,
+    MARKER,
+    STATE,
+    complete_checkpoints,
+    corrupt_error,
+    read_marker,
+    read_state,
+    resolve_resume,
+    verify_checkpoint,
+)
 from xtune.errors import CheckpointError, CheckpointSaveError
 
 log = logging.getLogger("xtune.engine")

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from xtune import peft as xpeft
 from xtune.checkpoint.dcp import load_model_only, read_marker
 from xtune.config.io import spec_from_yaml
+from xtune.config.schema import RunSpec
 from xtune.errors import CheckpointError, XtuneError
 from xtune.models import get_adapter
 from xtune.parallel.build import meta_model
@@ -33,7 +34,7 @@ def write_hf(adapter, full_state_dict: dict, config, tokenizer, out_dir: str | P
     return replace_dir(out_dir, lambda tmp: adapter.save_hf(full_state_dict, config, tokenizer, tmp))
 
 
-def write_peft(adapter, spec, lora_config, full_state_dict: dict, config, tokenizer, *, adapter_dir=None,
+def write_peft(adapter, spec: RunSpec, lora_config, full_state_dict: dict, config, tokenizer, *, adapter_dir=None,
                merged_dir=None, dtype: torch.dtype = torch.float32) -> None:
     """The PEFT folder (adapter_config.json + adapter_model.safetensors, what PeftModel.from_pretrained, vLLM
     and LMDeploy read) and optionally the merged model in the original layout.
@@ -125,7 +126,7 @@ def prune_step_exports(hf_root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adapter=None,
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: RunSpec=None, adapter=None,
                       what: str | None = None) -> Path:
     """Checkpoint folder (run_dir/checkpoints/step-N) -> HF folder, in this single process.
 
@@ -161,13 +162,13 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec=None, adap
     return out
 
 
-def build_plain_model(adapter, spec, attn_impl: str | None = "sdpa"):
+def build_plain_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
     """An unsharded model on CPU with only its buffers initialised (weights come from a checkpoint)."""
     model, config, _ = _build_plain(adapter, spec, attn_impl, peft=False)
     return model, config
 
 
-def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
+def build_plain_peft_model(adapter, spec: RunSpec, attn_impl: str | None = "sdpa"):
     """The adapted model on CPU with its base loaded (and NF4-rounded for QLoRA, as in training); the
     adapters come from a checkpoint. Returns (model, config, LoraConfig)."""
     model, config, lora_config = _build_plain(adapter, spec, attn_impl, peft=True)
@@ -179,7 +180,7 @@ def build_plain_peft_model(adapter, spec, attn_impl: str | None = "sdpa"):
     return model, config, lora_config
 
 
-def _build_plain(adapter, spec, attn_impl, peft: bool):
+def _build_plain(adapter, spec: RunSpec, attn_impl, peft: bool):
     model, config, lora_config = meta_model(adapter, spec, attn_impl, adapters=peft)
     model.to_empty(device="cpu")
     adapter.reset_buffers(model)  # the weights come from a checkpoint next; only the buffers are computed

@@ -12,9 +12,10 @@ compared with it key by key:
 from __future__ import annotations
 
 import json
-from typing import Dict, List, NamedTuple
+from typing import NamedTuple
 
 from xtune.config.io import spec_to_dict
+from xtune.config.schema import RunSpec
 
 # Keys that may change inside a refused section without changing the run.
 _HARMLESS = ("data.num_workers", "data.cache_dir")
@@ -24,13 +25,13 @@ _IGNORED = ("train.resume", "train.work_dir")
 
 
 class Changes(NamedTuple):
-    lines: List[str]  # "key: old -> new" for every changed key
-    refused: List[str]
+    lines: list[str]  # "key: old -> new" for every changed key
+    refused: list[str]
     schedule: bool  # the LR schedule must be rebuilt
     optim: bool  # optimizer settings other than the LR changed
 
 
-def flatten(values: dict, prefix: str = "") -> Dict[str, object]:
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in values.items():
         if isinstance(v, dict):
@@ -44,7 +45,7 @@ def _matches(key: str, patterns) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
-def compare(saved: dict, spec) -> Changes:
+def compare(saved: dict, spec: RunSpec) -> Changes:
     """`saved`: the checkpoint's spec (as spec_to_dict wrote it); `spec`: this run's RunSpec."""
     # Through JSON as state.json was: tuples become lists on both sides.
     old, new = flatten(saved), flatten(json.loads(json.dumps(spec_to_dict(spec))))
@@ -65,7 +66,7 @@ def compare(saved: dict, spec) -> Changes:
     return Changes(lines, refused, schedule, optim)
 
 
-def refusal(ckpt, changes: Changes) -> List[str]:
+def refusal(ckpt, changes: Changes) -> list[str]:
     """ConfigError problems for the keys that cannot change on resume (empty when none)."""
     return [f"train.resume: {ckpt} was trained with another value of {r}; this key cannot change when "
             "resuming (start a new run in another train.work_dir, or restore the value)" for r in changes.refused]

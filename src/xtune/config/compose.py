@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -31,6 +32,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from xtune.config import validate as rules
 from xtune.config.families import resolve_family
 from xtune.config.io import to_frozen, writable_structured
+from xtune.config.recipe_file import load_recipe_file
 from xtune.config.resources import assets_dir, conf_dir, recipes_dir
 from xtune.config.schema import RunSpec
 from xtune.config.validate import check_value, suggest
@@ -45,7 +47,7 @@ SCHEMA_NAME = "xtune_schema"
 # --------------------------------------------------------------------------- discovery
 
 
-def _recipe_dirs(config_dirs: Sequence[str]) -> List[Path]:
+def _recipe_dirs(config_dirs: Sequence[str]) -> list[Path]:
     dirs = [recipes_dir()]
     for d in config_dirs:
         for sub in ("recipes", "recipe"):
@@ -54,16 +56,16 @@ def _recipe_dirs(config_dirs: Sequence[str]) -> List[Path]:
     return dirs
 
 
-def recipe_files(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
+def recipe_files(config_dirs: Sequence[str] = ()) -> dict[str, Path]:
     """Recipe name -> file. A user's folder shadows a packaged recipe of the same name."""
-    found: Dict[str, Path] = {}
+    found: dict[str, Path] = {}
     for d in _recipe_dirs(config_dirs):
         for f in sorted(d.glob("*.yaml")):
             found[f.stem] = f
     return found
 
 
-def group_options(group: str, config_dirs: Sequence[str] = ()) -> List[str]:
+def group_options(group: str, config_dirs: Sequence[str] = ()) -> list[str]:
     names = set()
     for root in [conf_dir(), *map(Path, config_dirs)]:
         names.update(f.stem for f in (root / group).glob("*.yaml"))
@@ -83,7 +85,7 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", _resolve_asset)
 
 
-def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
+def setup(config_dirs: Sequence[str] = ()) -> dict[str, Path]:
     """Register the schema and every recipe with Hydra. Idempotent."""
     cs = ConfigStore.instance()
     cs.store(name=SCHEMA_NAME, node=writable_structured(RunSpec))
@@ -94,12 +96,7 @@ def setup(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
 
 
 def _store_recipe(name: str, path: Path) -> None:
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax: the parser's message carries the line
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError([f"{path}: a recipe must be a YAML mapping"])
+    node = load_recipe_file(path)
     node.recipe = name
     ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
@@ -150,7 +147,7 @@ def _unknown_key_problem(base: DictConfig, key: str, given, error: Exception) ->
     return f"{key}={given}: {str(error).splitlines()[0]}"
 
 
-def _choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
+def _choice_problems(parsed, config_dirs: Sequence[str]) -> list[str]:
     """Group and recipe choices, checked against the files (no composition needed)."""
     problems = []
     recipes = recipe_files(config_dirs)
@@ -168,7 +165,7 @@ def _choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
     return problems
 
 
-def _value_problems(parsed, base: DictConfig) -> List[str]:
+def _value_problems(parsed, base: DictConfig) -> list[str]:
     """key=value overrides tried one by one on `base`: unknown keys, wrong types, values not allowed."""
     problems = []
     for o in parsed:
@@ -192,7 +189,28 @@ def _value_problems(parsed, base: DictConfig) -> List[str]:
     return problems
 
 
-def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> List[str]:
+def _added_key_problems(parsed) -> list[str]:
+    """`+key=value` / `++key=value` may add a key only inside a free-form mapping (model.arch, ...): a key
+    the schema does not have is reported as any unknown key is, with the nearest known one."""
+    problems = []
+    for o in parsed:
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or key.startswith("hydra") or key == "recipe" or key in GROUPS:
+            continue
+        tp = RunSpec
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(tp):
+                break  # inside a mapping or a list of the schema: any key goes
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                problems.append(_unknown_key_problem(writable_structured(RunSpec), key,
+                                                     o.input_line.partition("=")[2], KeyError(part)))
+                break
+            tp = hints[part]
+    return problems
+
+
+def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> list[str]:
     """Hydra refused a job's overrides (it stops at the first): find every bad one. The error path only:
     the values are tried on the config the group and recipe choices compose to."""
     choices = [a for a in args if a.partition("=")[0] in ("recipe", *GROUPS) or a.startswith("hydra.searchpath")]
@@ -204,9 +222,9 @@ def _diagnose(parsed, args: Sequence[str], primary: str, error: Exception) -> Li
     return _value_problems(parsed, base) or [hydra_error_message(error)]
 
 
-def _job_args(parsed, config_dirs: Sequence[str]) -> List[List[str]]:
+def _job_args(parsed, config_dirs: Sequence[str]) -> list[list[str]]:
     """One Hydra override list per job: sweeps expanded, path recipes registered, user dirs on the search path."""
-    axes: List[List[str]] = []
+    axes: list[list[str]] = []
     for o in parsed:
         if o.is_sweep_override():
             axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
@@ -226,13 +244,13 @@ def _register_path_recipe(text: str) -> str:
     return text
 
 
-def _search_path(config_dirs: Sequence[str]) -> List[str]:
+def _search_path(config_dirs: Sequence[str]) -> list[str]:
     if not config_dirs:
         return []
     return [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"]
 
 
-def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> List[str]:
+def hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[str]:
     """The override list handed to Hydra's own main (a sweep): path recipes registered, user dirs searched."""
     return [_register_path_recipe(o) for o in overrides] + _search_path(config_dirs)
 
@@ -250,22 +268,23 @@ def primary_config(command: str) -> str:
 class Job:
     """One job of a command line: its overrides (as given to Hydra), composed config and validated spec."""
 
-    overrides: List[str]
+    overrides: list[str]
     cfg: DictConfig
-    spec: Optional[RunSpec]
+    spec: RunSpec | None
 
 
-def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+def compose_jobs(command: str | None, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
                  multirun: bool = False, validate: bool = True, check_files: bool = True,
-                 world_size: Optional[int] = None) -> List[Job]:
+                 world_size: int | None = None) -> list[Job]:
     """Parse once, compose each job once, validate each once. Raises ConfigError with every problem found.
 
     `multirun` allows sweeps (one job per point); `validate=False` composes only (for --cfg and config show).
+    `command=None`: the recipe's `method` picks the primary config (data inspect reads either kind of data).
     """
-    primary = primary_config(command)
+    primary = primary_config(command or "sft")
     setup(config_dirs)
     parsed, problems = _parse(overrides)
-    problems += _choice_problems(parsed, config_dirs)
+    problems += _choice_problems(parsed, config_dirs) + _added_key_problems(parsed)
     if problems:  # the choices do not compose: try the values on the bare schema
         problems += _value_problems(parsed, writable_structured(RunSpec))
     sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]
@@ -279,6 +298,9 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
     for args in points:
         try:
             cfg = _compose_raw(args, primary)
+            method = str(cfg.get("method"))
+            if command is None and validate and PRIMARY.get(method, primary) != primary:
+                cfg = _compose_raw(args, PRIMARY[method])
         except Exception as e:
             raise ConfigError(list(dict.fromkeys(_diagnose(parsed, args, primary, e)))) from None
         try:
@@ -288,7 +310,7 @@ def compose_jobs(command: str, overrides: Sequence[str], config_dirs: Sequence[s
             prefix = f"[{' '.join(user)}] " if len(points) > 1 else ""
             problems.extend(prefix + p for p in e.problems)
             continue
-        if spec is not None and spec.method != command and command in PRIMARY:
+        if spec is not None and command is not None and spec.method != command and command in PRIMARY:
             problems.append(f"recipe {spec.recipe} trains with method {spec.method}: run `xtune {spec.method} "
                             f"recipe={spec.recipe}` (or set method={command} with data of that kind)")
             continue
@@ -329,7 +351,7 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: Optional[int] = None,
+def to_spec(cfg: DictConfig, *, check_files: bool = True, world_size: int | None = None,
             validate: bool = True) -> RunSpec:
     """Composed config -> validated RunSpec, or ConfigError with every problem found.
     `validate=False` only freezes: for a sweep's job, whose point was validated before Hydra started it."""
@@ -359,12 +381,8 @@ def missing_message(key: str) -> str:
     return f"{key} is required but has no value: set {key}=..."
 
 
-def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: Optional[str] = None,
-              **kw) -> Tuple[DictConfig, RunSpec]:
+def load_spec(overrides: Sequence[str] = (), config_dirs: Sequence[str] = (), *, command: str | None = None,
+              **kw) -> tuple[DictConfig, RunSpec]:
     """One job's config and spec. Without `command` (data inspect, tests) the recipe's method decides."""
-    if command is None:
-        command = "sft"
-        first = compose_jobs(command, overrides, config_dirs, validate=False)[0].cfg
-        command = str(first.get("method", "sft")) if str(first.get("method")) in PRIMARY else "sft"
     job = compose_jobs(command, overrides, config_dirs, **kw)[0]
     return without_hydra(job.cfg), job.spec

@@ -4,11 +4,11 @@ overrides, with the same parsing, sweep expansion and error reporting as the tra
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from hydra.core.config_store import ConfigStore
 
 from xtune.config import compose as C
 from xtune.config.eval_tasks import GROUP, task_files, task_name
@@ -24,9 +24,9 @@ SCHEMA_NAME = "xtune_eval_schema"
 
 @dataclasses.dataclass(frozen=True)
 class EvalJob:
-    overrides: List[str]
+    overrides: list[str]
     cfg: DictConfig
-    spec: Optional[EvalRunSpec]
+    spec: EvalRunSpec | None
 
 
 def setup(config_dirs: Sequence[str] = ()) -> None:
@@ -34,7 +34,7 @@ def setup(config_dirs: Sequence[str] = ()) -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=writable_structured(EvalRunSpec))
 
 
-def _task_choice_problems(parsed, config_dirs: Sequence[str]) -> List[str]:
+def _task_choice_problems(parsed, config_dirs: Sequence[str]) -> list[str]:
     tasks = task_files(config_dirs)
     problems = []
     for o in parsed:
@@ -69,7 +69,7 @@ def to_eval_spec(cfg: DictConfig, *, check_files: bool = True) -> EvalRunSpec:
 
 
 def compose_eval_jobs(overrides: Sequence[str], config_dirs: Sequence[str] = (), *, multirun: bool = False,
-                      validate: bool = True, check_files: bool = True) -> List[EvalJob]:
+                      validate: bool = True, check_files: bool = True) -> list[EvalJob]:
     """One validated EvalRunSpec per job (one, or one per sweep point); ConfigError with every problem found."""
     setup(config_dirs)
     parsed, problems = C._parse(overrides)

@@ -8,8 +8,8 @@ optionally a `gen:` section (its generation settings). `xtune eval eval=NAME` co
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,9 +27,9 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", lambda rel: str(assets_dir() / rel))
 
 
-def task_files(config_dirs: Sequence[str] = ()) -> Dict[str, Path]:
+def task_files(config_dirs: Sequence[str] = ()) -> dict[str, Path]:
     """Task name -> file; a user's folder shadows a packaged task of the same name."""
-    found: Dict[str, Path] = {}
+    found: dict[str, Path] = {}
     for root in [conf_dir(), *map(Path, config_dirs)]:
         for f in sorted((root / GROUP).glob("*.yaml")):
             found[f.stem] = f
@@ -56,7 +56,7 @@ def task_file(name: str, config_dirs: Sequence[str] = ()) -> Path:
     return files[name]
 
 
-def load_task(name: str, gen: Optional[GenSpec] = None, config_dirs: Sequence[str] = ()) -> Tuple[EvalSpec, GenSpec]:
+def load_task(name: str, gen: GenSpec | None = None, config_dirs: Sequence[str] = ()) -> tuple[EvalSpec, GenSpec]:
     """(EvalSpec, GenSpec) of a task file: its eval section (name defaulting to the task's name) and its gen
     section over `gen`. ConfigError naming the file and key on a wrong key or type."""
     path = task_file(name, config_dirs)
@@ -78,7 +78,7 @@ def load_task(name: str, gen: Optional[GenSpec] = None, config_dirs: Sequence[st
     return espec, gspec
 
 
-def task_name(espec: EvalSpec, fallback: Optional[str] = None) -> str:
+def task_name(espec: EvalSpec, fallback: str | None = None) -> str:
     """The task's name: eval.name, else `fallback` (the group option), else the data file's stem."""
     if espec.name:
         return espec.name

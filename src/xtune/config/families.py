@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from xtune.config.schema import CHOICES, ModelSpec
 
 # config.json `model_type` values each tuned family reads (InternVL folders: transformers' own layout).
-TUNED_MODEL_TYPES: Dict[str, tuple] = {
+TUNED_MODEL_TYPES: dict[str, tuple] = {
     "qwen3": ("qwen3",),
     "qwen3_moe": ("qwen3_moe",),
     "intern_s1": ("interns1", "internvl"),
@@ -33,7 +33,7 @@ _REFUSED_WHY = {
 }
 
 
-def folder_config(load_from: Optional[str]) -> Optional[Dict[str, Any]]:
+def folder_config(load_from: str | None) -> dict[str, Any] | None:
     """load_from's config.json as a dict, or None when there is none (reported elsewhere)."""
     if load_from is None:
         return None
@@ -45,7 +45,7 @@ def folder_config(load_from: Optional[str]) -> Optional[Dict[str, Any]]:
         return None
 
 
-def model_type_of(m: ModelSpec) -> Optional[str]:
+def model_type_of(m: ModelSpec) -> str | None:
     """`model.arch.model_type`, else load_from's config.json `model_type`."""
     arch = dict(m.arch or {})
     if arch.get("model_type"):
@@ -54,7 +54,7 @@ def model_type_of(m: ModelSpec) -> Optional[str]:
     return cfg.get("model_type")
 
 
-def detect_family(m: ModelSpec) -> Optional[str]:
+def detect_family(m: ModelSpec) -> str | None:
     """The family `model.family: null` stands for: the tuned family of the model type, else auto."""
     if m.family is not None:
         return m.family
@@ -72,7 +72,7 @@ def resolve_family(m: ModelSpec) -> ModelSpec:
     return m if family == m.family else dataclasses.replace(m, family=family)
 
 
-def family_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
+def family_problems(m: ModelSpec, *, check_files: bool = True) -> list[str]:
     """A family that cannot be decided, one that does not match load_from's model type, and a model
     the `auto` family cannot train safely."""
     if m.family is None:
@@ -83,7 +83,7 @@ def family_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
     if not check_files and m.load_from is not None:
         return []  # config.json is not read without file checks
     model_type = model_type_of(m)
-    problems: List[str] = []
+    problems: list[str] = []
     if m.family in TUNED_MODEL_TYPES:
         cfg = folder_config(m.load_from) or {}
         found = cfg.get("model_type")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 from xtune.config.families import folder_config
+from xtune.config.model_checks import arch_problems, no_safetensors_message
 from xtune.config.resources import assets_dir
 from xtune.config.schema import ModelSpec, RunSpec
 
@@ -17,7 +17,7 @@ WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")
 
 
-def tokenizer_dir(m: ModelSpec) -> Optional[Path]:
+def tokenizer_dir(m: ModelSpec) -> Path | None:
     """The tokenizer folder: model.tokenizer, else load_from; `builtin:NAME` is shipped with xtune."""
     tok = m.tokenizer or m.load_from
     if tok is None:
@@ -27,10 +27,10 @@ def tokenizer_dir(m: ModelSpec) -> Optional[Path]:
     return Path(tok).expanduser()
 
 
-def model_file_problems(m: ModelSpec, found: List[str]) -> List[str]:
+def model_file_problems(m: ModelSpec, found: list[str]) -> list[str]:
     """The model and tokenizer folders of the model section (`found`: the section's problems so far, so that a
     missing load_from folder is named once)."""
-    problems: List[str] = []
+    problems: list[str] = arch_problems(m)
     if m.load_from is not None:
         folder = Path(m.load_from).expanduser()
         if not folder.is_dir():
@@ -38,7 +38,7 @@ def model_file_problems(m: ModelSpec, found: List[str]) -> List[str]:
         elif not (folder / "config.json").is_file():
             problems.append(f"model.load_from={m.load_from}: no config.json there (not a Hugging Face model folder)")
         elif not any((folder / f).is_file() for f in WEIGHTS_FILES):
-            problems.append(f"model.load_from={m.load_from}: no weights there (expected {' or '.join(WEIGHTS_FILES)})")
+            problems.append(no_safetensors_message(m, " or ".join(WEIGHTS_FILES)))
         else:
             for name in ("config.json", WEIGHTS_FILES[1]):
                 bad = _json_problem(folder / name)
@@ -65,7 +65,7 @@ def model_file_problems(m: ModelSpec, found: List[str]) -> List[str]:
     return problems
 
 
-def remote_code_problem(m: ModelSpec) -> Optional[str]:
+def remote_code_problem(m: ModelSpec) -> str | None:
     """The message when the tokenizer folder would run its own Python code and model.trust_remote_code is false."""
     tok = tokenizer_dir(m)
     code = None if m.trust_remote_code or tok is None else remote_tokenizer_code(tok)
@@ -76,7 +76,7 @@ def remote_code_problem(m: ModelSpec) -> Optional[str]:
             f"tokenizer_config.json). Read that file; to allow it, set model.trust_remote_code=true")
 
 
-def remote_tokenizer_code(folder: Path) -> Optional[Path]:
+def remote_tokenizer_code(folder: Path) -> Path | None:
     """The .py file AutoTokenizer would import from `folder` (its tokenizer_config.json's auto_map), or None
     when the folder needs no code of its own. Decided as transformers 5 does (AutoTokenizer.from_pretrained):
     an `auto_map` AutoTokenizer entry is used unless `tokenizer_class` names a class transformers ships."""
@@ -106,7 +106,7 @@ def remote_tokenizer_code(folder: Path) -> Optional[Path]:
     return folder / (module.replace(".", "/") + ".py")
 
 
-def _json_problem(path: Path) -> Optional[str]:
+def _json_problem(path: Path) -> str | None:
     """Why `path` (when it exists) is not a JSON object, with the line and column; None when it is one."""
     if not path.is_file():
         return None
@@ -119,7 +119,7 @@ def _json_problem(path: Path) -> Optional[str]:
     return None if isinstance(obj, dict) else "not a JSON object"
 
 
-def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
+def vocab_problem(m: ModelSpec, tokenizer) -> str | None:
     """The tokenizer's largest id must be a row of the model's embedding (vocab_size of load_from's
     config.json, else of model.arch); checked once the tokenizer is loaded, before the model is built."""
     if tokenizer is None:  # a caller that tokenises nothing itself (the engine tests' hand-made batches)
@@ -139,8 +139,8 @@ def vocab_problem(m: ModelSpec, tokenizer) -> Optional[str]:
 DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "text")
 
 
-def file_problems(spec: RunSpec) -> List[str]:
-    problems: List[str] = []
+def file_problems(spec: RunSpec) -> list[str]:
+    problems: list[str] = []
     d, t = spec.data, spec.train
     for group, items in (("data.datasets", d.datasets), ("data.eval_datasets", d.eval_datasets)):
         for i, ds in enumerate(items):

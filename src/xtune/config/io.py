@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from pathlib import Path
-from typing import Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +23,7 @@ def writable_structured(cls) -> DictConfig:
     return OmegaConf.structured(_unfrozen(cls))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unfrozen(cls):
     hints = typing.get_type_hints(cls)
     fields = []
@@ -46,9 +46,11 @@ def _map_type(tp):
     if args:
         mapped = tuple(_map_type(a) for a in args)
         origin = typing.get_origin(tp)
-        if origin is typing.Union:
-            return typing.Union[mapped]
-        return {list: typing.List, dict: typing.Dict}.get(origin, origin)[mapped if len(mapped) > 1 else mapped[0]]
+        # typing's generics on purpose: the twin is for OmegaConf, which reads typing.List/Dict/Union.
+        if origin in (typing.Union, types.UnionType):  # Optional[int] or int | None
+            return typing.Union[mapped]  # noqa: UP007
+        generic = {list: typing.List, dict: typing.Dict}.get(origin, origin)  # noqa: UP006
+        return generic[mapped if len(mapped) > 1 else mapped[0]]
     return tp
 
 
@@ -68,7 +70,7 @@ def _build(tp, value):
         hints = typing.get_type_hints(tp)
         return tp(**{k: _build(hints[k], v) for k, v in value.items()})
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return None if value is None else _build(inner[0], value)
     if origin is list and value is not None:
@@ -88,5 +90,5 @@ def spec_from_dict(values: dict) -> RunSpec:
     return to_frozen(RunSpec, OmegaConf.merge(writable_structured(RunSpec), values))
 
 
-def spec_from_yaml(path: Union[str, Path]) -> RunSpec:
+def spec_from_yaml(path: str | Path) -> RunSpec:
     return spec_from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))

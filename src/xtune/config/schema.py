@@ -9,20 +9,15 @@ dataclasses: no stage reads Hydra or OmegaConf again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
-from xtune.config.schema_methods import REWARD_BUILTINS, GrpoSpec, PrefSpec, RewardSpec, needs_reference
+from xtune.config.schema_grpo import GrpoSpec, RewardSpec  # noqa: F401 - part of the spec's public names
 
 # Allowed values of the enumerated string fields. Kept as data so validation, error messages
 # and the generated README table all read the same source.
-# The sections of the methods beyond sft (pref, grpo) live in schema_methods.py and are re-exported here.
-__all__ = ["CHOICES", "REWARD_BUILTINS", "DataSpec", "DatasetSpec", "GenSpec", "GrpoSpec", "LoggingSpec", "LossSpec",
-           "ModelSpec", "OptimSpec", "ParallelSpec", "PeftSpec", "PrefSpec", "RewardSpec", "RunSpec", "SchedSpec",
-           "TrainSpec", "needs_reference"]
-
-CHOICES: Dict[str, tuple] = {
+CHOICES: dict[str, tuple] = {
     "model.family": ("auto", "qwen3", "qwen3_moe", "intern_s1"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.pack": ("soft", "bfd", "hard", "none"),
@@ -49,6 +44,9 @@ CHOICES: Dict[str, tuple] = {
     "grpo.importance_sampling_level": ("token", "sequence"),
 }
 
+# Rewards a `grpo.rewards` item may name with `builtin` (methods/grpo_rewards.py): the eval scorers and two shapes.
+REWARD_BUILTINS = ("exact", "regex", "math", "format", "length")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -59,15 +57,15 @@ class ModelSpec:
     # Architecture family: picks the transformers classes and the weight key maps. auto: any supported
     # causal LM through transformers' Auto classes; null: from the model_type of load_from's config.json
     # (or arch.model_type): its tuned family, else auto.
-    family: Optional[str] = None
+    family: str | None = None
     # A Hugging Face folder (config.json + safetensors) or null for random init from `arch`.
-    load_from: Optional[str] = None
+    load_from: str | None = None
     # A folder with tokenizer files; null means `load_from`. `builtin:NAME` picks one shipped with xtune.
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     # dtype of the master weights (the optimizer's copy); compute dtype is parallel.param_dtype.
     dtype: str = "float32"
     # transformers config values for random init, or overrides applied on top of `load_from`'s config.
-    arch: Dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = field(default_factory=dict)
     # Freeze the vision tower (no gradients, no optimizer state).
     freeze_vision: bool = False
     # Freeze the vision-to-text projector.
@@ -75,7 +73,7 @@ class ModelSpec:
     # Freeze the language model (embeddings, blocks, lm_head).
     freeze_language: bool = False
     # MoE router auxiliary loss coefficient; null keeps the model config's value.
-    router_aux_loss_coef: Optional[float] = None
+    router_aux_loss_coef: float | None = None
     # Side of one square image tile in pixels (InternVL tiling).
     image_size: int = 448
     # Image tokens per tile after pixel shuffle ((image_size / patch)^2 x downsample^2).
@@ -102,19 +100,19 @@ class DatasetSpec:
     format: str = "auto"
     # Field renames, xtune's name: the dataset's, e.g. {messages: dialog}. (null, not {}, as the default: a
     # default_factory inside a list item fails to compose in a submitit job process, omegaconf 2.3.)
-    columns: Optional[Dict[str, str]] = None
+    columns: dict[str, str] | None = None
     # Integer part repeats the dataset, the fraction takes a seeded random subset.
     sample_ratio: float = 1.0
     # Folder that image paths are relative to; null means the dataset file's folder.
-    media_root: Optional[str] = None
+    media_root: str | None = None
 
 
 @dataclass(frozen=True)
 class DataSpec:
     # Training datasets, mixed by sample_ratio.
-    datasets: List[DatasetSpec] = field(default_factory=list)
+    datasets: list[DatasetSpec] = field(default_factory=list)
     # Evaluation datasets, never mixed into training.
-    eval_datasets: List[DatasetSpec] = field(default_factory=list)
+    eval_datasets: list[DatasetSpec] = field(default_factory=list)
     # Longer samples are truncated (multimodal samples whose image tokens would be cut are dropped). At most
     # data.pack_max_length, except with data.pack=hard, which cuts longer samples into rows.
     sample_max_length: int = 2048
@@ -126,7 +124,7 @@ class DataSpec:
     # How many samples the soft packer looks ahead to fill a row's remaining gap.
     pack_lookahead: int = 256
     # null means ~/.cache/xtune/data (or $XTUNE_CACHE).
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     # Processes used for tokenisation.
     num_workers: int = 2
     # What a malformed record does: stop with its file and line, or skip it and count it.
@@ -144,7 +142,7 @@ class OptimSpec:
     name: str = "adamw"
     # Peak learning rate.
     lr: float = 2e-5
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     # Applied to matrices only; norms and biases are not decayed.
     weight_decay: float = 0.0
     eps: float = 1e-8
@@ -214,9 +212,9 @@ class TrainSpec:
     # Packed rows per rank per micro-step.
     micro_batch_size: int = 1
     # Passes over the mixed data (fractional allowed); give exactly one of epochs and max_steps.
-    epochs: Optional[float] = None
+    epochs: float | None = None
     # Optimizer steps to run.
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     # Seeds the mix, the shuffling, model init and dropout.
     seed: int = 42
     # The run directory; conf/sft.yaml sets work_dirs/<recipe>/<timestamp>.
@@ -226,9 +224,9 @@ class TrainSpec:
     # Checkpoints (and hf/step-N exports) kept on disk; older ones are deleted after a newer one is complete.
     keep_last: int = 2
     # null: start fresh; auto: latest complete checkpoint in work_dir; or a checkpoint path.
-    resume: Optional[str] = None
+    resume: str | None = None
     # Write checkpoints in the background (staged to host memory, training goes on); null: true on CUDA only.
-    async_save: Optional[bool] = None
+    async_save: bool | None = None
     # Eval loss every N steps (0: only at the end); needs data.eval_datasets.
     eval_every: int = 0
     # Metrics every N steps (metrics.jsonl, TensorBoard, progress).
@@ -238,7 +236,7 @@ class TrainSpec:
     # Stop after this many consecutive steps with a non-finite gradient norm (each is skipped).
     max_bad_steps: int = 5
     # Prompts generated from the exported model at the end of a run (printed and logged).
-    sample_prompts: List[str] = field(default_factory=list)
+    sample_prompts: list[str] = field(default_factory=list)
     # Also generate the sample prompts from the live model every N steps (0: only at the end); samples.jsonl
     # (with step), the log and TensorBoard text.
     sample_every: int = 0
@@ -246,12 +244,12 @@ class TrainSpec:
     sample_max_new_tokens: int = 32
     # Eval tasks (conf/eval/NAME.yaml options, or YAML files) run on the live model every eval_tasks_every steps and
     # at the end; eval/<task>/<metric> in metrics.jsonl, TensorBoard and W&B.
-    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks: list[str] = field(default_factory=list)
     # Run train.eval_tasks every N steps (0: only at the end).
     eval_tasks_every: int = 0
     # <task>/<metric> (e.g. demo/accuracy): keep the checkpoint where it was highest as checkpoints/best and export
     # it to <work_dir>/hf_best.
-    keep_best: Optional[str] = None
+    keep_best: str | None = None
 
 
 @dataclass(frozen=True)
@@ -268,13 +266,34 @@ class PeftSpec:
     dropout: float = 0.0
     # Linear layers that get adapters: module-name suffixes (q_proj) or regexes over full names; [all-linear] means
     # every linear layer of the language model's blocks (not lm_head, not MoE routers, not the vision tower).
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Modules trained in full and saved beside the adapters, e.g. [embed_tokens, lm_head] after adding tokens.
-    modules_to_save: List[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
     # nf4: keep the frozen base of the adapted layers in 4-bit NormalFloat with double-quantised scales (QLoRA).
     quantize: str = "none"
     # Also write the merged full model to <work_dir>/hf (the adapter alone always goes to <work_dir>/hf_adapter).
     merge_on_export: bool = True
+
+
+@dataclass(frozen=True)
+class PrefSpec:
+    """Preference tuning (`xtune dpo`): the loss over (chosen, rejected) pairs and its reference."""
+
+    # dpo: Rafailov et al. 2023 (arXiv:2305.18290); ipo: Azar et al. 2023 (arXiv:2310.12036), squared loss on the
+    # log-ratio margin; simpo: Meng et al. 2024 (arXiv:2405.14734), length-normalised, no reference;
+    # orpo: Hong et al. 2024 (arXiv:2403.07691), SFT loss + odds-ratio term, no reference.
+    loss: str = "dpo"
+    # Inverse temperature; null: the paper's value (dpo 0.1, ipo tau 0.1, simpo 2.0; orpo uses orpo_lambda).
+    beta: float | None = None
+    # Conservative DPO (Mitchell 2023): the probability that a pair's labels are flipped; dpo and simpo only.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (the paper's gamma / beta = 0.5 at beta 2.0).
+    simpo_gamma: float = 1.0
+    # ORPO's weight lambda of the odds-ratio term (the paper's 0.1).
+    orpo_lambda: float = 0.1
+    # Reference model: init (the starting weights; with adapters, the base with adapters disabled), none, or
+    # auto (init for dpo and ipo, none for simpo and orpo).
+    reference: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -294,13 +313,13 @@ class GenSpec:
     # Completions per prompt (needs temperature > 0: greedy completions would all be the same).
     n: int = 1
     # Strings that end a completion; the completion's text stops before the first one.
-    stop: List[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     # Seeds sampling: the same seed, prompts and batch_size give the same completions.
     seed: int = 0
     # Prompts per generate call (one padded batch with a KV cache).
     batch_size: int = 16
     # Passed to the chat template as enable_thinking; null passes nothing (the template's default, as in training).
-    enable_thinking: Optional[bool] = None
+    enable_thinking: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -334,3 +353,8 @@ class RunSpec:
     grpo: GrpoSpec = field(default_factory=GrpoSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     gen: GenSpec = field(default_factory=GenSpec)
+
+
+def needs_reference(loss: str) -> bool:
+    """Whether a preference loss compares the policy with a reference model (`pref.reference: auto` -> init)."""
+    return loss in ("dpo", "ipo")

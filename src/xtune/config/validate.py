@@ -10,20 +10,20 @@ import dataclasses
 import difflib
 import importlib.util
 import re
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 from xtune.config.families import family_problems, folder_config
 from xtune.config.files import file_problems, model_file_problems
-from xtune.config.validate_grpo import grpo_problems
 from xtune.config.schema import CHOICES, ModelSpec, RunSpec, needs_reference
 from xtune.config.validate_eval import train_eval_problems
 from xtune.config.validate_gen import gen_problems
+from xtune.config.validate_grpo import grpo_problems
 from xtune.launch.env import launch_env
 
 VISION_FAMILIES = ("intern_s1",)
 
 
-def check_value(key: str, value) -> Optional[str]:
+def check_value(key: str, value) -> str | None:
     """Enumerated string fields: the value must be one of the allowed ones (the one rule; the override
     diagnosis in compose.py asks it too, so a bad choice is reported beside the other override mistakes)."""
     allowed = CHOICES.get(key)
@@ -39,7 +39,7 @@ def suggest(word: str, options: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
+def _walk_choices(spec: RunSpec, problems: list[str]) -> None:
     for key in CHOICES:
         value = spec
         for part in key.split("."):
@@ -51,22 +51,22 @@ def _walk_choices(spec: RunSpec, problems: List[str]) -> None:
             problems.append(msg)
 
 
-def world_size_of(spec: RunSpec, world_size: Optional[int] = None) -> int:
+def world_size_of(spec: RunSpec, world_size: int | None = None) -> int:
     if world_size:
         return world_size
     env = launch_env()
     return env.world_size if env.launched else spec.parallel.nproc_per_node
 
 
-def _check_positive(problems: List[str], key: str, value, *, allow_zero: bool = False) -> None:
+def _check_positive(problems: list[str], key: str, value, *, allow_zero: bool = False) -> None:
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         problems.append(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[int] = None) -> List[str]:
-    problems: List[str] = []
+def validate(spec: RunSpec, *, check_files: bool = True, world_size: int | None = None) -> list[str]:
+    problems: list[str] = []
     _walk_choices(spec, problems)
     problems.extend(range_problems(spec))
     problems.extend(length_problems(spec))
@@ -94,9 +94,9 @@ def validate(spec: RunSpec, *, check_files: bool = True, world_size: Optional[in
     return list(dict.fromkeys(problems))
 
 
-def range_problems(spec: RunSpec) -> List[str]:
+def range_problems(spec: RunSpec) -> list[str]:
     """Counts and sizes that must be positive (or >= 0), and the ratios with a range."""
-    problems: List[str] = []
+    problems: list[str] = []
     m, d, o, s, t, p = spec.model, spec.data, spec.optim, spec.sched, spec.train, spec.parallel
     for key, value in [
         ("data.sample_max_length", d.sample_max_length),
@@ -145,7 +145,7 @@ def max_image_tokens(m: ModelSpec) -> int:
     return tiles * m.tokens_per_tile + 2
 
 
-def length_problems(spec: RunSpec) -> List[str]:
+def length_problems(spec: RunSpec) -> list[str]:
     """data.sample_max_length against data.pack_max_length: the one place this rule lives.
 
     soft, bfd and none place whole samples, so a sample must fit in one row. hard concatenates the samples and
@@ -167,7 +167,7 @@ def length_problems(spec: RunSpec) -> List[str]:
     return []
 
 
-def layout_problems(spec: RunSpec, world: int) -> List[str]:
+def layout_problems(spec: RunSpec, world: int) -> list[str]:
     """How the world splits into replicas, sequence-parallel groups and data-parallel micro-batches."""
     p, t, problems = spec.parallel, spec.train, []
     if p.replicate_degree > 0 and world % p.replicate_degree:
@@ -188,7 +188,7 @@ def layout_problems(spec: RunSpec, world: int) -> List[str]:
     return problems
 
 
-def dataset_problems(spec: RunSpec) -> List[str]:
+def dataset_problems(spec: RunSpec) -> list[str]:
     """The dataset lists (the files themselves: `files.file_problems`)."""
     d, problems = spec.data, []
     if not d.datasets:
@@ -214,7 +214,7 @@ def attention_heads(m: ModelSpec) -> tuple:
     return heads, text.get("num_key_value_heads", heads)
 
 
-def sp_problems(spec: RunSpec, world: int) -> List[str]:
+def sp_problems(spec: RunSpec, world: int) -> list[str]:
     """What parallel.sp_size (Ulysses sequence parallelism) needs of the world, the model and the rows."""
     p, sp = spec.parallel, spec.parallel.sp_size
     if sp <= 1:
@@ -245,7 +245,7 @@ BNB_SHARDED_REASON = ("optim.name=adamw_8bit: bitsandbytes' 8-bit AdamW cannot u
                       "model.dtype, or use optim.name=adamw")
 
 
-def optim_problems(spec: RunSpec, world: int) -> List[str]:
+def optim_problems(spec: RunSpec, world: int) -> list[str]:
     """What the chosen optimizer cannot do here (before any model is built)."""
     o, p = spec.optim, spec.parallel
     out = []
@@ -260,10 +260,10 @@ def optim_problems(spec: RunSpec, world: int) -> List[str]:
     return out
 
 
-def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
+def model_problems(m: ModelSpec, *, check_files: bool = True) -> list[str]:
     """What is wrong with the model section; with check_files, also its folders and files.
     The config stage, the model adapters and the engine's preflight all ask this one function."""
-    problems: List[str] = family_problems(m, check_files=check_files)
+    problems: list[str] = family_problems(m, check_files=check_files)
     if m.family not in VISION_FAMILIES:
         for flag in ("freeze_vision", "freeze_projector"):
             if getattr(m, flag):
@@ -284,7 +284,7 @@ def model_problems(m: ModelSpec, *, check_files: bool = True) -> List[str]:
 _PLAIN_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-def pref_problems(spec: RunSpec) -> List[str]:
+def pref_problems(spec: RunSpec) -> list[str]:
     """The pref section and what preference data needs of the data section (dpo runs only)."""
     if spec.method != "dpo":
         return []
@@ -311,11 +311,11 @@ def pref_problems(spec: RunSpec) -> List[str]:
     return problems
 
 
-def peft_problems(spec: RunSpec) -> List[str]:
+def peft_problems(spec: RunSpec) -> list[str]:
     """The peft section: ranges, combinations, the 4-bit library (the target names need the model: see
     xtune.peft.check_targets, run before any weight exists)."""
     p, m = spec.peft, spec.model
-    problems: List[str] = []
+    problems: list[str] = []
     if p.method == "none":
         if p.quantize != "none":
             problems.append(f"peft.quantize={p.quantize} needs adapters: set peft.method=lora (or peft=qlora)")
@@ -340,7 +340,7 @@ def peft_problems(spec: RunSpec) -> List[str]:
     return problems
 
 
-def plan(spec: RunSpec, world_size: Optional[int] = None) -> dict:
+def plan(spec: RunSpec, world_size: int | None = None) -> dict:
     """What a run will do, for --dry-run: computed from the spec alone, no model, no data read."""
     world = world_size_of(spec, world_size)
     dp = world // spec.parallel.sp_size if world % spec.parallel.sp_size == 0 else world

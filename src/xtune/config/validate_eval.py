@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List, Optional
-import importlib.util
 
 from xtune.config.schema import GenSpec, RunSpec
 from xtune.config.schema_eval import EVAL_CHOICES, EvalRunSpec, EvalSpec
 from xtune.config.validate_gen import gen_problems
 from xtune.errors import ConfigError
-from xtune.config.eval_tasks import load_task
 
 BUILTIN_SCORERS = ("exact", "regex", "math", "choice")
 NORMALIZE_OPTIONS = ("case", "whitespace", "punctuation")
@@ -26,7 +23,7 @@ NAMED_PATTERNS = {
 BOXED = "boxed"
 
 
-def pattern_problem(pattern: Optional[str]) -> Optional[str]:
+def pattern_problem(pattern: str | None) -> str | None:
     """Why eval.pattern cannot extract an answer (no regex, not a regex, no group), or None."""
     if pattern is None:
         return "eval.scorer=regex needs eval.pattern: gsm8k, boxed, last_number or a regex with one group"
@@ -42,13 +39,13 @@ def pattern_problem(pattern: Optional[str]) -> Optional[str]:
     return None
 
 
-def metric_names(espec: EvalSpec, gen: GenSpec) -> List[str]:
+def metric_names(espec: EvalSpec, gen: GenSpec) -> list[str]:
     """The metrics a task reports: accuracy (builtin scorers) or score (a user function), and pass@k for k > 1."""
     main = "score" if ":" in espec.scorer else "accuracy"
     return [main] + [f"pass@{k}" for k in espec.k if k > 1 and espec.scorer != "choice"]
 
 
-def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> List[str]:
+def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> list[str]:
     out = []
     if ":" in e.scorer:
         module, _, fn = e.scorer.partition(":")
@@ -63,7 +60,7 @@ def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> List[str]:
                 out.append(f"{where}eval.scorer={e.scorer}: no {module.replace('.', '/')}.py in "
                            f"eval.scorer_path={e.scorer_path}")
     elif e.scorer not in BUILTIN_SCORERS:
-        from xtune.config.validate import suggest  # lazy: a cycle (config.validate imports this module)
+        from xtune.config.validate import suggest
 
         out.append(f"{where}eval.scorer={e.scorer}: no such scorer; choose one of {', '.join(BUILTIN_SCORERS)} or "
                    f"module:function (with eval.scorer_path=DIR).{suggest(e.scorer, BUILTIN_SCORERS)}")
@@ -81,7 +78,7 @@ def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> List[str]:
     return out
 
 
-def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where: str = "") -> List[str]:
+def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where: str = "") -> list[str]:
     """What is wrong with one eval task and its generation settings."""
     out = _scorer_problems(e, gen, where)
     for key, allowed in EVAL_CHOICES.items():
@@ -100,7 +97,7 @@ def task_problems(e: EvalSpec, gen: GenSpec, *, check_files: bool = True, where:
     return out
 
 
-def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> List[str]:
+def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> list[str]:
     """`xtune eval`: the task (unless only harness tasks are asked for) and the harness section."""
     out = []
     harness_only = bool(spec.harness.tasks) and spec.eval.data.path is None
@@ -112,13 +109,17 @@ def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> List[st
     if h.limit is not None and h.limit <= 0:
         out.append(f"harness.limit={h.limit}: must be > 0 (or null)")
     if h.tasks:
+        import importlib.util
+
         if importlib.util.find_spec("lm_eval") is None:
             out.append("harness.tasks needs lm-evaluation-harness: pip install 'xtune[harness]'")
     return out
 
 
-def train_eval_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
+def train_eval_problems(spec: RunSpec, *, check_files: bool = True) -> list[str]:
     """train.eval_tasks (each task loaded and checked), train.eval_tasks_every and train.keep_best."""
+    from xtune.config.eval_tasks import load_task
+
     t, out = spec.train, []
     if t.eval_tasks_every < 0:
         out.append(f"train.eval_tasks_every={t.eval_tasks_every}: must be >= 0 (0: only at the end)")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List
-
 from xtune.config.schema import GenSpec
 
 
-def gen_problems(g: GenSpec) -> List[str]:
-    problems: List[str] = []
+def gen_problems(g: GenSpec) -> list[str]:
+    problems: list[str] = []
     for key, value in (("max_new_tokens", g.max_new_tokens), ("n", g.n), ("batch_size", g.batch_size),
                        ("repetition_penalty", g.repetition_penalty)):
         if value <= 0:

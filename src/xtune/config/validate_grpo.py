@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import List
 
 from xtune.config.schema import REWARD_BUILTINS, RunSpec
 
@@ -24,7 +23,7 @@ BUILTIN_ARGS = {
 }
 
 
-def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
+def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> list[str]:
     if spec.method != "grpo":
         return []
     g, problems = spec.grpo, []
@@ -66,7 +65,7 @@ def grpo_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
     return problems
 
 
-def reward_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
+def reward_problems(spec: RunSpec, *, check_files: bool = True) -> list[str]:
     g, problems = spec.grpo, []
     if not g.rewards:
         problems.append("grpo.rewards is empty: give at least one reward, e.g. "
@@ -97,7 +96,7 @@ def reward_problems(spec: RunSpec, *, check_files: bool = True) -> List[str]:
     return problems
 
 
-def _builtin_problems(key: str, builtin: str, args: dict) -> List[str]:
+def _builtin_problems(key: str, builtin: str, args: dict) -> list[str]:
     allowed = BUILTIN_ARGS[builtin]
     problems = [f"{key}.args.{k}: builtin {builtin} takes no such argument; allowed: {', '.join(allowed)}"
                 for k in args if k not in allowed]

@@ -6,14 +6,16 @@ what would be a cycle: every `xtune.data.*` module imports this package first, a
 them; it also keeps the plain-Python modules, records, sources, convert, free of torch).
 """
 
+from xtune.config.schema import RunSpec
 
-def build_train_loader(spec, tokenizer, **kw):
+
+def build_train_loader(spec: RunSpec, tokenizer, **kw):
     from xtune.data.loader import build_train_loader as f
 
     return f(spec, tokenizer, **kw)
 
 
-def build_eval_batches(spec, tokenizer, **kw):
+def build_eval_batches(spec: RunSpec, tokenizer, **kw):
     from xtune.data.loader import build_eval_batches as f
 
     return f(spec, tokenizer, **kw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,12 +12,12 @@ from xtune.data.pack import Row
 from xtune.data.types import IGNORE_INDEX, ImageRef, PackedBatch
 
 # item -> (ids, labels, images) of the whole sample
-ItemFn = Callable[[int], Tuple[np.ndarray, np.ndarray, List[ImageRef]]]
+ItemFn = Callable[[int], tuple[np.ndarray, np.ndarray, list[ImageRef]]]
 TilesFn = Callable[[ImageRef], torch.Tensor]
 
 
 def collate(rows: Sequence[Row], item: ItemFn, row_len: int, pad_id: int,
-            tiles: Optional[TilesFn] = None) -> PackedBatch:
+            tiles: TilesFn | None = None) -> PackedBatch:
     """Concatenate the pieces of `rows`, then pad to len(rows) * row_len with one pseudo-document.
 
     Every piece is its own document: positions restart at 0 and attention never crosses it. Its

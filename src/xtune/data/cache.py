@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -28,7 +28,7 @@ from xtune.data.types import ImageRef
 FORMAT_VERSION = 1
 
 
-def default_cache_dir(cache_dir: Optional[str] = None) -> Path:
+def default_cache_dir(cache_dir: str | None = None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
     env = os.environ.get("XTUNE_CACHE")
@@ -68,7 +68,7 @@ def _stat_key(st: os.stat_result) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def content_hash(path: str, memo_dir: Optional[Path]) -> str:
+def content_hash(path: str, memo_dir: Path | None) -> str:
     """sha256 of a data file, hashed once per version of the file: the hash is stored under `memo_dir`
     with the file's (size, mtime, ctime, inode), and read back while those are unchanged. Processes that
     start together (every rank of a run) wait on one lock per file while the first hashes it."""
@@ -77,7 +77,7 @@ def content_hash(path: str, memo_dir: Optional[Path]) -> str:
     real = os.path.realpath(path)
     memo = memo_dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
 
-    def stored() -> Optional[str]:
+    def stored() -> str | None:
         try:
             m = json.loads(memo.read_text())
         except (OSError, ValueError):
@@ -102,8 +102,8 @@ def content_hash(path: str, memo_dir: Optional[Path]) -> str:
     return digest
 
 
-def cache_key(files: List[str], tokenizer_digest: str, settings, media_root: Optional[str], on_error: str,
-              memo_dir: Optional[Path] = None) -> str:
+def cache_key(files: list[str], tokenizer_digest: str, settings, media_root: str | None, on_error: str,
+              memo_dir: Path | None = None) -> str:
     """The entry's name: content hashes of the files (see `content_hash`), the tokenizer and settings."""
     h = hashlib.sha256()
     h.update(f"xtune-data-v{FORMAT_VERSION}".encode())
@@ -163,7 +163,7 @@ def load_entry(folder: Path) -> dict:
 
 # -- build once, across processes --------------------------------------------------------------------
 def build_or_load(folder: Path, build: Callable[[], None], poll_s: float = 0.5,
-                  timeout_s: Optional[float] = None) -> bool:
+                  timeout_s: float | None = None) -> bool:
     """Make sure the entry `folder` exists; returns True when this process built it.
 
     `build()` must write the entry with `save_entry`. The lock is filelock's (an OS file lock), so the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 from xtune.errors import DataError
 
@@ -19,7 +18,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
-def detect(obj) -> Optional[str]:
+def detect(obj) -> str | None:
     """The format a record is in, or None."""
     if isinstance(obj, list):
         return "messages"
@@ -40,7 +39,7 @@ def describe_keys(obj) -> str:
     return f"keys {sorted(obj)}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
 
 
-def rename(obj, columns: Dict[str, str]):
+def rename(obj, columns: dict[str, str]):
     """`columns` maps xtune's field name to the dataset's: {messages: dialog} reads `dialog` as `messages`."""
     if columns and isinstance(obj, dict):
         obj = dict(obj)
@@ -94,7 +93,7 @@ class Converter:
     """Picklable (sent to the tokenising workers): JSON text in `fmt` -> JSON text in messages form."""
 
     fmt: str
-    columns: Dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, where: str, line: str) -> str:
         try:
@@ -111,7 +110,7 @@ class Converter:
         return self.fmt == "messages" and not self.columns
 
 
-def resolve_format(fmt: str, columns: Dict[str, str], first_file: str, first: tuple) -> str:
+def resolve_format(fmt: str, columns: dict[str, str], first_file: str, first: tuple) -> str:
     """`auto` -> the format of the dataset's first record (located error when it fits none)."""
     if fmt != "auto":
         return fmt

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
 
 import numpy as np
 
@@ -26,17 +25,17 @@ MAX_ERRORS_SHOWN = 5
 @dataclass
 class TokenizedDataset:
     name: str
-    files: List[str]
+    files: list[str]
     ids: np.ndarray  # flat int32
     labels: np.ndarray  # flat int32, shifted per sample
     offsets: np.ndarray  # [n + 1] int64
-    images: List[List[ImageRef]]
-    sources: List[str]
+    images: list[list[ImageRef]]
+    sources: list[str]
     records: int
     truncated: int
     dropped_image_cut: int
     dropped_no_loss: int
-    errors: List[str]
+    errors: list[str]
     built: bool  # tokenised by this process (False: read from the cache)
     format: str = "messages"  # the record format read (auto resolved)
     group: int = 1  # samples per item: 2 for preference pairs (chosen, rejected), else 1
@@ -97,7 +96,7 @@ def tokenize_settings(tokenizer, data_spec, model_spec, preference: bool = False
     )
 
 
-def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest: Optional[str] = None,
+def load_dataset(ds_spec, tokenizer, data_spec, model_spec, *, tokenizer_digest: str | None = None,
                  verbose: bool = True, preference: bool = False) -> TokenizedDataset:
     """Tokenise `ds_spec` (a DatasetSpec) or read it from the cache. `preference`: the records are
     preference pairs, stored as two consecutive samples each (chosen, rejected)."""

@@ -20,8 +20,8 @@ differently, `fast_renderer` returns None and xtune renders with `apply_chat_tem
 from __future__ import annotations
 
 import types
-from functools import lru_cache
-from typing import Any, Dict
+from functools import cache, lru_cache
+from typing import Any
 
 import jinja2
 import jinja2.runtime
@@ -152,7 +152,7 @@ def compile_template(template: str):
     return env.from_string(template)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fast_sandbox_class():
     """jinja2's ImmutableSandboxedEnvironment with its checks short-cut where the answer is known.
 
@@ -170,7 +170,7 @@ def _fast_sandbox_class():
     # `isinstance` answers for them (none defines `__class__`) and the name is all that is checked.
     cacheable = {str, dict, list, tuple, int, float, bool, type(None), jinja2.runtime.LoopContext,
                  jinja2.utils.Namespace}
-    safe_cache: Dict[tuple, bool] = {}
+    safe_cache: dict[tuple, bool] = {}
 
     class _FastSandbox(ImmutableSandboxedEnvironment):
         def getattr(self, obj, attribute):

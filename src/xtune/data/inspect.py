@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from xtune.config.schema import RunSpec
 from xtune.data.loader import PackedData
 from xtune.data.multimodal import IMG_CONTEXT
 from xtune.data.types import IGNORE_INDEX
@@ -58,11 +57,11 @@ def render_sample(tokenizer, ids, labels, delimiters: bool = False) -> Text:
     return out
 
 
-def _spec_format(spec, name: str) -> str:
+def _spec_format(spec: RunSpec, name: str) -> str:
     return next((d.format for d in spec.data.datasets if d.name == name), "messages")
 
 
-def inspect_data(spec, tokenizer, console: Optional[Console] = None, *, sample_index: int = 0) -> PackedData:
+def inspect_data(spec: RunSpec, tokenizer, console: Console | None = None, *, sample_index: int = 0) -> PackedData:
     """Print per dataset its counts and length histogram, the packing efficiency and one rendered sample."""
     console = console or Console()
     data = PackedData(spec.data.datasets, spec, tokenizer, shuffle=True, verbose=False)

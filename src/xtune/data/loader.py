@@ -14,17 +14,17 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from xtune.config.schema import RunSpec
 from xtune.data import cache
 from xtune.data.batch import collate, image_tiles_fn
 from xtune.data.dataset import TokenizedDataset, load_dataset
-from xtune.data.records import count_kinds
 from xtune.data.mix import mix
 from xtune.data.pack import Row, efficiency, pack, rows_fingerprint
+from xtune.data.records import count_kinds
 from xtune.data.types import PackedBatch
 from xtune.errors import DataError
 
@@ -33,7 +33,7 @@ log = logging.getLogger("xtune.data")
 
 @dataclass
 class DataStats:
-    datasets: List[Dict] = field(default_factory=list)  # per dataset: counts (see `dataset_stats`)
+    datasets: list[dict] = field(default_factory=list)  # per dataset: counts (see `dataset_stats`)
     samples: int = 0  # after mixing
     rows: int = 0
     real_tokens: int = 0
@@ -41,7 +41,7 @@ class DataStats:
     packing_efficiency: float = 0.0
 
 
-def _trained_tokens(datasets: List[TokenizedDataset], items: np.ndarray) -> int:
+def _trained_tokens(datasets: list[TokenizedDataset], items: np.ndarray) -> int:
     """Trained tokens over the mixed items (a sample drawn k times counts k times)."""
     total = 0
     for d, ds in enumerate(datasets):
@@ -52,7 +52,7 @@ def _trained_tokens(datasets: List[TokenizedDataset], items: np.ndarray) -> int:
     return total
 
 
-def dataset_stats(ds: TokenizedDataset) -> Dict:
+def dataset_stats(ds: TokenizedDataset) -> dict:
     return dict(
         name=ds.name, files=len(ds.files), records=ds.records, samples=len(ds), tokens=ds.num_tokens,
         trained_tokens=ds.num_trained, truncated=ds.truncated, dropped_image_cut=ds.dropped_image_cut,
@@ -67,7 +67,7 @@ class PackedData:
     An item is a sample, or for preference data (`spec.method == "dpo"`) a pair of samples: the packer places
     whole pairs, and each pair becomes two consecutive documents of its row (chosen, rejected)."""
 
-    def __init__(self, ds_specs, spec, tokenizer, *, shuffle: bool, verbose: bool):
+    def __init__(self, ds_specs, spec: RunSpec, tokenizer, *, shuffle: bool, verbose: bool):
         data, model = spec.data, spec.model
         preference = getattr(spec, "method", "sft") == "dpo"
         self.group = 2 if preference else 1
@@ -91,7 +91,7 @@ class PackedData:
                     blocks[k] = [(im.token_start, im.token_start + im.num_tokens) for im in ims]
         self.row_len = data.pack_max_length
         self.strategy, self.lookahead = data.pack, data.pack_lookahead
-        self.rows: List[Row] = pack(data.pack, lengths, self.row_len, data.pack_lookahead, blocks)
+        self.rows: list[Row] = pack(data.pack, lengths, self.row_len, data.pack_lookahead, blocks)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
         self.tiles = image_tiles_fn(model)
@@ -126,10 +126,10 @@ class PackedData:
         a, b = int(ds.offsets[j]), int(ds.offsets[j + 1])
         return ds.ids[a:b], ds.labels[a:b], ds.images[j]
 
-    def batch(self, row_ids: List[int]) -> PackedBatch:
+    def batch(self, row_ids: list[int]) -> PackedBatch:
         return self._collate([self.rows[r] for r in row_ids], self.items, self.item)
 
-    def _collate(self, rows: List[Row], items: np.ndarray, item) -> PackedBatch:
+    def _collate(self, rows: list[Row], items: np.ndarray, item) -> PackedBatch:
         if self.group == 1:
             return collate(rows, item, self.row_len, self.pad_id, self.tiles)
         docs = [[(2 * i + h, 0, len(item(2 * i + h)[0])) for i, _, _ in row for h in (0, 1)] for row in rows]
@@ -148,7 +148,7 @@ class PackedData:
     def num_pairs(self) -> int:
         return int(self.pair_base[-1])
 
-    def all_batches(self, dp_rank: int, dp_size: int, micro_batch_size: int) -> List[PackedBatch]:
+    def all_batches(self, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[PackedBatch]:
         """Every row once, split over ranks like eval batches (the rows training sees, so a pair's reference
         log-probs come from the same packed row as its training forward)."""
         return _rank_batches(len(self.rows), dp_rank, dp_size, micro_batch_size, self.batch,
@@ -158,7 +158,7 @@ class PackedData:
         return hashlib.sha256(rows_fingerprint(self.rows).tobytes() + self.items.tobytes()).hexdigest()[:16]
 
 
-def _rank_batches(n_rows: int, dp_rank: int, dp_size: int, m: int, make, empty) -> List[PackedBatch]:
+def _rank_batches(n_rows: int, dp_rank: int, dp_size: int, m: int, make, empty) -> list[PackedBatch]:
     """Rows r = dp_rank (mod dp_size) in micro-batches of m rows; every rank gets the same number of
     batches (padded with empty ones), so no rank waits on a collective that another never starts."""
     mine = list(range(dp_rank, n_rows, dp_size))
@@ -172,7 +172,7 @@ def _rank_batches(n_rows: int, dp_rank: int, dp_size: int, m: int, make, empty) 
 class TrainLoader:
     """`next(loader)` -> this rank's micro-batches (list[PackedBatch]) for one optimizer step."""
 
-    def __init__(self, spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0):
+    def __init__(self, spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0):
         # The spec is validated (config.validate): global_batch_size is a multiple of dp_size x micro_batch_size.
         train = spec.train
         per_step = dp_size * train.micro_batch_size
@@ -191,7 +191,7 @@ class TrainLoader:
         else:
             self.total_steps = max(1, math.ceil((train.epochs or 1.0) * self.steps_per_epoch))
         self.step = 0
-        self._perm: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._perm: tuple[int, np.ndarray | None] = (-1, None)
         if rank == 0:
             s = self.stats
             log.info("data: %d samples -> %d rows of %d tokens, packing efficiency %.1f%%, %d steps/epoch",
@@ -213,7 +213,7 @@ class TrainLoader:
             self._perm = (epoch, rng.permutation(len(self.data.rows)))
         return self._perm[1]
 
-    def step_rows(self, step: int) -> List[List[int]]:
+    def step_rows(self, step: int) -> list[list[int]]:
         """Row indices of this rank's micro-batches at `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
         perm = self._epoch_perm(epoch)
@@ -224,7 +224,7 @@ class TrainLoader:
         m = self.micro_batch_size
         return [mine[j:j + m] for j in range(0, per_rank, m)]
 
-    def __next__(self) -> List[PackedBatch]:
+    def __next__(self) -> list[PackedBatch]:
         if self.step >= self.total_steps:
             raise StopIteration
         batches = [self.data.batch(r) for r in self.step_rows(self.step)]
@@ -239,13 +239,13 @@ class TrainLoader:
     def num_pairs(self) -> int:
         return self.data.num_pairs
 
-    def reference_batches(self, dp_rank: int, dp_size: int) -> List[PackedBatch]:
+    def reference_batches(self, dp_rank: int, dp_size: int) -> list[PackedBatch]:
         return self.data.all_batches(dp_rank, dp_size, self.micro_batch_size)
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "rows": len(self.data.rows), "fingerprint": self.data.fingerprint()}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.data.fingerprint() or state.get("seed") != self.seed:
             raise DataError(
                 "the training data (or its packing, or train.seed) differs from the checkpoint's; "
@@ -254,11 +254,11 @@ class TrainLoader:
         self.step = int(state["step"])
 
 
-def build_train_loader(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> TrainLoader:
+def build_train_loader(spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> TrainLoader:
     return TrainLoader(spec, tokenizer, dp_rank=dp_rank, dp_size=dp_size, rank=rank)
 
 
-def build_eval_batches(spec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> List[PackedBatch]:
+def build_eval_batches(spec: RunSpec, tokenizer, *, dp_rank: int = 0, dp_size: int = 1, rank: int = 0) -> list[PackedBatch]:
     """This rank's eval micro-batches; every rank gets the same number (padded with empty ones)."""
     if not spec.data.eval_datasets:
         return []

@@ -6,7 +6,7 @@ The integer part repeats the whole dataset, the fraction adds a seeded random su
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def ratio_indices(n: int, ratio: float, seed: int, salt: int) -> np.ndarray:
 
 def mix(sizes: Sequence[int], ratios: Sequence[float], seed: int) -> np.ndarray:
     """[(dataset, sample)] pairs of the whole mix as an int64 array [m, 2], in dataset order."""
-    out: List[np.ndarray] = []
+    out: list[np.ndarray] = []
     for d, (n, r) in enumerate(zip(sizes, ratios)):
         idx = ratio_indices(n, r, seed, d)
         out.append(np.stack([np.full(len(idx), d, dtype=np.int64), idx], axis=1))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -29,13 +28,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @lru_cache(maxsize=64)
-def _grids(max_tiles: int) -> List[Tuple[int, int]]:
+def _grids(max_tiles: int) -> list[tuple[int, int]]:
     """All (cols, rows) with 1 <= cols*rows <= max_tiles, fewest tiles first."""
     grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles}
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
-def tile_grid(width: int, height: int, image_size: int, max_tiles: int) -> Tuple[int, int]:
+def tile_grid(width: int, height: int, image_size: int, max_tiles: int) -> tuple[int, int]:
     """The (cols, rows) grid InternVL picks for an image of this size."""
     aspect = width / height
     area = width * height
@@ -55,7 +54,7 @@ def num_tiles(width: int, height: int, image_size: int, max_tiles: int, use_thum
     return n + 1 if use_thumbnail and n > 1 else n
 
 
-def image_size_of(path: str) -> Tuple[int, int]:
+def image_size_of(path: str) -> tuple[int, int]:
     """(width, height) from the file header; PIL does not decode the pixels for this."""
     with Image.open(path) as im:
         return im.size
@@ -67,7 +66,7 @@ _END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
 _TAIL_BYTES = 1024
 
 
-def probe_image(path: str) -> Tuple[int, int]:
+def probe_image(path: str) -> tuple[int, int]:
     """(width, height) of an image after cheap checks, without decoding it: the header (PIL's `Image.open`
     reads only that) and the end marker of PNG / JPEG files. Raises ValueError saying what is wrong (the
     caller adds where). A record's `image_wh` is not compared: XTuner-format data often gives another size
@@ -78,8 +77,12 @@ def probe_image(path: str) -> Tuple[int, int]:
     try:
         with Image.open(path) as im:
             fmt, actual = im.format, im.size
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused by the header read itself
+        raise ValueError(_too_large(path, _png_size(path), str(e))) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some bad headers
         raise ValueError(f"image {path} is not a readable image ({e})") from None
+    if Image.MAX_IMAGE_PIXELS and actual[0] * actual[1] > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(_too_large(path, actual, ""))
     marker = _END_MARKERS.get(fmt)
     if marker is not None:
         with open(path, "rb") as f:
@@ -89,6 +92,21 @@ def probe_image(path: str) -> Tuple[int, int]:
     return actual
 
 
+def _too_large(path: str, wh: tuple[int, int] | None, why: str) -> str:
+    size = f"{wh[0]} x {wh[1]} pixels" if wh else why
+    return (f"image {path} is {size}, over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels (its guard against "
+            "decompression bombs); it was not decoded: resize it, e.g. to the model's tile size times max_tiles")
+
+
+def _png_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (PIL refuses to open one over its limit); None for other formats."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def _to_tensor(im: Image.Image) -> torch.Tensor:
     # [H, W, 3] uint8 -> [3, H, W] float in [0, 1]
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
@@ -96,7 +114,7 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_tiles(path: str, image_size: int, max_tiles: int, use_thumbnail: bool,
-               grid_wh: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+               grid_wh: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode an image into normalised tiles: float32 [num_tiles, 3, image_size, image_size].
 
     `grid_wh`: the (width, height) the token count was computed from (the record's `image_wh`);

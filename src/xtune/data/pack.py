@@ -19,16 +19,16 @@ into the list of lengths given). Every strategy but `hard` uses whole samples (`
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
-Piece = Tuple[int, int, int]
-Row = List[Piece]
+Piece = tuple[int, int, int]
+Row = list[Piece]
 
 
 def pack(strategy: str, lengths: Sequence[int], cap: int, lookahead: int = 256,
-         image_blocks: Optional[Dict[int, List[Tuple[int, int]]]] = None) -> List[Row]:
+         image_blocks: dict[int, list[tuple[int, int]]] | None = None) -> list[Row]:
     lengths = [int(x) for x in lengths]
     if strategy != "hard":
         too_long = [i for i, n in enumerate(lengths) if n > cap]
@@ -45,12 +45,12 @@ def pack(strategy: str, lengths: Sequence[int], cap: int, lookahead: int = 256,
     raise ValueError(f"unknown packing strategy {strategy!r}")
 
 
-def pack_soft(lengths: List[int], cap: int, lookahead: int) -> List[Row]:
+def pack_soft(lengths: list[int], cap: int, lookahead: int) -> list[Row]:
     n = len(lengths)
     used = [False] * n
-    window: List[Tuple[int, int]] = []  # (length, item) of unused items ahead, sorted
+    window: list[tuple[int, int]] = []  # (length, item) of unused items ahead, sorted
     entered = 0  # items [0, entered) have been put in the window
-    rows: List[Row] = []
+    rows: list[Row] = []
     head = 0
     while True:
         while head < n and used[head]:
@@ -91,10 +91,10 @@ def pack_soft(lengths: List[int], cap: int, lookahead: int) -> List[Row]:
         rows.append(row)
 
 
-def pack_bfd(lengths: List[int], cap: int) -> List[Row]:
+def pack_bfd(lengths: list[int], cap: int) -> list[Row]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: List[Row] = []
-    free: List[Tuple[int, int]] = []  # (space left, row), sorted: best fit = first with space >= length
+    rows: list[Row] = []
+    free: list[tuple[int, int]] = []  # (space left, row), sorted: best fit = first with space >= length
     for i in order:
         n = lengths[i]
         k = bisect.bisect_left(free, (n, -1))
@@ -108,8 +108,8 @@ def pack_bfd(lengths: List[int], cap: int) -> List[Row]:
     return rows
 
 
-def pack_hard(lengths: List[int], cap: int, image_blocks: Dict[int, List[Tuple[int, int]]]) -> List[Row]:
-    rows: List[Row] = []
+def pack_hard(lengths: list[int], cap: int, image_blocks: dict[int, list[tuple[int, int]]]) -> list[Row]:
+    rows: list[Row] = []
     row: Row = []
     used = 0
     for i, n in enumerate(lengths):
@@ -134,7 +134,7 @@ def pack_hard(lengths: List[int], cap: int, image_blocks: Dict[int, List[Tuple[i
     return rows
 
 
-def efficiency(rows: List[Row], cap: int) -> float:
+def efficiency(rows: list[Row], cap: int) -> float:
     """Real tokens / row tokens (rows are padded to `cap`)."""
     if not rows:
         return 0.0
@@ -142,7 +142,7 @@ def efficiency(rows: List[Row], cap: int) -> float:
     return real / (len(rows) * cap)
 
 
-def rows_fingerprint(rows: List[Row]) -> np.ndarray:
+def rows_fingerprint(rows: list[Row]) -> np.ndarray:
     flat = np.array([p for row in rows for p in row] or [(0, 0, 0)], dtype=np.int64)
     sizes = np.array([len(r) for r in rows], dtype=np.int64)
     return np.concatenate([flat.ravel(), sizes])

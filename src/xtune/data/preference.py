@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +30,14 @@ from xtune.data.types import IGNORE_INDEX
 
 @dataclass
 class PreferencePair:
-    prompt: List[Dict[str, Any]]  # raw messages, as in the file
-    chosen: List[Dict[str, Any]]
-    rejected: List[Dict[str, Any]]
+    prompt: list[dict[str, Any]]  # raw messages, as in the file
+    chosen: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
     source: str  # "file:line"
-    meta: Dict[str, Any]
+    meta: dict[str, Any]
 
 
-def _messages(obj: Dict[str, Any], key: str, fail) -> List[Dict[str, Any]]:
+def _messages(obj: dict[str, Any], key: str, fail) -> list[dict[str, Any]]:
     value = obj[key]
     if isinstance(value, dict):  # one message given as an object
         value = [value]
@@ -46,7 +46,7 @@ def _messages(obj: Dict[str, Any], key: str, fail) -> List[Dict[str, Any]]:
     return value
 
 
-def _empty(messages: List[Dict[str, Any]]) -> bool:
+def _empty(messages: list[dict[str, Any]]) -> bool:
     def text(c):
         if isinstance(c, list):
             return "".join(p.get("text", "") if isinstance(p, dict) and p.get("type") == "text" else "x" for p in c)
@@ -87,7 +87,7 @@ def parse_pair(file: str, lineno: int, line: str) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, where, meta)
 
 
-def pair_records(pair: PreferencePair, file: str, lineno: int, media_root: str) -> Tuple[Record, Record]:
+def pair_records(pair: PreferencePair, file: str, lineno: int, media_root: str) -> tuple[Record, Record]:
     """The two conversations of a pair as Records (the shared validation of formats.parse_record), with
     every prompt message untrained and every response message trained."""
     out = []
@@ -104,8 +104,8 @@ def first_trained(trained: np.ndarray) -> int:
     return int(hits[0]) if len(hits) else len(trained)
 
 
-def truncate_pair(halves: List[Tuple[np.ndarray, np.ndarray]], max_doc: int, max_pair: int
-                  ) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], bool]:
+def truncate_pair(halves: list[tuple[np.ndarray, np.ndarray]], max_doc: int, max_pair: int
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
     """(ids, trained) of chosen and rejected -> the same, truncated as the module docstring says.
 
     The prompt is the tokens before the first trained one; both halves share it."""

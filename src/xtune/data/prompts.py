@@ -15,10 +15,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 
+from xtune.config.schema import RunSpec
 from xtune.data.mix import ratio_indices
 from xtune.data.records import load_line, parse_record
 from xtune.data.sources import iter_file, list_files
@@ -31,9 +31,9 @@ PROMPT_KEYS = ("prompt", "messages")
 
 @dataclass
 class Prompt:
-    ids: List[int]  # the rendered prompt with the assistant header, at most grpo.max_prompt_length tokens
+    ids: list[int]  # the rendered prompt with the assistant header, at most grpo.max_prompt_length tokens
     prompt: object  # as the record gave it (a string or a list of messages): what user rewards receive
-    fields: Dict[str, object]  # the record's other keys
+    fields: dict[str, object]  # the record's other keys
     source: str  # file:line
 
 
@@ -63,15 +63,15 @@ def parse_prompt(file: str, locator, line: str, media_root: str) -> tuple:
 class PromptSet:
     """Every prompt of the run's datasets (sample_ratio applied), tokenised once."""
 
-    def __init__(self, spec, tokenizer):
+    def __init__(self, spec: RunSpec, tokenizer):
         d = spec.data
         self.template = resolve_template(tokenizer, d.template, spec.model.family or "qwen3")
         self.tokenizer = tokenizer
         self.renderer = Renderer(tokenizer, self.template)
         self.enable_thinking = spec.gen.enable_thinking
         self.max_length = spec.grpo.max_prompt_length
-        self.items: List[Prompt] = []
-        self.skipped: List[str] = []
+        self.items: list[Prompt] = []
+        self.skipped: list[str] = []
         self.too_long = 0
         for i, ds in enumerate(d.datasets):
             found = self._read(ds, d.on_error == "skip")
@@ -83,7 +83,7 @@ class PromptSet:
         log.info("grpo prompts: %d (%d longer than %d tokens left out, %d bad records skipped)", len(self.items),
                  self.too_long, self.max_length, len(self.skipped))
 
-    def _read(self, ds, skip: bool) -> List[Prompt]:
+    def _read(self, ds, skip: bool) -> list[Prompt]:
         out = []
         for file in list_files(ds.path):
             media_root = ds.media_root or str(Path(file).parent)
@@ -101,7 +101,7 @@ class PromptSet:
                     self.skipped.append(str(e))
         return out
 
-    def encode(self, messages, where: str) -> List[int]:
+    def encode(self, messages, where: str) -> list[int]:
         try:
             if self.enable_thinking is None:
                 text = self.renderer.render(messages, add_generation_prompt=True)
@@ -128,7 +128,7 @@ class PromptStream:
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.consumed = size, seed, 0
 
-    def take(self, k: int) -> List[int]:
+    def take(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
             epoch, pos = divmod(self.consumed, self.size)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 from xtune.errors import DataError
 
@@ -27,19 +28,19 @@ class ImageSpec:
     """An image named by a record: its resolved path and, when the record gave it, its size."""
 
     path: str
-    wh: Optional[Tuple[int, int]] = None
+    wh: tuple[int, int] | None = None
 
 
 @dataclass
 class Record:
     """One conversation: messages with string content (placeholders marking images)."""
 
-    messages: List[Dict[str, Any]]
-    images: List[ImageSpec]
+    messages: list[dict[str, Any]]
+    images: list[ImageSpec]
     # Per message: True / False from its "loss" key, None for the default rule.
-    loss: List[Optional[bool]]
+    loss: list[bool | None]
     source: str  # "file:line"
-    meta: Dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_pretrain(self) -> bool:
@@ -65,16 +66,16 @@ def skip_kind(message: str) -> str:
     return "record"
 
 
-def count_kinds(messages: List[str]) -> Dict[str, int]:
+def count_kinds(messages: list[str]) -> dict[str, int]:
     """{kind: count} over skipped records' messages, most frequent first."""
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for m in messages:
         k = skip_kind(m)
         counts[k] = counts.get(k, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def list_files(path: str) -> List[str]:
+def list_files(path: str) -> list[str]:
     """A file, or every *.jsonl below a folder (sorted, so the order never depends on the filesystem)."""
     p = Path(path).expanduser()
     if p.is_file():
@@ -87,7 +88,7 @@ def list_files(path: str) -> List[str]:
     raise DataError(f"{path}: no such file or folder")
 
 
-def iter_lines(file: str) -> Iterator[Tuple[int, str]]:
+def iter_lines(file: str) -> Iterator[tuple[int, str]]:
     """(line number, text) for every non-blank line; an empty file is an error.
 
     Lines are decoded one by one, so a byte that is not UTF-8 is reported at its line and byte offset
@@ -144,7 +145,7 @@ def load_line(file: str, lineno: int, line: str):
 def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
     """Parse and validate one JSONL line. Raises DataError naming file:line and the problem."""
     where, obj, fail = load_line(file, lineno, line)
-    meta: Dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     if isinstance(obj, dict):
         if "messages" not in obj:
             raise fail("no 'messages' key")
@@ -177,7 +178,7 @@ def parse_record(file: str, lineno: int, line: str, media_root: str) -> Record:
     return Record(messages, images, loss, where, meta)
 
 
-def _content(content: Any, media_root: str, fail) -> Tuple[str, List[ImageSpec]]:
+def _content(content: Any, media_root: str, fail) -> tuple[str, list[ImageSpec]]:
     """Flatten content parts to one string with one placeholder per image."""
     if content is None:
         return "", []

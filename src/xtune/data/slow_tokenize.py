@@ -17,7 +17,7 @@ search per boundary).
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def token_id(tokenizer, token: str):
     return int(tid)
 
 
-def encode_trained(tokenizer, text: str, spans: Sequence[Tuple[int, int]], source: str = "") -> Tuple[List[int], np.ndarray]:
+def encode_trained(tokenizer, text: str, spans: Sequence[tuple[int, int]], source: str = "") -> tuple[list[int], np.ndarray]:
     """(ids of `text`, bool mask of the tokens whose first character lies in one of `spans`)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     trained = np.zeros(len(ids), dtype=bool)
@@ -54,7 +54,7 @@ def encode_trained(tokenizer, text: str, spans: Sequence[Tuple[int, int]], sourc
     return ids, trained
 
 
-def _starts_by_decoding(tokenizer, ids: List[int], text: str, cuts: List[int], source: str) -> np.ndarray:
+def _starts_by_decoding(tokenizer, ids: list[int], text: str, cuts: list[int], source: str) -> np.ndarray:
     """A start position per token, exact at the cuts: for each cut c, the tokens decoding (as a prefix of
     the ids) to fewer than c characters start before it. Needs a tokenizer whose decoding gives the text back."""
 

@@ -13,8 +13,8 @@ Every source becomes a list of files (so the data cache hashes their bytes), and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Tuple
 
 from xtune.data.records import iter_lines
 from xtune.errors import DataError
@@ -23,7 +23,7 @@ EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
 HF_PREFIX = "hf://"
 
 
-def list_files(path: str) -> List[str]:
+def list_files(path: str) -> list[str]:
     """The files of one dataset path, in a fixed order (sorted; a save_to_disk folder in its own shard order)."""
     if path.startswith(HF_PREFIX):
         return _hub_files(path)
@@ -45,7 +45,7 @@ def list_files(path: str) -> List[str]:
     raise DataError(f"{path}: no such file or folder")
 
 
-def _hub_files(path: str) -> List[str]:
+def _hub_files(path: str) -> list[str]:
     """hf://org/name[:split] -> the arrow files of that split in the local HF cache (load_dataset builds them)."""
     name, _, split = path[len(HF_PREFIX):].partition(":")
     try:  # lazy: datasets is an optional extra (xtune[datasets])
@@ -59,7 +59,7 @@ def _hub_files(path: str) -> List[str]:
     return [f["filename"] for f in ds.cache_files]
 
 
-def iter_file(file: str) -> Iterator[Tuple[object, str]]:
+def iter_file(file: str) -> Iterator[tuple[object, str]]:
     """(locator, JSON text) for every record of one file; an empty file is an error."""
     suffix = Path(file).suffix
     reader = {".parquet": _parquet, ".arrow": _arrow, ".json": _json}.get(suffix)
@@ -74,7 +74,7 @@ def iter_file(file: str) -> Iterator[Tuple[object, str]]:
         raise DataError(f"{file}:0: empty file (no records)")
 
 
-def _rows(batches, file: str) -> Iterator[Tuple[str, str]]:
+def _rows(batches, file: str) -> Iterator[tuple[str, str]]:
     i = 0
     for batch in batches:
         for row in batch:

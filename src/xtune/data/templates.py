@@ -15,9 +15,9 @@ no chat format is hand-written here:
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -29,7 +29,7 @@ BUILTIN = {"qwen3": "qwen3_tiny", "intern_s1": "intern_s1_tiny"}
 FAMILY_TEMPLATE = {"qwen3": "qwen3", "qwen3_moe": "qwen3", "intern_s1": "intern_s1"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin_template(name: str) -> str:
     if name not in BUILTIN:
         raise DataError(f"unknown chat template {name!r} (built-in: {', '.join(BUILTIN)})")
@@ -96,7 +96,7 @@ class Renderer:
         self._markers = (header, eot, eot_id)
         return self._markers
 
-    def render(self, messages: List[Dict[str, Any]], tools: Optional[list] = None,
+    def render(self, messages: list[dict[str, Any]], tools: list | None = None,
                add_generation_prompt: bool = False) -> str:
         try:
             if self._fast is not None:
@@ -107,7 +107,7 @@ class Renderer:
         except TEMPLATE_ERRORS as e:
             raise template_error(e, self.tokenizer) from None
 
-    def reference_render(self, messages: List[Dict[str, Any]], tools: Optional[list] = None,
+    def reference_render(self, messages: list[dict[str, Any]], tools: list | None = None,
                          add_generation_prompt: bool = False) -> str:
         """transformers' own rendering (slower; what `render` must equal)."""
         return self.tokenizer.apply_chat_template(

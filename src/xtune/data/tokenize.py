@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import List, Tuple
 
 import numpy as np
 
@@ -63,15 +62,15 @@ EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
 class TokenizedChunk:
     """Tokenised samples of a run of records, stored flat (cheap to pickle, save and concatenate)."""
 
-    ids: List[np.ndarray] = field(default_factory=list)
-    labels: List[np.ndarray] = field(default_factory=list)
-    images: List[List[ImageRef]] = field(default_factory=list)
-    sources: List[str] = field(default_factory=list)
+    ids: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    images: list[list[ImageRef]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     records: int = 0
     truncated: int = 0
     dropped_image_cut: int = 0
     dropped_no_loss: int = 0
-    errors: List[str] = field(default_factory=list)  # skipped records (on_error=skip)
+    errors: list[str] = field(default_factory=list)  # skipped records (on_error=skip)
 
     # Sent from worker processes as two flat arrays and the lengths: pickling thousands of small
     # arrays one by one costs more than tokenising them. Unpickled samples are views of the flat arrays.
@@ -105,7 +104,7 @@ class SampleTokenizer:
         self.eos_id = tokenizer.eos_token_id
 
     # -- text ---------------------------------------------------------------------------------
-    def text_and_spans(self, rec: Record) -> Tuple[str, List[Tuple[int, int]]]:
+    def text_and_spans(self, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans that are trained."""
         msgs = rec.messages
         if rec.is_pretrain:
@@ -151,7 +150,7 @@ class SampleTokenizer:
         return text, spans
 
     # -- tokens -------------------------------------------------------------------------------
-    def encode(self, records: List[Record]) -> List[Tuple[List[int], np.ndarray, list]]:
+    def encode(self, records: list[Record]) -> list[tuple[list[int], np.ndarray, list]]:
         """(ids, trained mask, trained character spans) of each record, rendered with the template."""
         texts, spans = [], []
         for rec in records:
@@ -176,11 +175,11 @@ class SampleTokenizer:
             out.append((enc.ids, trained, sp))
         return out
 
-    def tokenize(self, records: List[Record], out: TokenizedChunk) -> None:
+    def tokenize(self, records: list[Record], out: TokenizedChunk) -> None:
         for rec, (ids, trained, sp) in zip(records, self.encode(records)):
             self._finish(rec, ids, trained, sp, out)
 
-    def tokenize_pairs(self, pairs: List[Tuple[Record, Record]], out: TokenizedChunk) -> None:
+    def tokenize_pairs(self, pairs: list[tuple[Record, Record]], out: TokenizedChunk) -> None:
         """Each (chosen, rejected) pair -> two consecutive samples, truncated together (see `preference`)."""
         flat = [r for pair in pairs for r in pair]
         encoded = self.encode(flat)
@@ -205,7 +204,7 @@ class SampleTokenizer:
                 out.images.append(ims)
                 out.sources.append(rec.source)
 
-    def _finish(self, rec: Record, ids: List[int], trained: np.ndarray, spans, out: TokenizedChunk) -> None:
+    def _finish(self, rec: Record, ids: list[int], trained: np.ndarray, spans, out: TokenizedChunk) -> None:
         out.records += 1
         ids = np.array(ids, dtype=np.int64)
         if rec.is_pretrain and self.eos_id is not None:
@@ -269,7 +268,7 @@ class SampleTokenizer:
 
 
 # The last SampleTokenizer built in this process (its template is compiled and probed once, not per chunk).
-_CACHED: List[SampleTokenizer] = []
+_CACHED: list[SampleTokenizer] = []
 
 
 def sample_tokenizer(tokenizer, settings: TokenizeSettings) -> SampleTokenizer:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Tuple
 
 from xtune.data.preference import pair_records, parse_pair
 from xtune.data.records import parse_record
@@ -18,7 +17,7 @@ from xtune.errors import DataError
 
 
 def tokenize_lines(
-    tokenizer, settings: TokenizeSettings, file: str, lines: List[Tuple[int, str]], media_root: str,
+    tokenizer, settings: TokenizeSettings, file: str, lines: list[tuple[int, str]], media_root: str,
     skip_errors: bool, batch: int = 64, convert=None,
 ) -> TokenizedChunk:
     """Parse and tokenise (line number, text) pairs of one file; `convert(where, text)` maps another record
@@ -66,7 +65,7 @@ def tokenize_lines(
 SLOW_CHUNK_LINES = 64
 
 # Worker-process state: the tokenizer is sent once per worker, not once per chunk.
-_WORKER: Dict[str, object] = {}
+_WORKER: dict[str, object] = {}
 
 
 def _worker_init(tokenizer, settings: TokenizeSettings) -> None:
@@ -82,7 +81,7 @@ def _worker_run(file: str, lines, media_root: str, skip_errors: bool, convert=No
                           convert=convert)
 
 
-def merge_chunks(chunks: List[TokenizedChunk]) -> TokenizedChunk:
+def merge_chunks(chunks: list[TokenizedChunk]) -> TokenizedChunk:
     out = TokenizedChunk()
     for c in chunks:
         out.ids += c.ids
@@ -98,7 +97,7 @@ def merge_chunks(chunks: List[TokenizedChunk]) -> TokenizedChunk:
 
 
 def tokenize_files(
-    tokenizer, settings: TokenizeSettings, files: List[str], media_root: Optional[str], *,
+    tokenizer, settings: TokenizeSettings, files: list[str], media_root: str | None, *,
     num_workers: int = 0, skip_errors: bool = False, chunk_lines: int = 512, convert=None,
 ) -> TokenizedChunk:
     """Tokenise every record of `files` (in file, then line order), in `num_workers` processes."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 
@@ -34,9 +33,9 @@ class Sample:
     without any shift ever crossing a document boundary.
     """
 
-    input_ids: List[int]
-    labels: List[int]
-    images: List[ImageRef] = field(default_factory=list)
+    input_ids: list[int]
+    labels: list[int]
+    images: list[ImageRef] = field(default_factory=list)
     source: str = ""  # "file:line" for error messages and inspection
 
     def __len__(self) -> int:
@@ -61,13 +60,13 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T] long
     cu_seqlens: torch.Tensor  # [num_docs + 1] int32
     max_seqlen: int
-    pixel_values: Optional[torch.Tensor] = None  # [num_tiles, 3, H, W] float
+    pixel_values: torch.Tensor | None = None  # [num_tiles, 3, H, W] float
     # Per document: its number of trained tokens (for sample / square reductions).
-    doc_trained_tokens: Optional[torch.Tensor] = None  # [num_docs] long
+    doc_trained_tokens: torch.Tensor | None = None  # [num_docs] long
     # Preference pairs: document indices (chosen, rejected) of each pair, and its id in the data set
     # (the key of its reference log-probs).
-    pair_docs: Optional[torch.Tensor] = None  # [num_pairs, 2] long
-    pair_ids: Optional[torch.Tensor] = None  # [num_pairs] long
+    pair_docs: torch.Tensor | None = None  # [num_pairs, 2] long
+    pair_ids: torch.Tensor | None = None  # [num_pairs] long
 
     @property
     def num_pairs(self) -> int:
@@ -81,7 +80,7 @@ class PackedBatch:
     def num_trained(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(
             input_ids=move(self.input_ids),

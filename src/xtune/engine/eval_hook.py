@@ -17,10 +17,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
-from rich.console import Console
 
 from xtune.config.eval_tasks import load_task
+from xtune.config.schema import RunSpec
 from xtune.eval.runner import evaluate_task, print_results, write_result
 from xtune.generate import Generator
 
@@ -29,7 +28,7 @@ BEST_JSON = "best.json"
 
 
 class EvalTasksHook:
-    def __init__(self, spec, run_dir: Path):
+    def __init__(self, spec: RunSpec, run_dir: Path):
         t = spec.train
         self.tasks = [load_task(name, spec.gen) for name in t.eval_tasks]
         self.every = t.eval_tasks_every
@@ -79,12 +78,14 @@ class EvalTasksHook:
 
 
 def table_text(results, title: str) -> str:
+    from rich.console import Console
+
     console = Console(file=io.StringIO(), width=100, highlight=False)
     print_results(results, console, title=title)
     return console.file.getvalue().rstrip()
 
 
-def _read_best(run_dir: Path) -> Optional[dict]:
+def _read_best(run_dir: Path) -> dict | None:
     path = run_dir / "checkpoints" / BEST_JSON
     try:
         return json.loads(path.read_text()) if path.is_file() else None

@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from xtune.config.validate import BNB_SHARDED_REASON
 from xtune.errors import XtuneError
 
+
 def _is_muon_matrix(name: str, p: torch.nn.Parameter, io_ids: set) -> bool:
     """Muon takes the 2-D weight matrices of the hidden layers; embeddings and the output head (2-D but not
     hidden transforms), norms, biases and fused 3-D expert tensors stay with AdamW, as Muon's authors prescribe."""

@@ -9,13 +9,14 @@ from pathlib import Path
 from xtune import peft as xpeft
 from xtune.checkpoint.dcp import read_marker, read_state, resolve_resume
 from xtune.checkpoint.resume_config import compare, refusal
-from xtune.config.files import vocab_problem
+from xtune.config.schema import RunSpec
 from xtune.config.validate import peft_problems
 from xtune.engine.metrics import check_wandb
-from xtune.errors import CheckpointError, ConfigError, DataError, XtuneError
+from xtune.errors import CheckpointError, ConfigError, DataError
+from xtune.models.tokenizer_check import load_checked_tokenizer
 
 
-def check_resume_config(spec, ckpt: Path | None):
+def check_resume_config(spec: RunSpec, ckpt: Path | None):
     """Changes against the checkpoint's own spec; ConfigError (exit 2) for keys that cannot change."""
     if ckpt is None:
         return None
@@ -28,7 +29,7 @@ def check_resume_config(spec, ckpt: Path | None):
     return changes
 
 
-def preflight(spec, adapter, run_dir: Path):
+def preflight(spec: RunSpec, adapter, run_dir: Path):
     """Everything a user can fix, checked before any process group exists. Returns the tokenizer."""
     problems = adapter.validate()
     if xpeft.enabled(spec.peft) and not problems:
@@ -43,13 +44,5 @@ def preflight(spec, adapter, run_dir: Path):
     check_wandb(spec.logging)
     # A bad resume path, a partial checkpoint or a key that cannot change on resume fails here.
     check_resume_config(spec, resolve_resume(spec.train.resume, run_dir))
-    try:
-        tokenizer = adapter.load_tokenizer()
-    except XtuneError:
-        raise
-    except (OSError, ValueError) as e:
-        raise XtuneError(f"could not load the tokenizer ({spec.model.tokenizer or spec.model.load_from}): {e}") from e
-    problem = vocab_problem(spec.model, tokenizer)
-    if problem:
-        raise ConfigError([problem])
+    tokenizer = load_checked_tokenizer(adapter)
     return tokenizer

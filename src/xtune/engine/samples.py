@@ -11,8 +11,8 @@ The prompt is rendered with `enable_thinking=False` (the empty think block the t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import transformers
 
@@ -33,9 +33,9 @@ def display(text: str, limit: int = DISPLAY_CHARS) -> str:
     return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"
 
 
-def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: List[str], max_new_tokens: int, step: int,
-                     out_file: Optional[Path] = None, log: Callable[[str], None] = print,
-                     text_log: Optional[Callable[[str, str, int], None]] = None) -> list:
+def generate_samples(adapter, tokenizer, hf_dir: Path, prompts: list[str], max_new_tokens: int, step: int,
+                     out_file: Path | None = None, log: Callable[[str], None] = print,
+                     text_log: Callable[[str, str, int], None] | None = None) -> list:
     """Greedy completions of `prompts` by the export at `hf_dir` (this process only: rank 0 of a run); appended to
     `out_file` (JSON lines, full text), shown in `log` as one readable line each and given to
     `text_log(tag, markdown, step)` (TensorBoard text)."""

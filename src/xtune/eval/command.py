@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,7 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "hf").is_dir())
 
 
-def out_dir_for(path: Path, out: Optional[Path]) -> Path:
+def out_dir_for(path: Path, out: Path | None) -> Path:
     """--out, else the run directory itself; a bare model folder needs --out (its folder is not ours to write)."""
     if out is not None:
         return Path(out).expanduser().resolve()
@@ -39,7 +38,7 @@ def out_dir_for(path: Path, out: Optional[Path]) -> Path:
                      "results of a model folder")
 
 
-def _sweep_names(jobs) -> List[str]:
+def _sweep_names(jobs) -> list[str]:
     names = [j.spec.eval.name for j in jobs]
     common = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
     out = []
@@ -53,8 +52,8 @@ def _sweep_names(jobs) -> List[str]:
     return out
 
 
-def run_eval(path: Path, overrides: List[str], *, out: Optional[Path], multirun: bool, dry_run: bool,
-             config_dirs: List[str], console) -> int:
+def run_eval(path: Path, overrides: list[str], *, out: Path | None, multirun: bool, dry_run: bool,
+             config_dirs: list[str], console) -> int:
     path = Path(path).expanduser()
     if not path.exists():
         raise XtuneError(f"{path}: no such run directory or model folder")

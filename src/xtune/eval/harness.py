@@ -16,7 +16,6 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List
 
 from xtune.errors import XtuneError
 from xtune.eval.runner import SUMMARY, TaskResult
@@ -71,7 +70,7 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
-def run_harness(path: Path, h, out_dir: Path, *, main: bool = True, device: str = "cpu") -> List[TaskResult]:
+def run_harness(path: Path, h, out_dir: Path, *, main: bool = True, device: str = "cpu") -> list[TaskResult]:
     """Run `h.tasks` (HarnessSpec) with lm-eval on the model at `path`; TaskResults for the table."""
     try:  # lazy: lm-eval is an optional extra (xtune[harness])
         import lm_eval

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from xtune.config.schema_eval import EvalSpec
 from xtune.data.convert import detect, rename, to_messages
 from xtune.data.sources import iter_file, list_files
 from xtune.errors import DataError
 
-Prompt = List[Dict[str, Any]]
+Prompt = list[dict[str, Any]]
 
 
 @dataclass
@@ -26,9 +26,9 @@ class EvalItem:
     prompt: Prompt  # chat messages ending with a user turn (rendered by the Generator with the chat template)
     reference: str
     source: str  # file:line
-    record: Dict[str, Any] = field(default_factory=dict)
-    choices: Optional[List[str]] = None
-    answer_index: Optional[int] = None
+    record: dict[str, Any] = field(default_factory=dict)
+    choices: list[str] | None = None
+    answer_index: int | None = None
 
 
 def _content_text(content) -> str:
@@ -51,7 +51,7 @@ def _from_messages(obj: dict, spec: EvalSpec, where: str) -> EvalItem:
     return EvalItem(prompt, _content_text(msgs[last].get("content")), where, record)
 
 
-def _answer_index(ref, choices: List[str], where: str) -> int:
+def _answer_index(ref, choices: list[str], where: str) -> int:
     if isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < len(choices):
         return ref
     text = str(ref).strip()
@@ -105,9 +105,9 @@ def _format_of(obj, spec: EvalSpec, where: str) -> str:
     return found
 
 
-def load_items(spec: EvalSpec) -> List[EvalItem]:
+def load_items(spec: EvalSpec) -> list[EvalItem]:
     """The task's first `eval.limit` items, in file order; DataError naming file:line on a bad record."""
-    items: List[EvalItem] = []
+    items: list[EvalItem] = []
     fmt = None
     for file in list_files(spec.data.path):
         for loc, text in iter_file(file):

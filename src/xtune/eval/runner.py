@@ -14,8 +14,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
-from rich.table import Table
 
 from xtune.config.schema import GenSpec
 from xtune.config.schema_eval import EvalSpec
@@ -30,18 +28,18 @@ SAMPLES = "samples.jsonl"
 @dataclass
 class TaskResult:
     name: str
-    metrics: Dict[str, float]
+    metrics: dict[str, float]
     samples: int
     seconds: float
-    rows: List[dict]
+    rows: list[dict]
     scorer: str = ""
 
-    def flat(self) -> Dict[str, float]:
+    def flat(self) -> dict[str, float]:
         """{eval/<task>/<metric>: value}: the keys of metrics.jsonl and of the sweep table."""
         return {f"eval/{self.name}/{k}": v for k, v in self.metrics.items()}
 
 
-def _choice(generator, items: List[EvalItem], gen: GenSpec) -> tuple:
+def _choice(generator, items: list[EvalItem], gen: GenSpec) -> tuple:
     pairs = [(it.prompt, c) for it in items for c in it.choices]
     lls = generator.loglikelihood(pairs, batch_size=gen.batch_size, gen=gen)
     rows, scores, at = [], [], 0
@@ -56,7 +54,7 @@ def _choice(generator, items: List[EvalItem], gen: GenSpec) -> tuple:
     return rows, scores
 
 
-def _generate(generator, items: List[EvalItem], espec: EvalSpec, gen: GenSpec) -> tuple:
+def _generate(generator, items: list[EvalItem], espec: EvalSpec, gen: GenSpec) -> tuple:
     score = S.make_scorer(espec)
     outs = generator.generate([it.prompt for it in items], gen)
     rows, scores = [], []
@@ -73,7 +71,7 @@ def _generate(generator, items: List[EvalItem], espec: EvalSpec, gen: GenSpec) -
     return rows, scores
 
 
-def aggregate(scores: List[List[float]], espec: EvalSpec, gen: GenSpec) -> Dict[str, float]:
+def aggregate(scores: list[list[float]], espec: EvalSpec, gen: GenSpec) -> dict[str, float]:
     """accuracy (or score): the mean over every sample; pass@k over items (a sample counts as correct at >= 0.5)."""
     names = metric_names(espec, gen)
     flat = [s for per in scores for s in per]
@@ -98,7 +96,7 @@ def evaluate_task(generator, espec: EvalSpec, gen: GenSpec) -> TaskResult:
 
 
 def write_result(result: TaskResult, out_dir: Path, espec: EvalSpec, gen: GenSpec, model: str = "",
-                 step: Optional[int] = None) -> Path:
+                 step: int | None = None) -> Path:
     """<out_dir>/eval/<task>/{samples.jsonl, summary.json}, each written whole then renamed into place."""
     folder = Path(out_dir) / "eval" / result.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +114,7 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_summaries(run_dir: Path) -> Dict[str, dict]:
+def read_summaries(run_dir: Path) -> dict[str, dict]:
     """{task: summary} of a run directory's (or --out folder's) eval/<task>/summary.json files."""
     out = {}
     root = Path(run_dir) / "eval"
@@ -129,7 +127,9 @@ def read_summaries(run_dir: Path) -> Dict[str, dict]:
     return out
 
 
-def print_results(results: List[TaskResult], console, title: str = "eval") -> None:
+def print_results(results: list[TaskResult], console, title: str = "eval") -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for col, just in (("task", "left"), ("metric", "left"), ("value", "right"), ("samples", "right"),
                       ("seconds", "right")):

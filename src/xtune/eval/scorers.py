@@ -24,9 +24,9 @@ import math
 import re
 import string
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
 
 from xtune.config.validate_eval import BOXED, BUILTIN_SCORERS, NAMED_PATTERNS, pattern_problem
 from xtune.errors import ConfigError
@@ -60,7 +60,7 @@ def exact_match(completion: str, reference: str, options: Iterable[str] = ("whit
     return float(normalize(completion, options) == normalize(reference, options))
 
 
-def boxed_answer(text: str) -> Optional[str]:
+def boxed_answer(text: str) -> str | None:
     """The content of the last `\\boxed{...}` (or `\\fbox{...}`), nested braces balanced; None without one."""
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
@@ -83,7 +83,7 @@ def compile_pattern(pattern: str) -> re.Pattern:
     return re.compile(NAMED_PATTERNS.get(pattern, pattern), re.DOTALL)
 
 
-def extract(text: str, pattern: str) -> Optional[str]:
+def extract(text: str, pattern: str) -> str | None:
     """The answer named by `pattern` in `text` (the last match's first group), or None."""
     if pattern == BOXED:
         return boxed_answer(text)
@@ -94,7 +94,7 @@ def extract(text: str, pattern: str) -> Optional[str]:
     return groups[0].strip() if groups else None
 
 
-def to_number(text: Optional[str]) -> Optional[float]:
+def to_number(text: str | None) -> float | None:
     """`1,234.5`, `-3`, `$12`, `50%`, `3/4` -> float; None when it is not a number."""
     if text is None:
         return None
@@ -160,7 +160,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @contextmanager
-def _on_path(folder: Optional[str]):
+def _on_path(folder: str | None):
     if folder is None:
         yield
         return
@@ -173,7 +173,7 @@ def _on_path(folder: Optional[str]):
             sys.path.remove(path)
 
 
-def load_user_scorer(ref: str, scorer_path: Optional[str] = None) -> Callable:
+def load_user_scorer(ref: str, scorer_path: str | None = None) -> Callable:
     """`module:function`, imported with `scorer_path` on sys.path for that import only. ConfigError when the module
     or the function is missing."""
     module_name, _, fn_name = ref.partition(":")
@@ -233,5 +233,5 @@ def score_text(name: str, completion: str, reference: str, **args) -> float:
     raise ValueError(f"unknown scorer {name!r}; choose one of exact, regex (regex_numeric), math (math_verify)")
 
 
-def mean(values: List[float]) -> float:
+def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

@@ -11,7 +11,8 @@ error, so `echo hi | xtune chat RUN > answer.txt` writes only the answer.
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from transformers import TextStreamer
 
@@ -49,7 +50,7 @@ class StopAwareStreamer(TextStreamer):
             self.shown = upto
 
 
-def user_turn(text: str, image: Optional[str]):
+def user_turn(text: str, image: str | None):
     if image is None:
         return {"role": "user", "content": text}
     return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
@@ -58,13 +59,13 @@ def user_turn(text: str, image: Optional[str]):
 class ChatSession:
     """A conversation with one Generator: the history, the system prompt and one pending image."""
 
-    def __init__(self, generator, gen: GenSpec, out: TextIO, system: Optional[str] = None,
-                 image: Optional[str] = None):
+    def __init__(self, generator, gen: GenSpec, out: TextIO, system: str | None = None,
+                 image: str | None = None):
         self.generator, self.gen, self.out = generator, gen, out
         self.system, self.image = system, image
-        self.history: List[dict] = []
+        self.history: list[dict] = []
 
-    def messages(self, turn: dict) -> List[dict]:
+    def messages(self, turn: dict) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history + [turn]
 
@@ -97,7 +98,7 @@ class ChatSession:
         return True
 
 
-def read_line(prompt: str, err: TextIO) -> Optional[str]:
+def read_line(prompt: str, err: TextIO) -> str | None:
     err.write(prompt)
     err.flush()
     line = sys.stdin.readline()
@@ -129,8 +130,8 @@ def interactive(session: ChatSession, err: TextIO) -> int:
             session.out.write("\n(interrupted)\n")
 
 
-def run_chat(path: str, gen: GenSpec, *, prompt: Optional[str] = None, image: Optional[str] = None,
-             system: Optional[str] = None, device: str = "cpu", trust_remote_code: bool = False,
+def run_chat(path: str, gen: GenSpec, *, prompt: str | None = None, image: str | None = None,
+             system: str | None = None, device: str = "cpu", trust_remote_code: bool = False,
              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """What `xtune chat` does once its options are parsed (see the module doc)."""
     if prompt is None and not sys.stdin.isatty():

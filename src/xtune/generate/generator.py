@@ -8,12 +8,16 @@ completions per prompt (each prompt repeated n times in the batch), EOS and stop
 `generation_config.json`) only the stop ids are taken, with the tokenizer's EOS and the chat template's
 end-of-turn token. Sampling is seeded per batch from `gen.seed` inside a forked RNG (training's random stream is
 untouched): the same seed, prompts, batch_size and number of ranks give the same completions.
+
+transformers' continuous batching (`generate_batch`, paged attention) was measured against this on the bench model
+(CPU, one thread, 48 prompts x 64 greedy tokens, equal outputs): 42.6 s against 12.1 s for `generate` on one padded
+batch, so `generate` it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +32,7 @@ FAMILY_OF_MODEL_TYPE = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "internvl": 
 @dataclass
 class Completion:
     text: str
-    token_ids: List[int]  # the generated ids, through the stop id or the end of the stop string (no padding)
+    token_ids: list[int]  # the generated ids, through the stop id or the end of the stop string (no padding)
     finish_reason: str  # "stop": an EOS / stop id or a stop string; "length": max_new_tokens reached
 
 
@@ -36,8 +40,9 @@ class Generator:
     """Completions of prompts by one model. `model` is a transformers model (or the FSDP training root holding one
     as `.model`, see `live.py`); `processor` the image tiling of a vision-language model (`ImageSettings`)."""
 
-    def __init__(self, model, tokenizer, *, device=None, processor: Optional[ImageSettings] = None,
-                 template: str = "auto", family: Optional[str] = None, shard_ranks: bool = True):
+    def __init__(self, model, tokenizer, *, device=None, processor: ImageSettings | None = None,
+                 template: str = "auto", family: str | None = None, shard_ranks: bool = True):
+        live.check_root(model)
         self.root = model
         self.model = live.hf_model(model)
         self.tokenizer = tokenizer
@@ -54,7 +59,7 @@ class Generator:
         self.lockstep = shard_ranks and shard.rank_world()[1] > 1 and live.is_sharded(self.root)
 
     @classmethod
-    def from_path(cls, path, *, device="cpu", dtype=None, trust_remote_code: bool = False) -> "Generator":
+    def from_path(cls, path, *, device="cpu", dtype=None, trust_remote_code: bool = False) -> Generator:
         """A run directory, a Hugging Face folder or a PEFT adapter folder (see `load.py`)."""
         loaded = load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         images = ImageSettings.of(loaded.model_spec) if loaded.model_spec.family == "intern_s1" else None
@@ -63,19 +68,19 @@ class Generator:
         gen.source = loaded.source
         return gen
 
-    def _stop_ids(self) -> List[int]:
+    def _stop_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
         extra = [self.tokenizer.eos_token_id, self.prompts.renderer.eot_id]
         return list(dict.fromkeys(int(i) for i in ids + extra if i is not None))
 
     # ------------------------------------------------------------------------------------------ prompts
-    def render(self, prompt: Prompt, gen: GenSpec = GenSpec()) -> List[int]:
+    def render(self, prompt: Prompt, gen: GenSpec = GenSpec()) -> list[int]:
         """The prompt's token ids: the chat template applied as training applied it, with the generation header."""
         return self.prompts.render(prompt, gen.enable_thinking).ids
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec(), *, streamer=None) -> List[List[Completion]]:
+    def generate(self, prompts: Sequence[Prompt], gen: GenSpec = GenSpec(), *, streamer=None) -> list[list[Completion]]:
         """`gen.n` completions per prompt, in input order; under torchrun each rank generates its share.
         `streamer` (a transformers streamer, one prompt and n=1, this process only) gets the tokens as they come."""
         rendered = [self.prompts.render(p, gen.enable_thinking) for p in prompts]
@@ -85,9 +90,9 @@ class Generator:
             return self._generate_local(rendered, gen, streamer)
         return shard.sharded(rendered, lambda mine: self._generate_local(mine, gen), self.shard_ranks)
 
-    def _generate_local(self, rendered: List[Rendered], gen: GenSpec, streamer=None) -> List[List[Completion]]:
+    def _generate_local(self, rendered: list[Rendered], gen: GenSpec, streamer=None) -> list[list[Completion]]:
         order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))  # less padding per batch
-        out: List[Optional[List[Completion]]] = [None] * len(rendered)
+        out: list[list[Completion] | None] = [None] * len(rendered)
         mine = shard.batch_count(len(order), gen.batch_size)
         total = shard.agreed_batches(mine, self.lockstep)
         rank = shard.rank_world()[0] if self.shard_ranks else 0
@@ -104,7 +109,7 @@ class Generator:
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _generate_batch(self, batch: List[Rendered], gen: GenSpec, streamer=None) -> List[List[int]]:
+    def _generate_batch(self, batch: list[Rendered], gen: GenSpec, streamer=None) -> list[list[int]]:
         rows = [r for r in batch for _ in range(gen.n)]
         input_ids, mask = self._left_padded([r.ids for r in rows])
         kwargs = {} if streamer is None else {"streamer": streamer}
@@ -123,7 +128,7 @@ class Generator:
             pad_token_id=self.pad_id, use_cache=True, synced_gpus=self.lockstep, **kwargs)
         return output[:, input_ids.shape[1]:].tolist()
 
-    def _left_padded(self, seqs: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -133,7 +138,7 @@ class Generator:
                 mask[i, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _completion(self, new: List[int], gen: GenSpec) -> Completion:
+    def _completion(self, new: list[int], gen: GenSpec) -> Completion:
         """Cut at the first stop id (kept in token_ids) or stop string (kept in token_ids, cut from the text)."""
         stops = set(self.stop_ids)
         end = next((i for i, t in enumerate(new) if t in stops), None)
@@ -149,7 +154,7 @@ class Generator:
             finish = "stop"  # ended early without a stop id: a stop string transformers matched on the tokens
         return Completion(text, list(ids), finish)
 
-    def _through_string(self, ids: List[int], s: str) -> List[int]:
+    def _through_string(self, ids: list[int], s: str) -> list[int]:
         """The shortest prefix of `ids` whose text contains `s`."""
         for k in range(1, len(ids) + 1):
             if s in self.tokenizer.decode(ids[:k], skip_special_tokens=True):
@@ -157,8 +162,8 @@ class Generator:
         return ids
 
     # ------------------------------------------------------------------------------------------ scoring
-    def loglikelihood(self, pairs: Sequence[Tuple[Prompt, str]], batch_size: int = 16,
-                      gen: GenSpec = GenSpec()) -> List[float]:
+    def loglikelihood(self, pairs: Sequence[tuple[Prompt, str]], batch_size: int = 16,
+                      gen: GenSpec = GenSpec()) -> list[float]:
         """Sum of log p(continuation | rendered prompt) per pair; the continuation is tokenised on its own (no
         special tokens) and scored after the prompt's generation header."""
         items = []
@@ -168,8 +173,8 @@ class Generator:
             items.append((r, list(cont)))
         return shard.sharded(items, lambda mine: self._loglikelihood_local(mine, batch_size), self.shard_ranks)
 
-    def _loglikelihood_local(self, items: list, batch_size: int) -> List[float]:
-        out: List[float] = []
+    def _loglikelihood_local(self, items: list, batch_size: int) -> list[float]:
+        out: list[float] = []
         total = shard.agreed_batches(shard.batch_count(len(items), batch_size), self.lockstep)
         with live.inference(self.root, self.model):
             for b in range(total):
@@ -178,7 +183,7 @@ class Generator:
                 out.extend(scores[:len(batch)])
         return out
 
-    def _score_batch(self, batch: list) -> List[float]:
+    def _score_batch(self, batch: list) -> list[float]:
         # Left padded, so every continuation ends the row: only the last `keep` positions' logits are computed.
         input_ids, mask = self._left_padded([r.ids + c for r, c in batch])
         keep = max(len(c) for _, c in batch) + 1

@@ -45,6 +45,13 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def check_root(root: torch.nn.Module) -> None:
+    """A sharded model must be given as its FSDP root, whose own parameters (embeddings, lm_head) can be gathered."""
+    if is_sharded(root) and not isinstance(root, FSDPModule):
+        raise XtuneError(f"Generator got a {type(root).__name__} with FSDP-sharded parameters that is not an FSDP root: "
+                         "pass the module fully_shard was applied to last (the trainer's `root`, not `root.model`)")
+
+
 def _attn_of(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None)  # no public getter in transformers 5.25
 

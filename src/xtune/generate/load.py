@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -33,7 +33,7 @@ from xtune.checkpoint.dcp import complete_checkpoints, load_model_only, resolve_
 from xtune.checkpoint.hf_export import build_plain_model, build_plain_peft_model, rename_adapter_modules
 from xtune.config.families import AUTO_MODEL_TYPES, resolve_family
 from xtune.config.io import spec_from_yaml
-from xtune.config.schema import ModelSpec
+from xtune.config.schema import ModelSpec, RunSpec
 from xtune.errors import XtuneError
 from xtune.models import get_adapter
 
@@ -75,7 +75,7 @@ def kind_of(path: Path) -> str:
     raise XtuneError(f"{path} is not a model xtune can load; expected {EXPECTED}")
 
 
-def load(path, *, device="cpu", dtype: Optional[str] = None, trust_remote_code: bool = False) -> Loaded:
+def load(path, *, device="cpu", dtype: str | None = None, trust_remote_code: bool = False) -> Loaded:
     path = Path(path).expanduser()
     kind = kind_of(path)
     if kind == "run":
@@ -110,7 +110,7 @@ def _load_run(run_dir: Path, dtype) -> Loaded:
     return Loaded(model, tokenizer, spec.model, spec.data.template, f"{run_dir} (checkpoint {ckpt.name})")
 
 
-def _model_from_checkpoint(spec, ckpt: Path):
+def _model_from_checkpoint(spec: RunSpec, ckpt: Path):
     """The run's model built unsharded on CPU with the checkpoint's weights (what `xtune export` writes, in memory)."""
     adapter = get_adapter(spec.model)
     if xpeft.enabled(spec.peft):
@@ -158,7 +158,9 @@ def _load_folder(folder: Path, kind: str, dtype, trust_remote_code: bool, run_sp
         model = load_export(get_adapter(spec), folder)
     problems = [p for p in get_adapter(tok_spec).validate() if "tokenizer" in p or "trust_remote_code" in p]
     if problems:
-        raise XtuneError(f"{folder}: {problems[0]}")
+        hint = problems[0] if run_spec is not None else problems[0].replace(
+            "set model.trust_remote_code=true", "pass --trust-remote-code (Python: trust_remote_code=True)")
+        raise XtuneError(f"{folder}: {hint}")
     template = run_spec.data.template if run_spec is not None else "auto"
     return Loaded(model, get_adapter(tok_spec).load_tokenizer(), spec, template, str(folder))
 

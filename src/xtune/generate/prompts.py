@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -30,7 +30,7 @@ from xtune.data.records import parse_record
 from xtune.data.templates import TEMPLATE_ERRORS, Renderer, resolve_template, template_error
 from xtune.errors import DataError
 
-Prompt = Union[str, Sequence[dict]]
+Prompt = str | Sequence[dict]
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,14 @@ class ImageSettings:
     use_thumbnail: bool = True
 
     @classmethod
-    def of(cls, model_spec) -> "ImageSettings":
+    def of(cls, model_spec) -> ImageSettings:
         return cls(model_spec.image_size, model_spec.tokens_per_tile, model_spec.max_tiles, model_spec.use_thumbnail)
 
 
 @dataclass
 class Rendered:
-    ids: List[int]
-    pixel_values: Optional[torch.Tensor] = None  # [tiles, 3, S, S] for the images of this prompt
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None  # [tiles, 3, S, S] for the images of this prompt
 
 
 def messages_of(prompt: Prompt) -> list:
@@ -67,14 +67,14 @@ class PromptRenderer:
     """Renders prompts for one tokenizer and template (the family's built-in one when the tokenizer has none)."""
 
     def __init__(self, tokenizer, template: str = "auto", family: str = "qwen3",
-                 images: Optional[ImageSettings] = None):
+                 images: ImageSettings | None = None):
         self.tokenizer = tokenizer
         # As the data stage: the tokenizer's template, else data.template's, else the family's (qwen3 for auto).
         self.template = resolve_template(tokenizer, template, family)
         self.renderer = Renderer(tokenizer, self.template)
         self.images = images
 
-    def text(self, messages: list, enable_thinking: Optional[bool]) -> str:
+    def text(self, messages: list, enable_thinking: bool | None) -> str:
         if enable_thinking is None:
             return self.renderer.render(messages, add_generation_prompt=True)
         try:
@@ -83,7 +83,7 @@ class PromptRenderer:
         except TEMPLATE_ERRORS as e:
             raise template_error(e, self.tokenizer) from None
 
-    def render(self, prompt: Prompt, enable_thinking: Optional[bool] = None) -> Rendered:
+    def render(self, prompt: Prompt, enable_thinking: bool | None = None) -> Rendered:
         record = parse_record("<prompt>", 1, json.dumps({"messages": messages_of(prompt)}), os.getcwd())
         text = self.text(record.messages, enable_thinking)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -91,7 +91,7 @@ class PromptRenderer:
             return Rendered(list(ids))
         return self._with_images(list(ids), [im.path for im in record.images])
 
-    def _with_images(self, ids: List[int], paths: List[str]) -> Rendered:
+    def _with_images(self, ids: list[int], paths: list[str]) -> Rendered:
         if self.images is None:
             raise DataError("the prompt has an image but the model is not a vision-language model")
         start, ctx, end = (self.tokenizer.convert_tokens_to_ids(t)

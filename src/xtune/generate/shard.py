@@ -7,7 +7,8 @@ objects), so any backend works (gloo on CPU).
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def rank_world() -> Tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -38,7 +39,7 @@ def agreed_batches(mine: int, lockstep: bool) -> int:
     return int(n.item())
 
 
-def sharded(items: Sequence[T], run: Callable[[List[T]], List[R]], enabled: bool = True) -> List[R]:
+def sharded(items: Sequence[T], run: Callable[[list[T]], list[R]], enabled: bool = True) -> list[R]:
     """`run` on this rank's share of `items` (items k, k + world, ...), the results of all ranks in input order
     (`enabled=False`: all of them here)."""
     rank, world = rank_world()

@@ -7,30 +7,30 @@ the engine for the process group to join.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 
 @dataclass(frozen=True)
 class LaunchEnv:
     # "torchrun" (RANK and WORLD_SIZE set), "slurm" (srun with more than one task) or None (a plain process)
-    launcher: Optional[str]
+    launcher: str | None
     rank: int
     world_size: int
     local_rank: int
     # An id shared by all ranks of a multi-process external launch (None otherwise): they agree on one run dir.
-    run_id: Optional[str]
+    run_id: str | None
     # Slurm only: the job id (for a port) and the node list (for the master address).
-    slurm_job_id: Optional[str] = None
-    slurm_nodelist: Optional[str] = None
-    slurm_launch_node: Optional[str] = None
+    slurm_job_id: str | None = None
+    slurm_nodelist: str | None = None
+    slurm_launch_node: str | None = None
 
     @property
     def launched(self) -> bool:
         return self.launcher is not None
 
 
-def launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if environ is None else environ
     slurm = {k: env.get(k) for k in ("SLURM_JOB_ID", "SLURM_LAUNCH_NODE_IPADDR")}
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")

@@ -1,32 +1,32 @@
 """Start a run: in this process, under an external torchrun/Slurm, or by spawning N workers.
 
-    nproc_per_node > 1 and not launched yet  ->  python -m torch.distributed.run --standalone
-                                                 --nproc-per-node N -m xtune.launch.worker --work-dir W
-    RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
-    otherwise                                 ->  train in this process (a 1-rank group, no ports)
+nproc_per_node > 1 and not launched yet  ->  torch's elastic agent in this process (torchrun --standalone
+--nproc-per-node N): python -m xtune.launch.worker --work-dir W
+RANK/WORLD_SIZE (torchrun) or SLURM_*     ->  join that process group and train
+otherwise                                 ->  train in this process (a 1-rank group, no ports)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from xtune.checkpoint.dcp import resolve_resume
+from xtune.config.schema import RunSpec
 from xtune.engine.preflight import preflight
 from xtune.errors import CheckpointError, XtuneError
 from xtune.launch.env import launch_env
 from xtune.launch.rundir import write_run_files
 from xtune.launch.runlock import HELD_ENV, lock_run_dir
+from xtune.launch.torchrun import run_agent
 from xtune.launch.watchdog import die_with_parent
 from xtune.methods import train
 from xtune.models import get_adapter
 
 
-def run(spec, work_dir, argv=None) -> int:
+def run(spec: RunSpec, work_dir, argv=None) -> int:
     """Returns the exit code (0: success). User errors are raised (XtuneError) before anything starts.
     `argv` (the command line as typed) goes to the run dir's cmd.txt."""
     run_dir = Path(work_dir).expanduser().resolve()
@@ -48,46 +48,25 @@ def run(spec, work_dir, argv=None) -> int:
 
 
 def spawn_workers(nproc: int, run_dir: Path, lock=None, config: Path | None = None) -> int:
-    # xtune.launch.torchrun is torch.distributed.run that stays quiet when a worker reported a user error.
-    cmd = [sys.executable, "-m", "xtune.launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "xtune.launch.worker", "--work-dir", str(run_dir)]
+    """Start `nproc` workers through torch's elastic agent in this process (launch/torchrun.py) and wait for
+    them. SIGTERM/SIGINT reach the workers through the agent; they finish the step, save and exit."""
+    args = ["-m", "xtune.launch.worker", "--work-dir", str(run_dir)]
     if config is not None:
-        cmd += ["--config", str(config)]
-    env = dict(os.environ)
+        args += ["--config", str(config)]
     report = run_dir / ".worker-error.json"
     report.unlink(missing_ok=True)
-    env["XTUNE_WORKER_ERROR_FILE"] = str(report)
+    env = {"XTUNE_WORKER_ERROR_FILE": str(report)}
     # torchrun would set 1 anyway, with a warning; say it explicitly.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    fds = ()
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if lock is not None:
-        # torchrun inherits the lock (it stays held until the last process of the run is gone) and the
-        # workers know it is held for them.
+        # This process holds the run lock until the last worker is gone; the workers know it is held for them.
         env[HELD_ENV] = str(run_dir)
-        fds = (lock.fd,)
-    proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
-    stopped = []
-
-    # Forward SIGTERM/SIGINT to torchrun, which passes them on to the workers; they finish the
-    # step, save a checkpoint and exit. We keep waiting instead of dying (and orphaning them).
-    def forward(signum, frame):
-        stopped.append(signum)
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     before = _latest(run_dir)
-    try:
-        code = proc.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if code and stopped and _latest(run_dir) not in (None, before):
-        # torchrun reports its own signal as a failure; the workers stopped cleanly with a checkpoint.
+    code = run_agent(nproc, args, env, str(report), sys.executable)
+    if code > 128 and _latest(run_dir) not in (None, before):
+        # The agent reports the signal as a failure; the workers stopped cleanly with a checkpoint.
         ckpt = _latest(run_dir)
-        print(f"stopped by signal {stopped[0]}: checkpoint saved; continue with train.resume={ckpt}",
+        print(f"stopped by signal {code - 128}: checkpoint saved; continue with train.resume={ckpt}",
               file=sys.stderr, flush=True)
         return 0
     if code and report.is_file():

@@ -8,8 +8,8 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import transformers
@@ -17,9 +17,10 @@ import transformers
 import xtune
 from xtune.checkpoint.dcp import read_marker, resolve_resume
 from xtune.config.io import spec_to_yaml
+from xtune.config.schema import RunSpec
 
 
-def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -> Path:
+def write_run_files(spec: RunSpec, run_dir: Path, argv: Sequence[str] | None = None) -> Path:
     """config.yaml, or on a resume config.step-N.yaml (N: the step it resumes from; config.yaml keeps the first
     run's spec, so no launch's config is lost); with `argv`, cmd.txt and env.json. Returns the config written."""
     run_dir = Path(run_dir)
@@ -37,7 +38,7 @@ def write_run_files(spec, run_dir: Path, argv: Optional[Sequence[str]] = None) -
     return cfg
 
 
-def _resume_step(spec, run_dir: Path) -> Optional[int]:
+def _resume_step(spec: RunSpec, run_dir: Path) -> int | None:
     ckpt = resolve_resume(spec.train.resume, run_dir)
     return None if ckpt is None else read_marker(ckpt)["step"]
 

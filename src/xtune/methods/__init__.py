@@ -6,14 +6,15 @@ the global normaliser, the metrics its numerator statistics become, and any prep
 step (the preference method's reference log-probs). See `base.Method`.
 """
 
+from xtune.config.schema import RunSpec
 from xtune.engine.trainer import train as engine_train
 from xtune.methods.base import Method
+from xtune.methods.grpo import GrpoMethod
 from xtune.methods.preference import PreferenceMethod
 from xtune.methods.sft import SftMethod
-from xtune.methods.grpo import GrpoMethod
 
 
-def get_method(spec) -> Method:
+def get_method(spec: RunSpec) -> Method:
     if spec.method == "grpo":
         return GrpoMethod(spec)
     if spec.method == "dpo":
@@ -21,7 +22,7 @@ def get_method(spec) -> Method:
     return SftMethod(spec)
 
 
-def train(spec, work_dir=None, argv=None, **inject) -> dict:
+def train(spec: RunSpec, work_dir=None, argv=None, **inject) -> dict:
     """Train `spec` in this process with the method its `method` key names (the engine's entry for a spec)."""
     return engine_train(spec, work_dir, argv, method=get_method(spec), **inject)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from typing import Dict, List
 
 import torch
 from torch import nn
 
+from xtune.config.schema import RunSpec
 from xtune.data.prompts import PromptSet
 from xtune.data.types import IGNORE_INDEX
 from xtune.engine.samples import display
@@ -32,7 +32,7 @@ from xtune.ops.logprobs import doc_index_of, linear_token_logprobs
 class GrpoLossModel(nn.Module):
     """The FSDP root of a grpo run: trunk + chunked per-token log-probs + the policy loss, in one forward."""
 
-    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec, loss_mode: str):
+    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec: RunSpec, loss_mode: str):
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -63,12 +63,12 @@ class GrpoLossModel(nn.Module):
 class GrpoMethod(Method):
     stat_names = STATS + ("entropy",)
 
-    def __init__(self, spec):
+    def __init__(self, spec: RunSpec):
         super().__init__(spec)
         self.rollouts = None
         self.reference = None  # a frozen copy of the initial root (beta > 0 without adapters)
 
-    def train_loader(self, spec, tokenizer, denv):
+    def train_loader(self, spec: RunSpec, tokenizer, denv):
         # Prompts are read and tokenised here, before any model is built: a bad record stops the run first.
         self.rollouts = Rollouts(spec, PromptSet(spec, tokenizer), denv)
         return self.rollouts
@@ -83,7 +83,7 @@ class GrpoMethod(Method):
     def forward(self, root, batch, split="train"):
         return root(batch)
 
-    def metrics(self, sums: List[float], normaliser_total: float) -> Dict[str, float]:
+    def metrics(self, sums: list[float], normaliser_total: float) -> dict[str, float]:
         s = dict(zip(self.stat_names, sums))
         tokens = s["tokens"] if s["tokens"] > 0 else float("nan")
         out = dict(self.rollouts.metrics) if self.rollouts is not None else {}

@@ -22,7 +22,6 @@ not kept contributes nothing (it still counts in grpo's and dr_grpo's W, as in T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -34,12 +33,12 @@ STATS = ("tokens", "kl", "clip_low", "clip_high", "clip_region")
 class LossConfig:
     loss: str = "dapo"
     epsilon: float = 0.2
-    epsilon_high: Optional[float] = None
+    epsilon_high: float | None = None
     level: str = "token"
     beta: float = 0.0
 
     @classmethod
-    def of(cls, grpo) -> "LossConfig":
+    def of(cls, grpo) -> LossConfig:
         return cls(grpo.loss, grpo.epsilon, grpo.epsilon_high, grpo.importance_sampling_level, grpo.beta)
 
     @property
@@ -69,8 +68,8 @@ def log_importance(logp, old_logp, doc, num_docs: int, level: str) -> torch.Tens
 
 
 def policy_loss(cfg: LossConfig, logp: torch.Tensor, adv: torch.Tensor, doc: torch.Tensor, *,
-                old_logp: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
-                keep: Optional[torch.Tensor] = None):
+                old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None):
     """(numerator: scalar, stats: [len(STATS)] sums over the kept tokens), in fp32 (or logp's wider dtype)."""
     num_docs = adv.shape[0]
     dtype = torch.promote_types(logp.dtype, torch.float32)  # fp32 at least (fp64 in the tests)

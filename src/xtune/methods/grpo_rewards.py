@@ -22,9 +22,9 @@ import math
 import numbers
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,11 +38,11 @@ SCORERS = ("exact", "regex", "math")
 class Batch:
     """What rewards see of a batch of completions (one entry per completion, groups next to each other)."""
 
-    prompts: List[object]  # the prompt as the record gave it (a string or a list of messages)
-    completions: List[str]
-    lengths: List[int]  # completion tokens
-    fields: Dict[str, List[object]]  # the records' extra columns
-    sources: List[str]  # where each completion's record came from (file:line), for error messages
+    prompts: list[object]  # the prompt as the record gave it (a string or a list of messages)
+    completions: list[str]
+    lengths: list[int]  # completion tokens
+    fields: dict[str, list[object]]  # the records' extra columns
+    sources: list[str]  # where each completion's record came from (file:line), for error messages
 
 
 @dataclass
@@ -53,10 +53,10 @@ class Reward:
     call: Callable[[Batch], Sequence[float]]
 
 
-def _scorer(name: str, args: dict) -> Callable[[Batch], List[float]]:
+def _scorer(name: str, args: dict) -> Callable[[Batch], list[float]]:
     field = args.pop("field", "answer")
 
-    def call(b: Batch) -> List[float]:
+    def call(b: Batch) -> list[float]:
         if field not in b.fields:
             raise KeyError(f"the records have no field {field!r} (fields: {', '.join(sorted(b.fields)) or 'none'})")
         return [score_text(name, c, str(ref), **args) for c, ref in zip(b.completions, b.fields[field])]
@@ -64,18 +64,18 @@ def _scorer(name: str, args: dict) -> Callable[[Batch], List[float]]:
     return call
 
 
-def _format(args: dict) -> Callable[[Batch], List[float]]:
+def _format(args: dict) -> Callable[[Batch], list[float]]:
     pattern = re.compile(str(args["pattern"]), re.DOTALL)
     return lambda b: [float(pattern.fullmatch(c) is not None) for c in b.completions]
 
 
-def _length(args: dict) -> Callable[[Batch], List[float]]:
+def _length(args: dict) -> Callable[[Batch], list[float]]:
     budget = int(args["max_tokens"])
     penalty = float(args.get("penalty", 1.0 / budget))
     return lambda b: [-penalty * max(0, n - budget) for n in b.lengths]
 
 
-def load_function(ref: str, reward_path: Optional[str]) -> Callable:
+def load_function(ref: str, reward_path: str | None) -> Callable:
     """`module:function`, imported with `reward_path` on sys.path for that import only (ConfigError when missing)."""
     module_name, _, fn_name = ref.partition(":")
     path = str(Path(reward_path).expanduser().resolve()) if reward_path else None
@@ -105,7 +105,7 @@ def _user(fn: Callable, args: dict) -> Callable[[Batch], Sequence[float]]:
     return lambda b: fn(list(b.prompts), list(b.completions), **b.fields, **args)
 
 
-def build_rewards(grpo) -> List[Reward]:
+def build_rewards(grpo) -> list[Reward]:
     """The rewards of a GrpoSpec (validated by config.validate_grpo), user modules imported now."""
     out = []
     for r in grpo.rewards:
@@ -121,7 +121,7 @@ def build_rewards(grpo) -> List[Reward]:
     return out
 
 
-def score(rewards: List[Reward], batch: Batch) -> torch.Tensor:
+def score(rewards: list[Reward], batch: Batch) -> torch.Tensor:
     """[B, len(rewards)] float64, unweighted; XtuneError naming the reward and the record on any bad value."""
     n = len(batch.completions)
     cols = []
@@ -147,7 +147,7 @@ def score(rewards: List[Reward], batch: Batch) -> torch.Tensor:
     return torch.tensor(cols, dtype=torch.float64).t().reshape(n, len(rewards))
 
 
-def total(rewards: List[Reward], per_reward: torch.Tensor) -> torch.Tensor:
+def total(rewards: list[Reward], per_reward: torch.Tensor) -> torch.Tensor:
     """[B] the weighted sum of the rewards."""
     weights = torch.tensor([r.weight for r in rewards], dtype=per_reward.dtype)
     return per_reward @ weights

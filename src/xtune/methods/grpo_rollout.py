@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List
 
 import torch
 
+from xtune.config.schema import RunSpec
 from xtune.data.prompts import PromptSet, PromptStream
 from xtune.engine.step import derived_seed
+from xtune.generate import Generator
 from xtune.methods.grpo_advantages import advantages, zero_std_groups
 from xtune.methods.grpo_rewards import Batch, build_rewards, score, total
-from xtune.generate import Generator
 from xtune.methods.grpo_sample import Completion, pack, sample
 
 
 class Rollouts:
-    def __init__(self, spec, prompts: PromptSet, denv):
+    def __init__(self, spec: RunSpec, prompts: PromptSet, denv):
         self.spec, self.prompts, self.denv = spec, prompts, denv
         self.g = spec.grpo
         self.num_prompts = spec.train.global_batch_size // self.g.num_generations
@@ -38,8 +38,8 @@ class Rollouts:
         self.rewards = build_rewards(self.g)
         self.step = 0
         self.current = None
-        self.metrics: Dict[str, float] = {}
-        self.samples: List[dict] = []
+        self.metrics: dict[str, float] = {}
+        self.samples: list[dict] = []
         self.trainer = None  # attached by GrpoMethod.prepare (the live model samples the completions)
         self.generator = None
         t = spec.train
@@ -81,7 +81,7 @@ class Rollouts:
                        seed)
         return idx, comps
 
-    def _score(self, idx: List[int], comps: List[Completion]) -> torch.Tensor:
+    def _score(self, idx: list[int], comps: list[Completion]) -> torch.Tensor:
         n = self.g.num_generations
         items = [self.prompts[i] for i in idx for _ in range(n)]
         keys = sorted({k for it in items for k in it.fields})
@@ -137,7 +137,7 @@ class Rollouts:
                         for j in range(0, B, n)]
         return batches
 
-    def _metrics(self, per: torch.Tensor, rewards: torch.Tensor, comps: List[Completion]) -> Dict[str, float]:
+    def _metrics(self, per: torch.Tensor, rewards: torch.Tensor, comps: list[Completion]) -> dict[str, float]:
         """TRL 1.16 GRPOTrainer's names: reward, reward_std (mean of the groups' stds), rewards/<name>/mean|std,
         frac_reward_zero_std, completions/mean_length|min_length|max_length|clipped_ratio."""
         n = self.g.num_generations

@@ -9,8 +9,8 @@ backend replaces this function alone: the method needs (token ids, text, truncat
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence
 
 import torch
 
@@ -19,12 +19,12 @@ from xtune.data.types import IGNORE_INDEX, PackedBatch
 
 @dataclass
 class Completion:
-    ids: List[int]  # the sampled tokens through the first stop id or stop string (or all max_new_tokens of them)
+    ids: list[int]  # the sampled tokens through the first stop id or stop string (or all max_new_tokens of them)
     truncated: bool  # cut by max_new_tokens
     text: str = ""  # decoded, without special tokens, cut before a stop string
 
 
-def sample(generator, prompts: Sequence[object], n: int, gen, seed: int) -> List[Completion]:
+def sample(generator, prompts: Sequence[object], n: int, gen, seed: int) -> list[Completion]:
     """n completions of each prompt (prompt-major), seeded by `seed` (the generator forks the RNG: training's random
     stream is untouched). Under torchrun each rank samples its share of the prompts; all get every completion."""
     settings = dataclasses.replace(gen, n=n, seed=seed)
@@ -37,12 +37,12 @@ class RolloutBatch(PackedBatch):
     """A packed micro-batch of completions (one document each: prompt + completion, the completion trained) with
     what the loss reads per completion and per trained token."""
 
-    advantages: Optional[torch.Tensor] = None  # [D] float32
-    keep: Optional[torch.Tensor] = None  # [D] bool: False for masked truncated completions
-    old_logp: Optional[torch.Tensor] = None  # [N] float32, the sampling policy's (None: the first pass)
-    ref_logp: Optional[torch.Tensor] = None  # [N] float32, the reference's (beta > 0)
+    advantages: torch.Tensor | None = None  # [D] float32
+    keep: torch.Tensor | None = None  # [D] bool: False for masked truncated completions
+    old_logp: torch.Tensor | None = None  # [N] float32, the sampling policy's (None: the first pass)
+    ref_logp: torch.Tensor | None = None  # [N] float32, the reference's (beta > 0)
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if torch.is_tensor(v):
@@ -50,7 +50,7 @@ class RolloutBatch(PackedBatch):
         return RolloutBatch(**moved)
 
 
-def pack(prompts: Sequence[List[int]], completions: Sequence[Completion], advantages: torch.Tensor,
+def pack(prompts: Sequence[list[int]], completions: Sequence[Completion], advantages: torch.Tensor,
          keep: torch.Tensor) -> RolloutBatch:
     """One [1, T] row of documents prompt + completion; labels train the completion tokens (shifted as in Sample)."""
     ids, labels, pos, cu, trained = [], [], [], [0], []

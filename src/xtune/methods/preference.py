@@ -17,14 +17,12 @@ Rewards (TRL's metrics): beta (pi - ref) with a reference; beta pi / n (simpo), 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xtune.config.schema import RunSpec, needs_reference
 from xtune.data.types import PackedBatch
-from xtune.config.schema import needs_reference
 from xtune.methods.base import Method
 from xtune.methods.reference_logps import reference_logps
 from xtune.ops.logprobs import doc_index_of, linear_doc_logprobs
@@ -69,7 +67,7 @@ class PrefLossModel(nn.Module):
     """The FSDP root of a preference run: trunk + chunked per-document log-probs + the pair loss, in one forward
     (so lm_head is unsharded there, as for engine.objective.LossModel)."""
 
-    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec, loss_mode: str):
+    def __init__(self, model: nn.Module, adapter, attn_impl: str, spec: RunSpec, loss_mode: str):
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -86,7 +84,7 @@ class PrefLossModel(nn.Module):
                                    labels, docs, int(batch.cu_seqlens.numel() - 1), mode=self.mode,
                                    chunk_size=self.chunk_size)
 
-    def forward(self, batch: PackedBatch, reference: Optional[torch.Tensor] = None, logps_only: bool = False):
+    def forward(self, batch: PackedBatch, reference: torch.Tensor | None = None, logps_only: bool = False):
         """(sum of pair losses, None, statistic sums [len(STATS)]); `reference` [P, 2] (chosen, rejected).
         `logps_only`: the per-pair log-probs [P, 2] alone (the reference pass)."""
         logps = self.doc_logprobs(batch)
@@ -107,11 +105,11 @@ class PrefLossModel(nn.Module):
 class PreferenceMethod(Method):
     stat_names = STATS
 
-    def __init__(self, spec):
+    def __init__(self, spec: RunSpec):
         super().__init__(spec)
         self.use_reference = spec.pref.reference == "init" or (
             spec.pref.reference == "auto" and needs_reference(spec.pref.loss))
-        self.reference: Dict[str, torch.Tensor] = {}  # split -> [num_pairs, 2] float64, indexed by pair id
+        self.reference: dict[str, torch.Tensor] = {}  # split -> [num_pairs, 2] float64, indexed by pair id
 
     def root(self, model, adapter, attn_impl, loss_mode):
         return PrefLossModel(model, adapter, attn_impl, self.spec, loss_mode)
@@ -125,7 +123,7 @@ class PreferenceMethod(Method):
             ref = self.reference[split].to(batch.pair_ids.device).index_select(0, batch.pair_ids)
         return root(batch, ref)
 
-    def metrics(self, sums: List[float], normaliser: float) -> Dict[str, float]:
+    def metrics(self, sums: list[float], normaliser: float) -> dict[str, float]:
         n = normaliser if normaliser > 0 else float("nan")
         return {name: s / n for name, s in zip(self.stat_names, sums)}
 

@@ -18,11 +18,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import torch
 
+from xtune.config.schema import RunSpec
 from xtune.data import cache
 from xtune.data.cache import default_cache_dir
 from xtune.data.records import list_files
@@ -30,7 +30,7 @@ from xtune.data.records import list_files
 log = logging.getLogger("xtune.engine")
 
 
-def reference_key(spec, tokenizer, compute_dtype) -> str:
+def reference_key(spec: RunSpec, tokenizer, compute_dtype) -> str:
     h = hashlib.sha256(b"xtune-reference-v1")
     for ds in list(spec.data.datasets) + list(spec.data.eval_datasets):
         for f in list_files(ds.path):
@@ -73,7 +73,7 @@ def adapters_disabled(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def compute(root, batches: List, denv, device, num_pairs: int) -> torch.Tensor:
+def compute(root, batches: list, denv, device, num_pairs: int) -> torch.Tensor:
     """[num_pairs, 2] float64 (chosen, rejected) log-prob sums, the same on every rank."""
     table = torch.full((num_pairs, 2), float("-inf"), dtype=torch.float64, device=device)
     was_training = root.training
@@ -101,7 +101,7 @@ def _write(path: Path, table: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def reference_logps(trainer, method) -> Dict[str, torch.Tensor]:
+def reference_logps(trainer, method) -> dict[str, torch.Tensor]:
     spec, d = trainer.spec, trainer.denv
     key = reference_key(spec, trainer.tokenizer, trainer.compute_dtype)
     splits = {"train": (lambda: trainer.loader.reference_batches(d.rank, d.dp_size), trainer.loader.num_pairs)}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from xtune.methods.sft_objective import LossModel, weight_sum
 from xtune.methods.base import Method
+from xtune.methods.sft_objective import LossModel, weight_sum
 
 
 class SftMethod(Method):

@@ -17,23 +17,21 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
 from xtune.errors import ConfigError
 from xtune.models.base import ModelAdapter
-from xtune.models.weights import rename_prefix
 from xtune.models.safetensors_io import SafetensorsView
+from xtune.models.weights import rename_prefix
 from xtune.ops.attention import packed_kwargs
-
 
 # Composite model_type -> (checkpoint prefix, text-model prefix) of its language model. transformers 5.24
 # writes Gemma 3 in the hub's layout (`language_model.model.*`); its in-memory layout is read too.
-TEXT_PART_PREFIXES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+TEXT_PART_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma3": (("language_model.model.", "model."), ("model.language_model.", "model."),
                ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")),
 }
@@ -43,7 +41,7 @@ class AutoAdapter(ModelAdapter):
     family = "auto"
     auto_class = "AutoModelForCausalLM"
 
-    def config_from_dict(self, d: Dict[str, Any]):
+    def config_from_dict(self, d: dict[str, Any]):
         d = {k: v for k, v in d.items() if k not in ("architectures", "auto_map", "transformers_version")}
         model_type = d.pop("model_type", None)
         if not model_type:
@@ -53,13 +51,13 @@ class AutoAdapter(ModelAdapter):
 
     # ----------------------------------------------------------------- the text part of a multimodal folder
     @cached_property
-    def _text_part_prefixes(self) -> Optional[Tuple[Tuple[str, str], ...]]:
+    def _text_part_prefixes(self) -> tuple[tuple[str, str], ...] | None:
         """The key prefixes when load_from is a multimodal checkpoint trained text-only, else None (read once:
         the weight stream converts one key at a time)."""
         original = self.original_config_dict() if self.spec.load_from is not None else None
         return TEXT_PART_PREFIXES.get((original or {}).get("model_type"))
 
-    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_model_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefixes = self._text_part_prefixes
         if prefixes is None:
             return sd
@@ -67,12 +65,12 @@ class AutoAdapter(ModelAdapter):
         renamed = {key: rename_prefix(key, prefixes) for key in sd}
         return {new: sd[key] for key, new in renamed.items() if new is not None}
 
-    def adapter_module_prefix(self) -> Optional[Tuple[str, str]]:
+    def adapter_module_prefix(self) -> tuple[str, str] | None:
         # hf_adapter/ loads onto the multimodal model: transformers 5.24 names its language model's
         # modules `model.language_model.*` in memory (the text model's are `model.*`).
         return ("model.", "model.language_model.") if self._text_part_prefixes else None
 
-    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_original_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefixes = self._text_part_prefixes
         if prefixes is None:
             return sd
@@ -106,14 +104,14 @@ class AutoAdapter(ModelAdapter):
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_decoder()
 
-    def blocks(self, model: nn.Module) -> List[nn.Module]:
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The decoder blocks in forward order: the outermost modules of a class transformers lists in
         `_no_split_modules` (what accelerate's device maps never split), else the decoder's longest
         layer list. (`_no_split_modules` is a class attribute with no public accessor, checked on transformers
         5.24; this is xtune's only read of it.)"""
         decoder = self.language_model(model)
         names = set(getattr(model, "_no_split_modules", None) or ())
-        found: List[nn.Module] = []
+        found: list[nn.Module] = []
 
         def walk(module: nn.Module) -> None:
             for child in module.children():
@@ -131,7 +129,7 @@ class AutoAdapter(ModelAdapter):
                                f"_no_split_modules nor a layer list in its decoder); it cannot be sharded per block"])
         return found
 
-    def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
+    def _forward_kwargs(self, model, batch, attn_impl) -> dict[str, Any]:
         if attn_impl == "eager":
             # One explicit 4D block mask would be used for every layer and drop sliding windows (Mistral,
             # Gemma 3, Phi-3). transformers' masking_utils (checked on 5.24) builds each layer's mask itself
@@ -139,7 +137,7 @@ class AutoAdapter(ModelAdapter):
             return packed_kwargs(batch, "sdpa")
         return super()._forward_kwargs(model, batch, attn_impl)
 
-    def validate(self) -> List[str]:
+    def validate(self) -> list[str]:
         """The config checks, then the model built on the meta device (no memory) must expose its blocks
         and an output projection without bias (the chunked loss computes hidden @ weight.T)."""
         problems = super().validate()

@@ -25,28 +25,29 @@ states). A family subclasses ModelAdapter and overrides what differs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+
 from transformers import AutoTokenizer
 
 from xtune.config.files import TOKENIZER_FILES, remote_code_problem, tokenizer_dir
+from xtune.config.schema import ModelSpec
 from xtune.config.validate import model_problems
 from xtune.errors import XtuneError
 from xtune.models.build import ModelBuilder
 from xtune.models.forward import HiddenStates
-from xtune.models.weights import KeyStream, HFWeights
+from xtune.models.weights import HFWeights, KeyStream
 
 __all__ = ["KeyStream", "ModelAdapter"]
 
 
 class ModelAdapter(ModelBuilder, HFWeights, HiddenStates):
-    def __init__(self, spec):
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
 
     # ----------------------------------------------------------------- paths and validation
-    def tokenizer_path(self) -> Optional[Path]:
+    def tokenizer_path(self) -> Path | None:
         return tokenizer_dir(self.spec)
 
-    def validate(self) -> List[str]:
+    def validate(self) -> list[str]:
         """Cheap checks (no model, no tokenizer built): every problem found, as messages."""
         return model_problems(self.spec)
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
-from torch import nn
-from huggingface_hub.errors import StrictDataclassError
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import transformers
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from xtune.errors import XtuneError
 
 
-def deep_update(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: nested dicts (text_config, vision_config) are merged, not replaced."""
     out = dict(base)
     for key, value in (overrides or {}).items():
@@ -48,7 +48,7 @@ class ModelBuilder:
     spec: Any  # the model spec (config/schema.ModelSpec), set by ModelAdapter
 
     # ----------------------------------------------------------------- config
-    def original_config_dict(self) -> Optional[Dict[str, Any]]:
+    def original_config_dict(self) -> dict[str, Any] | None:
         if self.spec.load_from is None:
             return None
         path = Path(str(self.spec.load_from)).expanduser() / "config.json"
@@ -57,7 +57,7 @@ class ModelBuilder:
         with open(path) as f:
             return json.load(f)
 
-    def config_from_dict(self, d: Dict[str, Any]):
+    def config_from_dict(self, d: dict[str, Any]):
         """Original config.json dict -> the transformers config xtune builds the model from."""
         d = {k: v for k, v in d.items() if k not in ("architectures", "auto_map", "transformers_version")}
         d.pop("model_type", None)
@@ -120,11 +120,11 @@ class ModelBuilder:
         """The text decoder (has .layers and .norm)."""
         return model.model
 
-    def vision_layers(self, model: nn.Module) -> List[nn.Module]:
+    def vision_layers(self, model: nn.Module) -> list[nn.Module]:
         """The vision encoder's layers (none for a text model)."""
         return []
 
-    def blocks(self, model: nn.Module) -> List[nn.Module]:
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(self.language_model(model).layers)
 
     def apply_freeze(self, model: nn.Module) -> None:

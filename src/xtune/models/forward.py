@@ -6,7 +6,7 @@ router logits) and its auxiliary loss.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,21 +15,21 @@ from xtune.ops.attention import packed_kwargs
 
 
 class HiddenStates:
-    def _forward_kwargs(self, model, batch, attn_impl) -> Dict[str, Any]:
+    def _forward_kwargs(self, model, batch, attn_impl) -> dict[str, Any]:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         return packed_kwargs(batch, attn_impl, dtype=dtype)
 
-    def _extra_forward(self, model, batch) -> Tuple[Dict[str, Any], list]:
+    def _extra_forward(self, model, batch) -> tuple[dict[str, Any], list]:
         """Family-specific forward kwargs and temporary hooks (removed after the forward)."""
         return {}, []
 
-    def _aux_loss(self, model, outputs, share=None) -> Optional[torch.Tensor]:
+    def _aux_loss(self, model, outputs, share=None) -> torch.Tensor | None:
         """The auxiliary loss of the forward, or None. `share` (engine/ulysses.RowShare): the forward ran one
         piece of a row under sequence parallelism; the loss is then this rank's part of the row's."""
         return None
 
     def hidden_states(self, model: nn.Module, batch, attn_impl: str,
-                      share=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                      share=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final hidden states [T, H] and the aux loss or None (`share`: see `_aux_loss`).
 
         The model's body (`base_model`: the decoder, or a VLM's model that merges the image features before

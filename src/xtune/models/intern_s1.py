@@ -21,17 +21,17 @@ written with its key names again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
-from safetensors import safe_open
 
 from xtune.data.multimodal import IMG_CONTEXT
+from xtune.errors import XtuneError
 from xtune.models.base import ModelAdapter
 from xtune.models.weights import rename_prefix
-from xtune.errors import XtuneError
 
 IMAGE_TOKEN = IMG_CONTEXT
 # Keys of Intern-S1's remote config that transformers' InternVL config does not have (or spells differently).
@@ -50,14 +50,14 @@ class InternS1Adapter(ModelAdapter):
     model_cls = InternVLForConditionalGeneration
     config_cls = InternVLConfig
 
-    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_model_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for key, tensor in sd.items():
             key = rename_prefix(key, _LEGACY_PREFIXES) or key
             out[key] = tensor
         return out
 
-    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_original_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self._source_has_legacy_keys():
             return sd
         out = {}
@@ -79,7 +79,7 @@ class InternS1Adapter(ModelAdapter):
             keys.extend(names)
         return any(k.startswith(old) for k in keys for old, _ in _LEGACY_PREFIXES)
 
-    def config_from_dict(self, d: Dict[str, Any]):
+    def config_from_dict(self, d: dict[str, Any]):
         d = {k: v for k, v in d.items() if k not in _S1_ONLY}
         vision = dict(d.pop("vision_config", {}) or {})
         for key in _S1_ONLY:
@@ -103,10 +103,10 @@ class InternS1Adapter(ModelAdapter):
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
 
-    def vision_layers(self, model: nn.Module) -> List[nn.Module]:
+    def vision_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.vision_tower.encoder.layer)
 
-    def blocks(self, model: nn.Module) -> List[nn.Module]:
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
         # Vision layers first: they run first in every forward (FSDP2 prefetch follows this order).
         return self.vision_layers(model) + list(self.language_model(model).layers)
 

@@ -9,7 +9,6 @@ them; everything else (attention, router `mlp.gate.weight`, norms) has the same 
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,19 +28,19 @@ class Qwen3MoeAdapter(ModelAdapter):
     model_cls = Qwen3MoeForCausalLM
     config_cls = Qwen3MoeConfig
 
-    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_model_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stream = self.key_stream(list(sd))
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for key, tensor in sd.items():
             out.update(stream.push(key, tensor))
         stream.close()
         return out
 
-    def key_stream(self, original_keys: List[str]) -> KeyStream:
+    def key_stream(self, original_keys: list[str]) -> KeyStream:
         return _ExpertFuser(original_keys)
 
-    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        out: Dict[str, torch.Tensor] = {}
+    def to_original_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
         for key, tensor in sd.items():
             m = _FUSED.match(key)
             if m is None:
@@ -59,7 +58,7 @@ class Qwen3MoeAdapter(ModelAdapter):
     def _extra_forward(self, model, batch):
         return {"output_router_logits": True}, []
 
-    def _aux_loss(self, model, outputs, share=None) -> Optional[torch.Tensor]:
+    def _aux_loss(self, model, outputs, share=None) -> torch.Tensor | None:
         """Load-balancing loss over the packed tokens, already multiplied by the coefficient: transformers'
         `load_balancing_loss_func` on the router logits of the decoder's output, as Qwen3MoeForCausalLM
         computes it (no padding mask: every token of a packed row is real). Under sequence parallelism
@@ -103,23 +102,23 @@ class _ExpertFuser(KeyStream):
     two fused tensors are handed out once all its experts are in. Peak: the layers in progress, not a
     second copy of the checkpoint."""
 
-    def __init__(self, original_keys: List[str]):
-        seen: Dict[str, Dict[str, set]] = {}
+    def __init__(self, original_keys: list[str]):
+        seen: dict[str, dict[str, set]] = {}
         for key in original_keys:
             m = _PER_EXPERT.match(key)
             if m is not None:
                 seen.setdefault(m["prefix"], {}).setdefault(m["proj"], set()).add(int(m["e"]))
-        self.n: Dict[str, int] = {}
-        self.left: Dict[str, int] = {}
+        self.n: dict[str, int] = {}
+        self.left: dict[str, int] = {}
         for prefix, projs in seen.items():
             n = len(projs.get("down_proj", ()))
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 if projs.get(proj, set()) != set(range(n)):
                     raise XtuneError(f"checkpoint has an incomplete set of {prefix}.*.{proj} experts")
             self.n[prefix], self.left[prefix] = n, 3 * n
-        self.buffers: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
 
-    def push(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def push(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         m = _PER_EXPERT.match(key)
         if m is None:
             return {key: tensor}

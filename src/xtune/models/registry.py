@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from xtune.config.families import detect_family
 from xtune.config.schema import CHOICES
 from xtune.errors import XtuneError
-
-import dataclasses
 
 
 def _adapters():

@@ -17,13 +17,12 @@ import json
 import mmap
 import os
 import struct
-from typing import Dict, List
 
 import torch
 
 from xtune.errors import XtuneError
 
-DTYPES: Dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -61,7 +60,7 @@ class SafetensorsView:
             # ACCESS_COPY: writable views (torch.frombuffer wants them), never written back to the file.
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    def keys(self) -> List[str]:
+    def keys(self) -> list[str]:
         return list(self.header)
 
     def get(self, key: str) -> torch.Tensor:

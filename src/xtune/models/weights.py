@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +31,7 @@ PASSTHROUGH_FILES = ("preprocessor_config.json", "processor_config.json", "video
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def rename_prefix(key: str, pairs) -> Optional[str]:
+def rename_prefix(key: str, pairs) -> str | None:
     """`key` with the first matching `old` prefix of (old, new) `pairs` replaced by `new`; None if none match."""
     for old, new in pairs:
         if key.startswith(old):
@@ -41,10 +42,10 @@ def rename_prefix(key: str, pairs) -> Optional[str]:
 class KeyStream:
     """Original-layout (key, tensor) pairs in, model-layout ones out as soon as they are complete."""
 
-    def __init__(self, convert: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]):
+    def __init__(self, convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]):
         self.convert = convert
 
-    def push(self, key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def push(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.convert({key: tensor})
 
     def close(self) -> None:
@@ -55,7 +56,7 @@ class HFWeights:
     spec: Any  # the model spec (config/schema.ModelSpec), set by ModelAdapter
 
     # ----------------------------------------------------------------- weights: read
-    def _weight_files(self, folder: Path) -> Dict[str, List[str]]:
+    def _weight_files(self, folder: Path) -> dict[str, list[str]]:
         """{shard file: [original keys]} from the index, or the single file."""
         if not folder.is_dir():
             raise XtuneError(f"model weights: {folder} is not a folder")
@@ -68,7 +69,7 @@ class HFWeights:
                 raise XtuneError(f"{index}: not a valid safetensors index ({e}); copy or download it again") from None
             if not weight_map or not isinstance(weight_map, dict):
                 raise XtuneError(f"{index} has no weight_map")
-            files: Dict[str, List[str]] = {}
+            files: dict[str, list[str]] = {}
             for key, fname in weight_map.items():
                 files.setdefault(fname, []).append(key)
             missing = [f for f in files if not (folder / f).is_file()]
@@ -80,33 +81,33 @@ class HFWeights:
             return {WEIGHTS_SINGLE: []}  # empty list: all keys of the file
         raise XtuneError(f"{folder} has no {WEIGHTS_SINGLE} or {WEIGHTS_INDEX}")
 
-    def read_original_state_dict(self, folder) -> Dict[str, torch.Tensor]:
+    def read_original_state_dict(self, folder) -> dict[str, torch.Tensor]:
         folder = Path(str(folder)).expanduser()
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for fname, keys in self._weight_files(folder).items():
             with safe_open(str(folder / fname), framework="pt") as f:
                 for key in keys or list(f.keys()):
                     out[key] = f.get_tensor(key)
         return out
 
-    def to_model_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_model_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original layout -> model layout (identity unless a family overrides it)."""
         return sd
 
-    def to_original_keys(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_original_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model layout -> original layout (identity unless a family overrides it)."""
         return sd
 
-    def adapter_module_prefix(self) -> Optional[Tuple[str, str]]:
+    def adapter_module_prefix(self) -> tuple[str, str] | None:
         """(prefix in the trained model, prefix in the model an adapter export loads onto) when they differ."""
         return None
 
-    def key_stream(self, original_keys: List[str]) -> "KeyStream":
+    def key_stream(self, original_keys: list[str]) -> KeyStream:
         """Converts the original layout to the model's one (key, tensor) at a time; `original_keys` are all
         the keys that will be pushed. Families whose map is per key use `to_model_keys` on each."""
         return KeyStream(self.to_model_keys)
 
-    def iter_hf_state_dict(self, folder) -> Iterator[Dict[str, torch.Tensor]]:
+    def iter_hf_state_dict(self, folder) -> Iterator[dict[str, torch.Tensor]]:
         """The weights of a Hugging Face folder in the model's key names, one shard file at a time, so
         that a reader never holds more than one file plus what a family is still assembling (the MoE
         experts of a layer split over two files). Tensors are views of the mapped files
@@ -119,7 +120,7 @@ class HFWeights:
         stream = self.key_stream([k for keys in files.values() for k in keys])
         for fname, keys in files.items():
             f = SafetensorsView(folder / fname)
-            batch: Dict[str, torch.Tensor] = {}
+            batch: dict[str, torch.Tensor] = {}
             for key in keys:
                 if key not in f.header:
                     raise XtuneError(f"{folder / fname} lacks {key}, which {WEIGHTS_INDEX} puts there")
@@ -128,15 +129,15 @@ class HFWeights:
             yield batch
         stream.close()
 
-    def read_hf_state_dict(self, folder) -> Dict[str, torch.Tensor]:
+    def read_hf_state_dict(self, folder) -> dict[str, torch.Tensor]:
         """Read a Hugging Face folder (sharded with an index, or one file) into the model's key names."""
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for batch in self.iter_hf_state_dict(folder):
             out.update(batch)
         return out
 
     # ----------------------------------------------------------------- weights: save
-    def original_config_json(self, config, dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    def original_config_json(self, config, dtype: torch.dtype | None) -> dict[str, Any]:
         """The config.json written by save_hf: the original one (+ arch overrides) when there is one,
         else transformers' own serialisation of `config`."""
         original = self.original_config_dict()
@@ -151,13 +152,13 @@ class HFWeights:
             d["torch_dtype" if "torch_dtype" in d else "dtype"] = name
         return d
 
-    def tied_output_key(self, config) -> Optional[str]:
+    def tied_output_key(self, config) -> str | None:
         tied = getattr(config, "tie_word_embeddings", False) or getattr(
             config.get_text_config(), "tie_word_embeddings", False
         )
         return "lm_head.weight" if tied else None
 
-    def save_hf(self, full_state_dict: Dict[str, torch.Tensor], config, tokenizer, out_dir,
+    def save_hf(self, full_state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         """Write a Hugging Face folder in the original layout: config.json, generation_config.json,
         safetensors shards + index, tokenizer files (with chat template), passthrough files."""
@@ -173,7 +174,7 @@ class HFWeights:
         dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
 
         # Greedy sharding in key order; file names follow transformers' convention.
-        shards: List[Dict[str, torch.Tensor]] = [{}]
+        shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key in sorted(sd):
             nbytes = sd[key].numel() * sd[key].element_size()

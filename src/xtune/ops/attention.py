@@ -16,12 +16,13 @@ a different signal to stop attention crossing document boundaries:
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
 from xtune.errors import XtuneError
 from xtune.ops.packed_sdpa import NAME as PACKED_SDPA
+
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Float [1, 1, T, T] mask: 0 where query i may attend key j (same document, j <= i), else finfo.min."""
@@ -37,12 +38,12 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int, dtype: torch.dtype, 
     return mask[None, None]
 
 
-def packed_kwargs(batch, impl: str, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+def packed_kwargs(batch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Kwargs for a transformers forward over `batch` ([1, T]) that isolate its documents.
 
     `dtype` is the compute dtype (only the eager mask uses it).
     """
-    kwargs: Dict[str, Any] = {"position_ids": batch.position_ids, "use_cache": False}
+    kwargs: dict[str, Any] = {"position_ids": batch.position_ids, "use_cache": False}
     if impl in ("flash_attention_2", PACKED_SDPA) or impl.startswith("xtune_sp_"):
         # (sequence parallel: the full row's, read by engine/ulysses.py's wrapper around each attention call;
         # xtune_packed_sdpa: ops/packed_sdpa.py, one SDPA call per document)

@@ -18,7 +18,6 @@ Modes:
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +134,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    token_weights: Optional[torch.Tensor] = None,
+    token_weights: torch.Tensor | None = None,
     *,
     mode: str = "chunk",
     chunk_size: int = 1024,

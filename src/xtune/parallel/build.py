@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from xtune import peft as xpeft
+from xtune.config.schema import RunSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def meta_model(adapter, spec, attn_impl: str | None, *, adapters: bool = True):
+def meta_model(adapter, spec: RunSpec, attn_impl: str | None, *, adapters: bool = True):
     """(model on meta, its config, LoraConfig or None). `adapters=False` builds the bare base (a full export)."""
     config = adapter.build_config()
     with torch.device("meta"):

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from xtune.errors import ConfigError
 from xtune.launch.env import launch_env
 
+
 def launched_env() -> dict | None:
     """Rank/world/local rank when started by torchrun or Slurm (srun), else None.
 

@@ -1,14 +1,16 @@
 """Build the model on the meta device, shard it with FSDP2, materialise it and load its weights.
 
-Nothing is ever allocated in full on any rank: parameters are created on `meta`, sharded per block,
-and only the local shard is materialised (`to_empty`). Pretrained weights are read by rank 0 alone and
-broadcast shard by shard (`broadcast_from_rank0`), so a model larger than one process's memory loads.
+Parameters are created on `meta`, sharded per block, and only the local shard is materialised (`to_empty`).
+Pretrained weights are read by rank 0 alone and broadcast shard by shard (`broadcast_from_rank0`), so a model
+larger than one process's memory loads. A random init is made whole on rank 0 and broadcast the same way,
+so that it does not depend on the number of ranks.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import logging
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -16,12 +18,12 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-import ctypes
 
+from xtune import peft as xpeft
+from xtune.config.schema import RunSpec
 from xtune.errors import XtuneError
 from xtune.parallel import attention
 from xtune.parallel.build import DTYPES, meta_model
-from xtune import peft as xpeft
 from xtune.peft import quant
 from xtune.peft.quant import quantize_into
 
@@ -94,7 +96,7 @@ def shard(root: nn.Module, blocks: list[nn.Module], parallel, mesh, device: torc
                 ignored_params=ignored or None)
 
 
-def needs_fsdp(spec, denv) -> bool:
+def needs_fsdp(spec: RunSpec, denv) -> bool:
     """FSDP only where it does something: several ranks, a compute dtype other than the master
     weights' (mixed precision), or CPU offload on GPU. A single process otherwise trains the plain
     module: FSDP on one rank would only copy every parameter and gradient in and out each step
@@ -104,7 +106,7 @@ def needs_fsdp(spec, denv) -> bool:
             or (spec.parallel.cpu_offload and denv.device.type == "cuda"))
 
 
-def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=None):
+def build_sharded(adapter, spec: RunSpec, denv, attn_impl: str, make_root, on_base_ready=None):
     """Meta-init -> (adapters) -> (activation checkpointing) -> fully_shard -> to_empty -> init / load
     -> (4-bit base, adapter init).
 
@@ -135,17 +137,11 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
     # base is initialised whole and quantized after (the trainer saves it in full precision, on_base_ready).
     to_quantize = quant.take_off_bases(model) if quantize and load_from else None
     root.to_empty(device=device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="DTensor random operators")
-        if load_from:
-            adapter.reset_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
-        else:
-            # Each rank initialises only its shard. DTensor's RNG tracker (CUDA) gives every shard its
-            # own stream; on CPU there is none, so seed by shard index: distinct shards, identical
-            # HSDP replicas (same shard index), reproducible for a given layout.
-            torch.manual_seed(spec.train.seed + 7919 * denv.mesh["shard"].get_local_rank())
-            adapter.init_weights(model)
+    with torch.no_grad():
+        adapter.reset_buffers(model)  # non-persistent buffers (rotary inv_freq) are not in checkpoints
     retie(model)
+    if not load_from:
+        init_random_weights(adapter, model, spec, denv, attn_impl)
     torch.manual_seed(spec.train.seed)
     if load_from:
         load_full_weights(adapter, model, load_from, denv, to_quantize, device)
@@ -156,6 +152,37 @@ def build_sharded(adapter, spec, denv, attn_impl: str, make_root, on_base_ready=
             quant.quantize_bases(model)  # a random-init base; or the weights too small to quantize (warns)
         xpeft.init_adapter_weights(model, spec.train.seed)
     return root, config, lora_config
+
+
+def init_random_weights(adapter, model: nn.Module, spec: RunSpec, denv, attn_impl: str) -> None:
+    """A random init that does not depend on the layout: rank 0 initialises one whole plain model (no
+    adapters, wrappers or shards) from `train.seed` with transformers' own init, and every rank's shards
+    take it by broadcast, the way loaded weights arrive. The same seed gives the same model on 1 rank or
+    N (data parallel, HSDP, sequence parallel), so a run stays reproducible when its world size changes.
+    Costs one unsharded copy of the model on rank 0 while it is sent (as a load from a folder does)."""
+    from xtune import peft as xpeft
+
+    full = {}
+    if denv.is_main:
+        # A copy of the config: building a model (and switching its attention) writes into its config, and an
+        # adapter may hand out the one config the trained model was built with.
+        with torch.device("meta"):
+            plain = adapter.build_model(copy.deepcopy(adapter.build_config()), attn_impl)
+        plain.to(dtype=DTYPES[spec.model.dtype])
+        plain.to_empty(device="cpu")
+        with torch.no_grad():
+            torch.manual_seed(spec.train.seed)
+            adapter.init_weights(plain)
+        retie(plain)
+        full = plain.state_dict()
+        keys = list(model.state_dict().keys())
+        if any(xpeft.is_adapter_key(k) for k in keys):  # base weights under peft's names (base_layer)
+            full = xpeft.to_peft_keys(keys, full)
+        del plain
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, full, options=options)
+    del full
+    _return_freed_memory()
 
 
 def retie(model: nn.Module) -> None:

@@ -39,7 +39,7 @@ class SeqParallel:
         n = total // self.size
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def share(self, padded: int, real: int) -> "RowShare":
+    def share(self, padded: int, real: int) -> RowShare:
         """This rank's share of a row of `real` tokens padded to `padded` (see pad_batch)."""
         p = self.piece(padded)
         return RowShare(self.group, min(max(real - p.start, 0), p.stop - p.start))

@@ -16,14 +16,15 @@ import logging
 import math
 import re
 import zlib
-from typing import Dict, Iterable, List, Tuple
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-
-from xtune.errors import ConfigError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
+
+from xtune.config.schema import RunSpec
+from xtune.errors import ConfigError
 
 log = logging.getLogger("xtune.peft")
 
@@ -43,7 +44,7 @@ def enabled(peft_spec) -> bool:
 # ----------------------------------------------------------------------------------------- targets
 
 
-def linear_layers(model: nn.Module, adapter) -> Tuple[List[str], List[str]]:
+def linear_layers(model: nn.Module, adapter) -> tuple[list[str], list[str]]:
     """(every nn.Linear of the model except the output layer, those inside the language model's blocks).
     Blocks come from the family adapter (by module identity), so any decoder layout works."""
     output = model.get_output_embeddings()
@@ -58,7 +59,7 @@ def linear_layers(model: nn.Module, adapter) -> Tuple[List[str], List[str]]:
     return everything, language
 
 
-def resolve_targets(model: nn.Module, adapter, peft_spec) -> Tuple[List[str], List[str]]:
+def resolve_targets(model: nn.Module, adapter, peft_spec) -> tuple[list[str], list[str]]:
     """(full names of the linear layers that get adapters, problems).
 
     `all-linear` is every linear layer of the language model's blocks; a plain name (q_proj) matches that
@@ -66,7 +67,7 @@ def resolve_targets(model: nn.Module, adapter, peft_spec) -> Tuple[List[str], Li
     layer (e.g. `.*vision_tower.*attention.*proj`), so vision layers are adapted only when asked by name.
     """
     everything, language = linear_layers(model, adapter)
-    chosen: Dict[str, None] = {}
+    chosen: dict[str, None] = {}
     problems = []
     for pattern in peft_spec.target_modules:
         if pattern == ALL_LINEAR:
@@ -89,7 +90,7 @@ def resolve_targets(model: nn.Module, adapter, peft_spec) -> Tuple[List[str], Li
     return list(chosen), problems
 
 
-def check_targets(adapter, spec) -> List[str]:
+def check_targets(adapter, spec: RunSpec) -> list[str]:
     """Problems with peft.target_modules, resolved on a meta-device model (no weights are allocated)."""
     if not enabled(spec.peft):
         return []
@@ -151,7 +152,7 @@ def base_key(key: str) -> str:
 
 
 
-def to_peft_keys(model_keys: Iterable[str], sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def to_peft_keys(model_keys: Iterable[str], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A base-model state dict -> the wrapped model's keys: frozen bases and the trained copies of
     modules_to_save start from the same tensors; LoRA weights are not in it (init_adapter_weights)."""
     out = {}
@@ -181,7 +182,7 @@ def init_adapter_weights(model: nn.Module, seed: int) -> None:
     # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
-    full: Dict[str, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for module in model.modules():
         name = state_name(names[id(module)])
@@ -210,7 +211,7 @@ def state_name(module_name: str) -> str:
     return module_name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
 
 
-def parameter_counts(model: nn.Module) -> Tuple[int, int]:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters of the unsharded model (DTensor and NF4 report their full numel)."""
     trainable = total = 0
     for p in model.parameters():
@@ -221,7 +222,7 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int]:
     return trainable, total
 
 
-def adapted_bases(model: nn.Module) -> List[nn.Module]:
+def adapted_bases(model: nn.Module) -> list[nn.Module]:
     """The frozen base linear layers under the adapters (what QLoRA keeps in 4 bits)."""
     # lazy: peft is a heavy import (seconds) that only adapter runs need
     from peft.tuners.lora import LoraLayer

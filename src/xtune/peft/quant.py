@@ -13,13 +13,11 @@ every layout computes with the same 4-bit weights. The adapters, embeddings, nor
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import nn
 
-from xtune.peft.lora import adapted_bases
-from xtune.peft.lora import state_name
+from xtune.peft.lora import adapted_bases, state_name
 
 log = logging.getLogger("xtune.peft")
 
@@ -50,16 +48,16 @@ def scaler_block_size(numel: int) -> int:
     return size
 
 
-def _quantizable(model: nn.Module) -> List[nn.Module]:
+def _quantizable(model: nn.Module) -> list[nn.Module]:
     return [base for base in adapted_bases(model) if scaler_block_size(base.weight.numel())]
 
 
-def ignored_params(model: nn.Module) -> Set[nn.Parameter]:
+def ignored_params(model: nn.Module) -> set[nn.Parameter]:
     """The base weights that will be quantized: FSDP2 must leave them whole (replicated) on every rank."""
     return {base.weight for base in _quantizable(model)}
 
 
-def take_off_bases(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Parameter]]:
+def take_off_bases(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """Unregister the to-be-quantized base weights (still on `meta`): {state key: (base linear, meta weight)}.
     `to_empty` then leaves them unallocated and the load's `set_model_state_dict` never sees them (a meta
     parameter makes it assign the file's tensors instead of copying them); the load quantizes each one as it
@@ -80,7 +78,7 @@ def quantize_into(base: nn.Module, weight: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def quantize_bases(model: nn.Module) -> Tuple[int, int]:
+def quantize_bases(model: nn.Module) -> tuple[int, int]:
     """Replace each adapted base weight by its NF4 form, in place (those already NF4 are left as they are).
     Returns (quantized, left in full precision)."""
     done = kept = 0
@@ -104,10 +102,10 @@ def nf4_bytes(t) -> int:
     return sum(p.numel() * p.element_size() for p in parts)
 
 
-def dequantize_state(sd: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def dequantize_state(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """NF4 entries -> plain tensors of `dtype` (export and merge); other entries unchanged."""
     return {k: (v.get_original_weight().to(dtype) if is_nf4(v) else v) for k, v in sd.items()}
 
 
-def quantized_names(model: nn.Module) -> List[str]:
+def quantized_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if is_nf4(p)]

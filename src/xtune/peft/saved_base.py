@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict
 
 import torch
 
+from xtune.config.schema import RunSpec
 from xtune.peft.lora import base_key, enabled, is_adapter_key
 
 BASE_DIR = "base"
@@ -22,12 +22,12 @@ def saved_base_dir(run_dir) -> Path:
     return Path(run_dir) / BASE_DIR
 
 
-def base_state(full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def base_state(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's weights, under its own key names, from a full state dict of the adapted model."""
     return {base_key(k): v for k, v in full.items() if not is_adapter_key(k)}
 
 
-def with_saved_base(spec, run_dir):
+def with_saved_base(spec: RunSpec, run_dir):
     """`spec` with model.load_from pointing at <run_dir>/base when this adapter run saved its random-init base."""
     folder = saved_base_dir(run_dir)
     if enabled(spec.peft) and not spec.model.load_from and (folder / "config.json").is_file():
