@@ -1,5 +1,6 @@
 """Generation throughput: xtune's engine (batched prompts, left padding, KV cache, through transformers' `generate`)
-vs a plain loop of transformers `generate` one prompt at a time, on the same model, prompts and lengths.
+vs a plain loop of transformers `generate` one prompt at a time, and vs lm-evaluation-harness's own HF runner
+(`HFLM.generate_until`, when lm-eval is installed), on the same model, prompts and lengths.
 
 Model: bench_lora's `blocks` shape (hidden 512, 8 layers, intermediate 1536, 8 heads / 2 KV heads, the 4,096-token
 tiny tokenizer; 28M parameters, most of them in the blocks), random init, saved once to bench/.cache/gen_blocks.
@@ -78,6 +79,29 @@ def engine(folder: Path, texts: list, batch_size: int) -> tuple:
     return outs, time.perf_counter() - t
 
 
+def lm_eval_runner(folder: Path, texts: list, batch_size: int) -> tuple:
+    """lm-evaluation-harness's own HF runner (`HFLM.generate_until`, greedy) on the same chat-rendered prompts, at the
+    engine's batch size; None when lm-eval is not installed (`pip install 'xtune[harness]'`). Its outputs are text cut
+    at the stop string; tokens counted by re-tokenising them, so a mismatch in the count is not an error."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                for t in texts]
+    lm = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=batch_size)
+    until = [tok.eos_token] if tok.eos_token else []
+    reqs = [Instance(request_type="generate_until", doc={}, idx=i,
+                     arguments=(r, {"until": until, "max_gen_toks": NEW_TOKENS, "do_sample": False}))
+            for i, r in enumerate(rendered)]
+    t = time.perf_counter()
+    outs = lm.generate_until(reqs)
+    seconds = time.perf_counter() - t
+    return [tok(o, add_special_tokens=False)["input_ids"] for o in outs], seconds
+
+
 def run(quick: bool, log=print) -> dict:
     # One thread each by default (GEN_BENCH_THREADS to change): decoding is many small steps, and on a shared 2-core
     # machine two threads per step mostly wait on each other (measured: the loop fell from 66 to 4 tok/s at load 5).
@@ -100,6 +124,14 @@ def run(quick: bool, log=print) -> dict:
         systems[name] = dict(seconds=seconds, tokens=n, tok_s=n / seconds, equal=same)
         ratios[name] = systems[name]["tok_s"] / systems["transformers loop (1 prompt per generate)"]["tok_s"]
         log(f"gen: {name} {n} tokens in {seconds:.1f}s ({ratios[name]:.2f}x), equal outputs: {same}")
+    harness = lm_eval_runner(folder, texts, max(BATCH_SIZES))
+    if harness is not None:
+        outs, seconds = harness
+        n = sum(len(o) for o in outs)
+        name = f"lm-eval HFLM.generate_until (batch {max(BATCH_SIZES)})"
+        loop_tok_s = systems["transformers loop (1 prompt per generate)"]["tok_s"]
+        systems[name] = dict(seconds=seconds, tokens=n, tok_s=n / seconds, vs_loop=n / seconds / loop_tok_s)
+        log(f"gen: {name} {n} tokens in {seconds:.1f}s ({n / seconds / loop_tok_s:.2f}x the loop)")
     best = max(ratios.values())
     return dict(config=dict(prompts=len(texts), new_tokens=NEW_TOKENS, params_m=round(sum(
         p.numel() for p in AutoModelForCausalLM.from_pretrained(str(folder)).parameters()) / 1e6, 1),
