@@ -5,9 +5,11 @@ Each problem names the key, the value and what is allowed, as validate.py's do.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
+from xtune.config.eval_tasks import load_task
 from xtune.config.schema import GenSpec, RunSpec
 from xtune.config.schema_eval import EVAL_CHOICES, EvalRunSpec, EvalSpec
 from xtune.config.validate_gen import gen_problems
@@ -60,7 +62,7 @@ def _scorer_problems(e: EvalSpec, gen: GenSpec, where: str) -> list[str]:
                 out.append(f"{where}eval.scorer={e.scorer}: no {module.replace('.', '/')}.py in "
                            f"eval.scorer_path={e.scorer_path}")
     elif e.scorer not in BUILTIN_SCORERS:
-        from xtune.config.validate import suggest
+        from xtune.config.validate import suggest  # lazy: a cycle (config.validate imports this module)
 
         out.append(f"{where}eval.scorer={e.scorer}: no such scorer; choose one of {', '.join(BUILTIN_SCORERS)} or "
                    f"module:function (with eval.scorer_path=DIR).{suggest(e.scorer, BUILTIN_SCORERS)}")
@@ -109,8 +111,6 @@ def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> list[st
     if h.limit is not None and h.limit <= 0:
         out.append(f"harness.limit={h.limit}: must be > 0 (or null)")
     if h.tasks:
-        import importlib.util
-
         if importlib.util.find_spec("lm_eval") is None:
             out.append("harness.tasks needs lm-evaluation-harness: pip install 'xtune[harness]'")
     return out
@@ -118,8 +118,6 @@ def eval_run_problems(spec: EvalRunSpec, *, check_files: bool = True) -> list[st
 
 def train_eval_problems(spec: RunSpec, *, check_files: bool = True) -> list[str]:
     """train.eval_tasks (each task loaded and checked), train.eval_tasks_every and train.keep_best."""
-    from xtune.config.eval_tasks import load_task
-
     t, out = spec.train, []
     if t.eval_tasks_every < 0:
         out.append(f"train.eval_tasks_every={t.eval_tasks_every}: must be >= 0 (0: only at the end)")

@@ -18,6 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
+from rich.console import Console
+
 from xtune.config.eval_tasks import load_task
 from xtune.config.schema import RunSpec
 from xtune.eval.runner import evaluate_task, print_results, write_result
@@ -78,8 +80,6 @@ class EvalTasksHook:
 
 
 def table_text(results, title: str) -> str:
-    from rich.console import Console
-
     console = Console(file=io.StringIO(), width=100, highlight=False)
     print_results(results, console, title=title)
     return console.file.getvalue().rstrip()

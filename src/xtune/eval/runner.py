@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from xtune.config.schema import GenSpec
 from xtune.config.schema_eval import EvalSpec
 from xtune.config.validate_eval import metric_names
@@ -128,8 +130,6 @@ def read_summaries(run_dir: Path) -> dict[str, dict]:
 
 
 def print_results(results: list[TaskResult], console, title: str = "eval") -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for col, just in (("task", "left"), ("metric", "left"), ("value", "right"), ("samples", "right"),
                       ("seconds", "right")):

@@ -160,8 +160,6 @@ def init_random_weights(adapter, model: nn.Module, spec: RunSpec, denv, attn_imp
     take it by broadcast, the way loaded weights arrive. The same seed gives the same model on 1 rank or
     N (data parallel, HSDP, sequence parallel), so a run stays reproducible when its world size changes.
     Costs one unsharded copy of the model on rank 0 while it is sent (as a load from a folder does)."""
-    from xtune import peft as xpeft
-
     full = {}
     if denv.is_main:
         # A copy of the config: building a model (and switching its attention) writes into its config, and an
