@@ -39,9 +39,10 @@ def test_committed_files_match_generator(tmp_path):
     from PIL import Image
 
     _load_tool().generate(tmp_path)
-    # pref_*.jsonl (the dpo demo) come from their own generator, tools/make_demo_pref.py; demo_rewards.py is the grpo
-    # demo's hand-written reward code, not generated data
-    assert _files(tmp_path) == [f for f in _files(DEMO) if not f.startswith("pref_") and f != "demo_rewards.py"]
+    # pref_*.jsonl (the dpo demo) and grpo_*.jsonl come from their own generators (tools/make_demo_pref.py,
+    # tools/make_demo_grpo.py); demo_rewards.py is the grpo demo's hand-written reward code
+    others = ("pref_", "grpo_", "demo_rewards.py")
+    assert _files(tmp_path) == [f for f in _files(DEMO) if not f.startswith(others)]
     for rel in _files(tmp_path):
         if rel.endswith(".png"):  # compare pixels: zlib builds may compress the same pixels differently
             with Image.open(tmp_path / rel) as a, Image.open(DEMO / rel) as b:
