@@ -19,8 +19,9 @@ def test_live_samples_on_two_ranks_match_the_checkpoint(tmp_path):
     code, out = xtune_cli(["sft", *args, f"train.work_dir={run}", "train.sample_every=2", "train.save_every=2",
                            "train.sample_max_new_tokens=8", f"train.sample_prompts=[{PROMPTS[0]!r},{PROMPTS[1]!r}]",
                            "logging.tensorboard=true", "logging.progress=plain",
-                           # a small LR keeps the answers varied (a few steps at 1e-3 answer only newlines)
-                           "optim.lr=2e-4"], timeout=400)
+                           # a small LR keeps the answers varied (a few steps at 1e-3, or at 2e-4 from the
+                           # world-size-independent init, answer only newlines)
+                           "optim.lr=5e-5"], timeout=400)
     assert code == 0, out[-4000:]
     recs = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in recs] == [(2, PROMPTS[0]), (2, PROMPTS[1]), (4, PROMPTS[0]), (4, PROMPTS[1])]
