@@ -273,6 +273,14 @@ class Job:
     spec: RunSpec | None
 
 
+def sweep_problems(parsed, multirun: bool) -> list[str]:
+    """A sweep (several values for a key) needs -m; shared by every command that composes jobs."""
+    sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        return [f"{', '.join(sweeps)}: several values given (a sweep); add -m/--multirun to run one job per value"]
+    return []
+
+
 def compose_jobs(command: str | None, overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
                  multirun: bool = False, validate: bool = True, check_files: bool = True,
                  world_size: int | None = None) -> list[Job]:
@@ -287,9 +295,7 @@ def compose_jobs(command: str | None, overrides: Sequence[str], config_dirs: Seq
     problems += _choice_problems(parsed, config_dirs) + _added_key_problems(parsed)
     if problems:  # the choices do not compose: try the values on the bare schema
         problems += _value_problems(parsed, writable_structured(RunSpec))
-    sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    if sweeps and not multirun:
-        problems.append(f"{', '.join(sweeps)}: several values given (a sweep); add -m/--multirun to run one job per value")
+    problems += sweep_problems(parsed, multirun)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 

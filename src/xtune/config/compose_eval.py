@@ -74,9 +74,7 @@ def compose_eval_jobs(overrides: Sequence[str], config_dirs: Sequence[str] = (),
     setup(config_dirs)
     parsed, problems = C._parse(overrides)
     problems += _task_choice_problems(parsed, config_dirs)
-    sweeps = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    if sweeps and not multirun:
-        problems.append(f"{', '.join(sweeps)}: several values given (a sweep); add -m/--multirun to run one job per value")
+    problems += C.sweep_problems(parsed, multirun)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     jobs, problems = [], []

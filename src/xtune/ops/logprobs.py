@@ -50,20 +50,26 @@ class _ChunkedLinearDocLogprobs(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_dh else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         g_tok = grad_out.float().index_select(0, doc_index.index_select(0, rows))  # d loss / d logp_i
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            idx = rows[start:start + ctx.chunk_size]
-            g = g_tok[start:start + idx.numel()]
-            h = hidden.index_select(0, idx)
-            buf = (h @ weight.t()).float()
-            # d logp_i / d logits_i = onehot(label_i) - softmax_i, times g_i: buf becomes -g * softmax + g * onehot
-            buf.sub_(lse_all[start:start + idx.numel(), None]).exp_().mul_(-g[:, None])
-            buf[torch.arange(idx.numel(), device=buf.device), labels.index_select(0, idx)] += g
-            if need_dh:
-                grad_h.index_copy_(0, idx, (buf.to(weight.dtype) @ weight).to(grad_h.dtype))
-            if need_dw:
-                grad_w.addmm_(buf.t(), h.float())
-            del buf
+        _backward_chunks(hidden, weight, labels, rows, lse_all, g_tok, ctx.chunk_size, grad_h, grad_w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def _backward_chunks(hidden, weight, labels, rows, lse_all, g_tok, chunk_size, grad_h, grad_w) -> None:
+    """The shared backward of the chunked log-probs: for the trained rows (`rows`, with their log-sum-exp and d loss /
+    d logp_i in `g_tok`), recompute one chunk of logits at a time and accumulate into grad_h / grad_w (None: skipped)."""
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start:start + chunk_size]
+        g = g_tok[start:start + idx.numel()]
+        h = hidden.index_select(0, idx)
+        buf = (h @ weight.t()).float()
+        # d logp_i / d logits_i = onehot(label_i) - softmax_i, times g_i: buf becomes -g * softmax + g * onehot
+        buf.sub_(lse_all[start:start + idx.numel(), None]).exp_().mul_(-g[:, None])
+        buf[torch.arange(idx.numel(), device=buf.device), labels.index_select(0, idx)] += g
+        if grad_h is not None:
+            grad_h.index_copy_(0, idx, (buf.to(weight.dtype) @ weight).to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.addmm_(buf.t(), h.float())
+        del buf
 
 
 class _ChunkedLinearTokenLogprobs(torch.autograd.Function):
@@ -104,19 +110,7 @@ class _ChunkedLinearTokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_dh else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        g_tok = grad_out.float()
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            idx = rows[start:start + ctx.chunk_size]
-            g = g_tok[start:start + idx.numel()]
-            h = hidden.index_select(0, idx)
-            buf = (h @ weight.t()).float()
-            buf.sub_(lse_all[start:start + idx.numel(), None]).exp_().mul_(-g[:, None])
-            buf[torch.arange(idx.numel(), device=buf.device), labels.index_select(0, idx)] += g
-            if need_dh:
-                grad_h.index_copy_(0, idx, (buf.to(weight.dtype) @ weight).to(grad_h.dtype))
-            if need_dw:
-                grad_w.addmm_(buf.t(), h.float())
-            del buf
+        _backward_chunks(hidden, weight, labels, rows, lse_all, grad_out.float(), ctx.chunk_size, grad_h, grad_w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
